@@ -1,0 +1,35 @@
+"""AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.
+
+The façade: the names a notebook needs, imported lazily so that ``import anomalyclaw`` is cheap
+and nothing cycles (parts import downwards only: eval -> graph -> tools -> experts -> core).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS = {
+    "Item": "anomalyclaw.items",
+    "DomainCard": "anomalyclaw.domains",
+    "EndpointConfig": "anomalyclaw.config",
+    "AgentConfig": "anomalyclaw.config",
+    "load_image": "anomalyclaw.imaging",
+    "load_manifest": "anomalyclaw.eval.manifests",
+    "read_manifest": "anomalyclaw.eval.manifests",
+    "Record": "anomalyclaw.eval.records",
+    "load_records": "anomalyclaw.eval.records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anomalyclaw' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,0 +1,3 @@
+from anomalyclaw.cli import main
+
+raise SystemExit(main())

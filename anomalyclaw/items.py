@@ -1,0 +1,72 @@
+"""The benchmark item: one query image, its normal references, its label and its domain card."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .domains import DomainCard, find_card
+
+
+@dataclass(frozen=True)
+class Item:
+    """One anomaly-detection question.
+
+    ``label`` is 1 for anomalous, 0 for normal, ``None`` when unknown (a deployment item).
+    Paths are absolute once a manifest is loaded. ``mask_path`` is the pixel ground truth when
+    the data set has one (anomalous items only).
+    """
+
+    item_id: str
+    query_path: Path
+    ref_paths: tuple[Path, ...]
+    domain: str = "generic"
+    domain_code: str = "generic"
+    label: int | None = None
+    anomaly_type: str | None = None
+    source_dataset: str | None = None
+    category: str | None = None
+    split: str | None = None
+    mask_path: Path | None = None
+    card: DomainCard | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def domain_card(self) -> DomainCard:
+        return self.card or find_card(self.domain_code, self.domain)
+
+    @property
+    def traits(self) -> frozenset[str]:
+        return self.domain_card.traits_for(self.category)
+
+    @property
+    def reference_set_key(self) -> tuple[str, ...]:
+        """Identifies the reference set, so that features computed on it are shared."""
+        return tuple(str(p) for p in self.ref_paths)
+
+    def to_json(self, data_root: Path | None = None) -> dict[str, Any]:
+        """The manifest form of the item; paths under ``data_root`` become ``{DATA_ROOT}/...``."""
+
+        def portable(p: Path | None) -> str | None:
+            if p is None:
+                return None
+            if data_root is not None:
+                try:
+                    return "{DATA_ROOT}/" + Path(p).resolve().relative_to(Path(data_root).resolve()).as_posix()
+                except ValueError:
+                    pass
+            return str(p)
+
+        out: dict[str, Any] = {
+            "item_id": self.item_id, "domain": self.domain, "domain_code": self.domain_code,
+            "query_path": portable(self.query_path),
+            "ref_paths": [portable(p) for p in self.ref_paths],
+            "label": self.label, "anomaly_type": self.anomaly_type,
+            "source_dataset": self.source_dataset, "category": self.category, "split": self.split,
+        }
+        if self.mask_path is not None:
+            out["mask_path"] = portable(self.mask_path)
+        if self.card is not None:
+            out["domain_card"] = self.card.to_json()
+        out.update(self.extra)
+        return out

@@ -1,0 +1,242 @@
+"""Manifests: JSON lists of items, validated at the boundary, ``{DATA_ROOT}`` resolved.
+
+A manifest is a JSON array of item objects (the CrossDomainVAD-12 schema), or an object with an
+``items`` array. Paths are ``{DATA_ROOT}/...`` (resolved from ``ANOMALYCLAW_DATA``), absolute, or
+relative to the manifest's own folder (as the synthetic benchmark writes them).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from anomalyclaw.domains import DomainCard
+from anomalyclaw.errors import ManifestError
+from anomalyclaw.items import Item
+
+PLACEHOLDER = "{DATA_ROOT}"
+REQUIRED = ("item_id", "query_path", "ref_paths", "label")
+KNOWN = set(REQUIRED) | {"domain", "domain_code", "anomaly_type", "source_dataset", "category",
+                         "split", "mask_path", "domain_card"}
+SPLITS = ("calibration", "dev", "test")
+
+
+@dataclass
+class ManifestContents:
+    """What a manifest holds: the valid items and, for the rest, every problem found.
+
+    ``rejected`` maps the id of each invalid item to its problems (items without a usable id
+    are only in ``problems``). A runner judges ``items`` and writes an error record per
+    ``rejected`` id; :func:`load_manifest` raises instead.
+    """
+
+    source: str
+    items: list[Item] = field(default_factory=list)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+    raw_rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def data_root_from_env() -> Path | None:
+    raw = os.environ.get("ANOMALYCLAW_DATA")
+    return Path(raw).expanduser() if raw else None
+
+
+def resolve_manifest_path(path: str | os.PathLike) -> Path:
+    """A manifest file, or a folder holding ``manifest.json`` or ``full_manifest.json``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in ("manifest.json", "full_manifest.json"):
+            if (p / name).is_file():
+                return p / name
+        raise ManifestError(str(p), [(str(p), "path", "folder holds no manifest.json or full_manifest.json")])
+    if not p.is_file():
+        raise ManifestError(str(p), [(str(p), "path", "manifest file does not exist")])
+    return p
+
+
+def _resolve_path(value: Any, base: Path, data_root: Path | None) -> tuple[Path | None, str | None]:
+    """(resolved path, problem) for one path field."""
+    if not isinstance(value, str) or not value.strip():
+        return None, f"expected a non-empty path string, got {value!r}"
+    if PLACEHOLDER in value:
+        if not value.startswith(PLACEHOLDER):
+            return None, f"{PLACEHOLDER} may only start a path: {value!r}"
+        if data_root is None:
+            return None, (f"{value!r} uses {PLACEHOLDER} but ANOMALYCLAW_DATA is not set; set it "
+                          "to the folder that holds the data sets")
+        root = data_root.resolve()
+        resolved = (root / value[len(PLACEHOLDER):].lstrip("/\\")).resolve()
+        if resolved != root and root not in resolved.parents:
+            return None, f"{value!r} escapes ANOMALYCLAW_DATA ({root}) via '..'"
+        return resolved, None
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else (base / p)).resolve(), None
+
+
+def _parse_item(raw: Any, where: str, base: Path, data_root: Path | None
+                ) -> tuple[Item | None, list[tuple[str, str]]]:
+    """Validate one raw item; returns the item or the list of (field, problem)."""
+    if not isinstance(raw, dict):
+        return None, [("(item)", f"expected an object, got {type(raw).__name__}")]
+    problems: list[tuple[str, str]] = []
+    for name in REQUIRED:
+        if name not in raw:
+            problems.append((name, "missing"))
+    item_id = raw.get("item_id")
+    if "item_id" in raw and (not isinstance(item_id, str) or not item_id.strip()):
+        problems.append(("item_id", f"expected a non-empty string, got {item_id!r}"))
+    label = raw.get("label")
+    if "label" in raw and not (label is None or (isinstance(label, (int, bool)) and int(label) in (0, 1))):
+        problems.append(("label", f"must be 0 (normal), 1 (anomalous) or null, got {label!r}"))
+    split = raw.get("split")
+    if split is not None and not isinstance(split, str):
+        problems.append(("split", f"expected a string, got {split!r}"))
+    query = refs = mask = None
+    if "query_path" in raw:
+        query, why = _resolve_path(raw["query_path"], base, data_root)
+        if why:
+            problems.append(("query_path", why))
+    if "ref_paths" in raw:
+        raw_refs = raw["ref_paths"]
+        if not isinstance(raw_refs, list):
+            problems.append(("ref_paths", f"expected a list of paths, got {type(raw_refs).__name__}"))
+        elif not raw_refs:
+            problems.append(("ref_paths", "is empty: at least one normal reference image is needed"))
+        else:
+            refs = []
+            for i, value in enumerate(raw_refs):
+                p, why = _resolve_path(value, base, data_root)
+                if why:
+                    problems.append((f"ref_paths[{i}]", why))
+                refs.append(p)
+    if raw.get("mask_path") is not None:
+        mask, why = _resolve_path(raw["mask_path"], base, data_root)
+        if why:
+            problems.append(("mask_path", why))
+    card = None
+    if raw.get("domain_card") is not None:
+        try:
+            card = DomainCard.from_json(raw["domain_card"])
+        except (ValueError, TypeError) as exc:
+            problems.append(("domain_card", str(exc)))
+    if problems:
+        return None, problems
+    domain_code = raw.get("domain_code") or raw.get("domain") or "generic"
+    extra = {k: v for k, v in raw.items() if k not in KNOWN}
+    return Item(
+        item_id=item_id, query_path=query, ref_paths=tuple(refs), domain=raw.get("domain") or domain_code,
+        domain_code=str(domain_code), label=None if label is None else int(label),
+        anomaly_type=raw.get("anomaly_type"), source_dataset=raw.get("source_dataset"),
+        category=raw.get("category"), split=split, mask_path=mask, card=card, extra=extra,
+    ), []
+
+
+def _require_data_root(source: str, data: list[Any]) -> None:
+    """One clear error, instead of one per path, when {DATA_ROOT} cannot be resolved at all."""
+    users = [(i, raw.get("item_id"), key) for i, raw in enumerate(data) if isinstance(raw, dict)
+             for key in ("query_path", "ref_paths", "mask_path")
+             if PLACEHOLDER in json.dumps(raw.get(key))]
+    if users:
+        index, rid, key = users[0]
+        n_items = len({u[0] for u in users})
+        raise ManifestError(source, [(f"item {rid!r} (#{index})", key,
+                                      f"uses {PLACEHOLDER} but ANOMALYCLAW_DATA is not set ({n_items} "
+                                      "items need it): set it to the folder that holds the data sets")])
+
+
+def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None = None,
+                  domains: Iterable[str] | None = None, data_root: str | os.PathLike | None = None
+                  ) -> ManifestContents:
+    """Parse and validate a manifest, keeping valid items and recording every problem.
+
+    ``split`` and ``domains`` (codes such as ``D1`` or names such as ``industrial``) filter the
+    items; ``data_root`` overrides ``ANOMALYCLAW_DATA``.
+    """
+    src = resolve_manifest_path(path)
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(str(src), [(str(src), "(file)", f"not UTF-8 text: {exc}")]) from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(str(src), [(str(src), "(file)", f"not valid JSON: {exc}")]) from None
+    if isinstance(data, dict) and isinstance(data.get("items"), list):
+        data = data["items"]
+    if not isinstance(data, list):
+        raise ManifestError(str(src), [(str(src), "(file)", "expected a JSON array of items or {\"items\": [...]}")])
+    root = Path(data_root).expanduser() if data_root is not None else data_root_from_env()
+    if root is None:
+        _require_data_root(str(src), data)
+    splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+    if splits and not splits <= set(SPLITS):
+        raise ManifestError(str(src), [(str(src), "split", f"unknown split(s) {sorted(splits - set(SPLITS))}; "
+                                        f"choose from {list(SPLITS)}")])
+    wanted = None if domains is None else {d.strip() for d in domains if d.strip()}
+    out = ManifestContents(source=str(src))
+    seen: dict[str, int] = {}
+    base = src.parent
+    for index, raw in enumerate(data):
+        if isinstance(raw, dict):
+            if splits and raw.get("split") not in splits:
+                continue
+            if wanted and not ({raw.get("domain_code"), raw.get("domain")} & wanted):
+                continue
+        rid = raw.get("item_id") if isinstance(raw, dict) else None
+        where = f"item {rid!r} (#{index})" if isinstance(rid, str) else f"item #{index}"
+        if isinstance(rid, str) and rid in seen:
+            out.problems.append((where, "item_id", f"duplicate: the same id is item #{seen[rid]}; "
+                                 "this later item is skipped"))
+            continue
+        item, problems = _parse_item(raw, where, base, root)
+        if isinstance(rid, str) and rid.strip():
+            seen[rid] = index
+        if item is not None:
+            out.items.append(item)
+            continue
+        out.problems.extend((where, f, m) for f, m in problems)
+        if isinstance(rid, str) and rid.strip():
+            out.rejected[rid] = [f"{f}: {m}" for f, m in problems]
+            out.raw_rejected[rid] = raw
+    return out
+
+
+def load_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None = None,
+                  domains: Iterable[str] | None = None,
+                  data_root: str | os.PathLike | None = None) -> list[Item]:
+    """Load a manifest's items, raising :class:`ManifestError` listing every problem found."""
+    contents = read_manifest(path, split=split, domains=domains, data_root=data_root)
+    if contents.problems:
+        raise ManifestError(contents.source, contents.problems)
+    return contents.items
+
+
+def write_manifest(items: Iterable[Item | dict[str, Any]], path: str | os.PathLike,
+                   *, relative_to: str | os.PathLike | None = None) -> Path:
+    """Write items as a manifest; paths under ``relative_to`` (default: the manifest's folder)
+    are written relative to it so the folder can be moved as a whole."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = Path(relative_to or out.parent).resolve()
+    rows = []
+    for it in items:
+        row = it.to_json() if isinstance(it, Item) else dict(it)
+        for key in ("query_path", "mask_path"):
+            if row.get(key):
+                row[key] = _relative(row[key], base)
+        row["ref_paths"] = [_relative(p, base) for p in row.get("ref_paths", [])]
+        rows.append(row)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _relative(value: str, base: Path) -> str:
+    if value.startswith(PLACEHOLDER):
+        return value
+    try:
+        return Path(value).resolve().relative_to(base).as_posix()
+    except ValueError:
+        return str(value)

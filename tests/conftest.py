@@ -1,0 +1,43 @@
+"""Shared fixtures: the reference data folder (skipped when absent) and a small synthetic set."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference" / "crossdomainvad12"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.skip("../shared/reference is absent (released CrossDomainVAD-12 data)")
+    return REFERENCE
+
+
+@pytest.fixture(autouse=True)
+def _no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read a real endpoint or key from the developer's environment."""
+    for name in list(os.environ):
+        if name.startswith(("ANOMALYCLAW_BASE_URL", "ANOMALYCLAW_API_KEY", "ANOMALYCLAW_MODEL", "OPENAI_",
+                            "QWEN_", "GPT_", "SEED_")):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory) -> Path:
+    """A small synthetic benchmark (every domain, 2 test items each); its manifest path."""
+    from anomalyclaw.eval.synth import generate_benchmark
+
+    return generate_benchmark(tmp_path_factory.mktemp("synth_small"), seed=0, n_test_per_domain=2,
+                              n_calibration=0, n_dev=0)
+
+
+@pytest.fixture(scope="session")
+def small_items(small_synth):
+    from anomalyclaw.eval.manifests import load_manifest
+
+    return load_manifest(small_synth, split="test")
