@@ -1,0 +1,76 @@
+"""Plots of an evaluation: ROC curves per domain and per-domain AUROC bars, as PNG files."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from .metrics import by_domain, column, kept  # noqa: E402
+from .records import Record  # noqa: E402
+
+COLOURS = {"direct": "#1f77b4", "refute": "#d62728", "fused": "#2ca02c", "expert": "#9467bd"}
+
+
+def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float = 0.5,
+                    columns: Sequence[str] = ("direct", "refute", "fused")) -> Path:
+    """One panel per domain with a ROC curve per score column."""
+    groups = by_domain(kept(records))
+    n = max(1, len(groups))
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (code, group) in zip(axes.flat, groups.items()):
+        y = np.array([r.label_gt for r in group])
+        for col in columns:
+            s = [column(r, col, alpha) for r in group]
+            if np.unique(y).size < 2 or any(v is None for v in s):
+                continue
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, color=COLOURS.get(col), lw=1.4, label=col)
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.set_title(f"{code} (n={len(group)})", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.supxlabel("false positive rate", fontsize=9)
+    fig.supylabel("true positive rate", fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_domain_bars(result: dict, path: str | Path,
+                     columns: Sequence[str] = ("direct", "refute", "fused")) -> Path:
+    """Grouped bars of per-domain AUROC (the dict :func:`metrics.evaluate` returns)."""
+    codes = list(result["per_domain"]) + ["macro"]
+    cols = [c for c in columns if c in result["macro_auroc"]]
+    x = np.arange(len(codes))
+    width = 0.8 / max(1, len(cols))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(codes) + 2), 3.4))
+    for k, col in enumerate(cols):
+        vals = [result["per_domain"][c][col] for c in codes[:-1]] + [result["macro_auroc"][col]]
+        ax.bar(x + (k - (len(cols) - 1) / 2) * width, vals, width, label=col, color=COLOURS.get(col))
+    ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+    ax.set_xticks(x, codes, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUROC")
+    ax.legend(fontsize=8, ncols=len(cols), loc="lower left")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
