@@ -1,0 +1,253 @@
+"""Turn an MVTec-style data folder (the layout anomalib users have on disk) into a manifest.
+
+Expected layout, one folder per category::
+
+    ROOT/<category>/train/good/*.png              normal images: the reference pool
+    ROOT/<category>/test/good/*.png               normal test images       (label 0)
+    ROOT/<category>/test/<defect>/*.png           anomalous test images    (label 1)
+    ROOT/<category>/ground_truth/<defect>/<stem>_mask.png   optional pixel masks (or <stem>.png)
+
+ROOT may also be a single category folder. Image files are ``.png .jpg .jpeg .bmp .tif .tiff``
+in any letter case. Choices made here, so that no folder surprises anyone:
+
+* Every test item of a category gets the same ``n_refs`` references, drawn from train/good
+  with ``seed``: the k-shot protocol of few-shot anomaly detection, and each category's
+  reference features are computed once.
+* A category with fewer than ``n_refs`` normal training images uses all of them (warning).
+* Files that are not images (``notes.txt``, ``Thumbs.db``) are skipped with a warning naming
+  them; hidden files (``.DS_Store``) are skipped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import zlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from anomalyclaw.domains import DomainCard
+from anomalyclaw.errors import AnomalyClawError
+from anomalyclaw.eval.manifests import PLACEHOLDER, data_root_from_env, write_manifest
+from anomalyclaw.items import Item
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+#: The MVTec-AD texture categories: homogeneous surfaces with no fixed layout.
+TEXTURE_CATEGORIES = frozenset({"carpet", "grid", "leather", "tile", "wood"})
+NORMAL_FOLDER = "good"
+
+
+class FolderLayoutError(AnomalyClawError):
+    """A data folder does not have the MVTec layout; the message names the path and the fix."""
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name; anything else is skipped."""
+    images = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            log.warning("skipping folder %s: images are expected directly in %s", path, folder)
+        elif _is_image(path):
+            images.append(path)
+        else:
+            log.warning("skipping %s: not an image file (expected one of %s)", path,
+                        " ".join(sorted(IMAGE_EXTENSIONS)))
+    return images
+
+
+def _is_category(folder: Path) -> bool:
+    return (folder / "train").is_dir() or (folder / "test").is_dir()
+
+
+def _find_categories(root: Path, wanted: Sequence[str] | None) -> list[Path]:
+    if _is_category(root):
+        found = [root]  # the root is itself one category folder
+    else:
+        found = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and _is_category(p)]
+    if not found:
+        raise FolderLayoutError(
+            f"{root}: no category folders found. Expected <root>/<category>/train/good and "
+            f"<root>/<category>/test/<defect or good> (the MVTec-AD layout); point at the folder that "
+            f"holds the category folders")
+    if wanted is None:
+        return found
+    by_name = {p.name: p for p in found}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise FolderLayoutError(f"{root}: no category folder named {', '.join(map(repr, missing))}; "
+                                f"found: {', '.join(sorted(by_name))}")
+    return [by_name[name] for name in dict.fromkeys(wanted)]
+
+
+def _mask_for(ground_truth: Path, defect: str, image: Path) -> Path | None:
+    """``ground_truth/<defect>/<stem>_mask.<ext>`` (MVTec) or ``<stem>.<ext>``, any image ext."""
+    folder = ground_truth / defect
+    if not folder.is_dir():
+        return None
+    for stem in (f"{image.stem}_mask", image.stem):
+        for candidate in sorted(folder.glob(f"{stem}.*")):
+            if _is_image(candidate) and candidate.stem == stem:
+                return candidate
+    return None
+
+
+def category_card(category: str) -> DomainCard:
+    """A generic card for an MVTec-style category: ``texture`` for the MVTec texture names,
+    else ``object`` + ``aligned``. Edit ``domain_card`` in the written manifest when a category
+    differs (an object that rotates: add ``rotating``; a part count that matters: ``counting``)."""
+    name = category.replace("_", " ")
+    if category.lower() in TEXTURE_CATEGORIES:
+        return DomainCard(category, name, "RGB", f"a defect-free {name} surface like the references",
+                          "scratches, cuts, holes, stains, contamination, colour or texture deviations",
+                          traits=frozenset({"texture"}))
+    return DomainCard(category, name, "RGB",
+                      f"a defect-free {name} like the references, with the same shape, colour and markings",
+                      "scratches, dents, cracks, holes, contamination, missing or misplaced parts, "
+                      "colour deviations", traits=frozenset({"object", "aligned"}))
+
+
+def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[Item]:
+    category = folder.name
+    train_good, test = folder / "train" / NORMAL_FOLDER, folder / "test"
+    if not train_good.is_dir():
+        raise FolderLayoutError(f"category '{category}': no normal training folder {train_good}; every category "
+                                f"needs train/{NORMAL_FOLDER}/ with defect-free images to use as references")
+    if not test.is_dir():
+        raise FolderLayoutError(f"category '{category}': no test folder {test}; put the images to judge in "
+                                f"test/{NORMAL_FOLDER}/ and test/<defect name>/")
+    pool = _images_in(train_good)
+    if not pool:
+        raise FolderLayoutError(f"category '{category}': {train_good} holds no images "
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add defect-free reference images")
+    if len(pool) < n_refs:
+        log.warning("category '%s': only %d normal training image(s) in %s, fewer than n_refs=%d; "
+                    "using all of them", category, len(pool), train_good, n_refs)
+    # The category name enters the seed so categories draw independently but reproducibly.
+    rng = np.random.default_rng([seed, zlib.crc32(category.encode("utf-8"))])
+    picks = sorted(rng.choice(len(pool), size=min(n_refs, len(pool)), replace=False))
+    refs = tuple(pool[int(i)].resolve() for i in picks)
+    card = category_card(category)
+    ground_truth = folder / "ground_truth"
+    items: list[Item] = []
+    ids: set[str] = set()
+    for path in sorted(test.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if not path.is_dir():
+            log.warning("skipping %s: test images are expected in test/<defect or %s>/ folders", path, NORMAL_FOLDER)
+            continue
+        defect = path.name
+        label = 0 if defect == NORMAL_FOLDER else 1
+        for image in _images_in(path):
+            item_id = f"{category}_{defect}_{image.stem}"
+            if item_id in ids:  # 001.png next to 001.jpg
+                item_id = f"{item_id}_{image.suffix.lstrip('.').lower()}"
+            ids.add(item_id)
+            mask = _mask_for(ground_truth, defect, image) if label else None
+            items.append(Item(item_id=item_id, query_path=image.resolve(), ref_paths=refs, domain=category,
+                              domain_code=category, label=label, anomaly_type=None if label == 0 else defect,
+                              source_dataset=source, category=category, split="test",
+                              mask_path=mask.resolve() if mask else None, card=card))
+    if not items:
+        raise FolderLayoutError(f"category '{category}': {test} holds no test images; expected "
+                                f"test/{NORMAL_FOLDER}/*.png and test/<defect name>/*.png")
+    return items
+
+
+def _portable(value: str | None, manifest_dir: Path, data_root: Path | None) -> str | None:
+    """Absolute path -> kept absolute when under the manifest folder (the manifest writer makes
+    it relative), ``{DATA_ROOT}/...`` when under ANOMALYCLAW_DATA, else absolute."""
+    if value is None:
+        return None
+    path = Path(value)
+    if manifest_dir in path.parents or data_root is None:
+        return str(path)
+    try:
+        return f"{PLACEHOLDER}/" + path.relative_to(data_root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_refs: int = 5, seed: int = 0,
+                        categories: Iterable[str] | str | None = None) -> Path:
+    """Write a manifest for an MVTec-style folder and return its path.
+
+    ``out`` is the manifest file (``*.json``) or a folder to write ``manifest.json`` into. One
+    item per test image, ``split`` "test", ``label`` 0 for test/good and 1 otherwise,
+    ``anomaly_type`` the defect folder's name, ``mask_path`` when ground_truth has the mask, item
+    ids ``<category>_<defect>_<stem>``, domain and domain code the category name, and a
+    ``domain_card`` from :func:`category_card`. Each category's items share ``n_refs`` references
+    drawn from train/good with ``seed``. ``categories`` (names, or one comma-separated string)
+    restricts the import. Paths under the manifest's folder are written relative to it, paths
+    under ``ANOMALYCLAW_DATA`` as ``{DATA_ROOT}/...``, others absolute.
+    Raises :class:`FolderLayoutError` naming the folder that does not fit the layout.
+    """
+    if isinstance(n_refs, bool) or not isinstance(n_refs, (int, np.integer)) or n_refs < 1:
+        raise FolderLayoutError(f"n_refs must be a whole number of at least 1 (references per item), got {n_refs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise FolderLayoutError(f"seed must be a non-negative integer, got {seed!r}")
+    base = Path(root).expanduser()
+    if not base.exists():
+        raise FolderLayoutError(f"{base}: folder does not exist; pass the folder that holds the category folders")
+    if not base.is_dir():
+        raise FolderLayoutError(f"{base}: not a folder; pass the folder that holds the category folders")
+    if isinstance(categories, str):
+        categories = [c.strip() for c in categories.split(",") if c.strip()]
+    wanted = None if categories is None else list(categories)
+    if wanted is not None and not wanted:
+        raise FolderLayoutError("categories is empty: pass None for every category or name at least one")
+    base = base.resolve()
+    source = base.name
+    items = [item for folder in _find_categories(base, wanted)
+             for item in _category_items(folder, int(n_refs), int(seed), source)]
+    target = Path(out).expanduser()
+    if target.suffix.lower() != ".json":
+        target = target / "manifest.json"
+    target = target.resolve()
+    data_root = data_root_from_env()
+    data_root = data_root.resolve() if data_root is not None else None
+    rows = []
+    for item in items:
+        row = item.to_json()
+        for key in ("query_path", "mask_path"):
+            if key in row:
+                row[key] = _portable(row[key], target.parent, data_root)
+        row["ref_paths"] = [_portable(p, target.parent, data_root) for p in row["ref_paths"]]
+        rows.append(row)
+    return write_manifest(rows, target)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m anomalyclaw.eval.folders ROOT OUT [--n-refs K] [--seed N] [--categories a,b]``."""
+    parser = argparse.ArgumentParser(prog="anomalyclaw import-folder",
+                                     description="Write a manifest for an MVTec-style data folder.")
+    parser.add_argument("root", help="folder holding <category>/train/good and <category>/test/<defect>")
+    parser.add_argument("out", help="manifest file (*.json) or folder to write manifest.json into")
+    parser.add_argument("--n-refs", type=int, default=5, help="references per item, from train/good (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default 0)")
+    parser.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        path = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed,
+                                   categories=args.categories)
+    except AnomalyClawError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
