@@ -1,0 +1,310 @@
+"""The item under judgment as tools see it: images at work size, reference ranking, expert results.
+
+The runner builds one :class:`ItemContext` per item from the manifest and passes it in the tool
+call's config (``config["configurable"][CONTEXT_KEY]``); nothing a model writes can point a tool
+at a file. Everything is lazy and cached: per item on the context, and per reference set in small
+process-wide LRU caches (reference images, reference-set calibrations), because many items share
+one reference set and the references' own variation is what every tool calibrates against.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import cv2
+import numpy as np
+
+from anomalyclaw.domains import DomainCard
+from anomalyclaw.imaging import load_image, resize_longest, resize_to
+from anomalyclaw.items import Item
+
+from .imageops import blur, to_gray, to_lab
+
+if TYPE_CHECKING:
+    from anomalyclaw.experts.base import ExpertResult
+    from anomalyclaw.experts.caches import ReleasedScoreCache
+    from anomalyclaw.experts.pool import ExpertPool
+
+CONTEXT_KEY = "item_context"
+#: Longest side of the full-resolution query kept for zooming (pixels).
+ZOOM_SOURCE_SIDE = 1536
+#: Side of the thumbnails behind the cheap global similarity (pixels).
+_THUMB_SIDE = 32
+
+T = TypeVar("T")
+
+
+class _LRU:
+    """A small thread-safe LRU map; values are computed outside the lock (a rare double compute
+    is cheaper than serialising every tool call behind one slow calibration)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: Any, compute: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = compute()
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+#: Reference images at work size, keyed by (path, mtime, size, work_side): ~0.8 MB each at 512 px.
+_REFERENCE_IMAGES = _LRU(128)
+#: A few references at zoom resolution (up to 1536 px: ~7 MB each).
+_REFERENCE_FULL = _LRU(8)
+#: Values computed from one reference file (its Lab, grey, spectrum...), shared by every set that
+#: holds the file: up to ~3 MB each at 512 px.
+_REFERENCE_FILES = _LRU(192)
+#: Calibrations that depend on the whole reference set (baselines, tile banks, embeddings).
+_REFERENCE_SETS = _LRU(64)
+#: Calibrations of one ordered pair of reference files (a registered difference map), so items
+#: that draw different subsets from one reference pool share them: float16, <= 200 KB each.
+_REFERENCE_PAIRS = _LRU(256)
+_shared_lock = threading.Lock()
+_shared: dict[str, Any] = {}
+
+
+def clear_caches() -> None:
+    """Forget cached reference images and calibrations (tests, or after editing files in place)."""
+    _REFERENCE_IMAGES.clear()
+    _REFERENCE_FULL.clear()
+    _REFERENCE_FILES.clear()
+    _REFERENCE_SETS.clear()
+    _REFERENCE_PAIRS.clear()
+
+
+def _file_key(path: Path) -> tuple[str, float, int]:
+    try:
+        st = path.stat()
+        return str(path), st.st_mtime, st.st_size
+    except OSError:
+        return str(path), 0.0, -1
+
+
+def thumbnail_descriptor(image: np.ndarray) -> np.ndarray:
+    """A cheap layout descriptor: a blurred 32x32 Lab thumbnail, zero-mean and unit-norm per
+    channel, flattened to float32 [3*32*32]. Dot products of two descriptors (divided by 3) are
+    normalized cross-correlations in [-1, 1] of the images' coarse layouts."""
+    small = cv2.resize(image, (_THUMB_SIDE, _THUMB_SIDE), interpolation=cv2.INTER_AREA)
+    lab = cv2.cvtColor(small.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    lab = cv2.GaussianBlur(lab, (0, 0), 1.0)
+    chans = []
+    for c in range(3):
+        v = lab[:, :, c].ravel() - lab[:, :, c].mean()
+        n = float(np.linalg.norm(v))
+        # A flat channel (grey image's a*/b*) carries no layout: leave it at zero.
+        chans.append(v / n if n > 1e-3 * v.size ** 0.5 else np.zeros_like(v))
+    return np.concatenate(chans).astype(np.float32)
+
+
+class ItemContext:
+    """Everything a tool may read about the item under judgment.
+
+    Built by the runner from the manifest, never from the model's arguments. ``query`` and
+    ``references`` are ``H x W x 3`` uint8 RGB arrays with the longer side at most ``work_side``
+    (never upscaled); loading errors surface as :class:`~anomalyclaw.errors.ImageLoadError`.
+    """
+
+    def __init__(self, item: Item, *, work_side: int = 512, expert_pool: "ExpertPool | None" = None,
+                 score_cache: "ReleasedScoreCache | None" = None, backbone: Any = None):
+        if work_side < 32:
+            raise ValueError(f"work_side must be at least 32 px, got {work_side}")
+        self.item = item
+        self.card: DomainCard = item.domain_card
+        self.traits: frozenset[str] = item.traits
+        self.work_side = int(work_side)
+        self.expert_pool = expert_pool
+        self.score_cache = score_cache
+        self.backbone = backbone
+        self.observations: list[Any] = []
+        self._query: np.ndarray | None = None
+        self._query_full: np.ndarray | None = None
+        self._references: dict[int, np.ndarray] = {}
+        self._aligned: dict[int, np.ndarray] = {}
+        self._ranking: list[tuple[int, float]] | None = None
+        self._expert_results: dict[str, "ExpertResult"] = {}
+        self._memo: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"ItemContext(item_id={self.item.item_id!r}, domain={self.item.domain_code!r}, "
+                f"n_refs={self.n_references}, work_side={self.work_side})")
+
+    # ------------------------------------------------------------------------------ images
+    @property
+    def query(self) -> np.ndarray:
+        """The query at work size, H x W x 3 uint8."""
+        if self._query is None:
+            self._query = resize_longest(self.query_full, self.work_side)
+        return self._query
+
+    @property
+    def query_full(self) -> np.ndarray:
+        """The query at up to :data:`ZOOM_SOURCE_SIDE` px (for zooming into detail); one decode
+        of the file serves both this and :attr:`query`."""
+        if self._query_full is None:
+            self._query_full = load_image(self.item.query_path, max_side=max(ZOOM_SOURCE_SIDE, self.work_side))
+        return self._query_full
+
+    @property
+    def n_references(self) -> int:
+        return len(self.item.ref_paths)
+
+    def reference(self, index: int) -> np.ndarray:
+        """Reference ``index`` at work size (cached across items that share the file)."""
+        if index not in self._references:
+            path = Path(self.item.ref_paths[index])
+            key = (*_file_key(path), self.work_side)
+            self._references[index] = _REFERENCE_IMAGES.get_or_compute(
+                key, lambda: load_image(path, max_side=self.work_side))
+        return self._references[index]
+
+    @property
+    def references(self) -> list[np.ndarray]:
+        """All references at work size."""
+        return [self.reference(i) for i in range(self.n_references)]
+
+    def reference_aligned(self, index: int) -> np.ndarray:
+        """Reference ``index`` resized to the query's exact H x W (no registration)."""
+        if index not in self._aligned:
+            self._aligned[index] = resize_to(self.reference(index), self.query.shape[:2])
+        return self._aligned[index]
+
+    def image(self, index: int | None = None) -> np.ndarray:
+        """The query (``index`` None) or reference ``index`` resized to the query's shape."""
+        return self.query if index is None else self.reference_aligned(index)
+
+    def lab(self, index: int | None = None) -> np.ndarray:
+        """:meth:`image` in Lab, lightly blurred (sigma 1 px) against noise: float32 H x W x 3,
+        L in [0, 100]. Cached (per item for the query, per reference set for references)."""
+        if index is None:
+            return self.item_cached("lab", lambda: blur(to_lab(self.query), 1.0))
+        return self.reference_file_cached(index, "lab", lambda: blur(to_lab(self.reference_aligned(index)), 1.0))
+
+    def gray(self, index: int | None = None) -> np.ndarray:
+        """:meth:`image` as float32 grey in [0, 1]. Cached like :meth:`lab`."""
+        if index is None:
+            return self.item_cached("gray", lambda: to_gray(self.query))
+        return self.reference_file_cached(index, "gray", lambda: to_gray(self.reference_aligned(index)))
+
+    def reference_full(self, index: int) -> np.ndarray:
+        """Reference ``index`` resized to the shape of :attr:`query_full` (for zoom crops)."""
+        path = Path(self.item.ref_paths[index])
+        side = max(ZOOM_SOURCE_SIDE, self.work_side)
+        full = _REFERENCE_FULL.get_or_compute((*_file_key(path), side), lambda: load_image(path, max_side=side))
+        return resize_to(full, self.query_full.shape[:2])
+
+    def preload(self) -> "ItemContext":
+        """Load the query and every reference at work size now (so later tool timings exclude
+        disk I/O; zoom's full-resolution reference is still read on demand)."""
+        _ = self.query
+        _ = self.references
+        return self
+
+    # ------------------------------------------------------------------- reference set caches
+    def reference_cached(self, name: str, compute: Callable[[], T], *, shape: tuple[int, ...] | None = None) -> T:
+        """Memoise ``compute()`` for this reference set at this work size (and ``shape`` when the
+        value depends on the query's shape), shared by every item that has the same references."""
+        key = (self.item.reference_set_key, self.work_side, name, tuple(shape) if shape else None)
+        return _REFERENCE_SETS.get_or_compute(key, compute)
+
+    def item_cached(self, key: Any, compute: Callable[[], T]) -> T:
+        """Memoise ``compute()`` on this item (e.g. a difference map that several tools read)."""
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key]
+        value = compute()
+        with self._lock:
+            return self._memo.setdefault(key, value)
+
+    def reference_file_cached(self, index: int, name: str, compute: Callable[[], T]) -> T:
+        """Memoise ``compute()`` for reference ``index`` (by file, at the query's shape), shared by
+        every item whose references include that file."""
+        key = (_file_key(Path(self.item.ref_paths[index])), self.work_side, name, tuple(self.query.shape))
+        return _REFERENCE_FILES.get_or_compute(key, compute)
+
+    def reference_pair_cached(self, moving: int, fixed: int, name: str, compute: Callable[[], T]) -> T:
+        """Memoise ``compute()`` for an ordered pair of references (by file) at the query's shape."""
+        key = (_file_key(Path(self.item.ref_paths[moving])), _file_key(Path(self.item.ref_paths[fixed])),
+               self.work_side, name, tuple(self.query.shape))
+        return _REFERENCE_PAIRS.get_or_compute(key, compute)
+
+    def _reference_thumbnails(self) -> np.ndarray:
+        return self.reference_cached("thumbnails", lambda: np.stack(
+            [thumbnail_descriptor(r) for r in self.references]))
+
+    def reference_ranking(self) -> list[tuple[int, float]]:
+        """References ordered from most to least similar to the query, as (index, similarity):
+        normalized cross-correlation in [-1, 1] of blurred 32x32 Lab thumbnails (coarse layout
+        and colour; about 1 ms per image)."""
+        if self._ranking is None:
+            if self.n_references == 0:
+                self._ranking = []
+            else:
+                sims = self._reference_thumbnails() @ thumbnail_descriptor(self.query) / 3.0
+                order = np.argsort(-sims, kind="stable")
+                self._ranking = [(int(i), float(sims[i])) for i in order]
+        return self._ranking
+
+    def closest_reference_index(self) -> int:
+        """Index of the reference whose coarse layout and colour best match the query."""
+        ranking = self.reference_ranking()
+        if not ranking:
+            raise ValueError(f"item {self.item.item_id} has no reference images")
+        return ranking[0][0]
+
+    def closest_references(self, n: int) -> list[int]:
+        return [i for i, _ in self.reference_ranking()[:max(1, n)]]
+
+    # --------------------------------------------------------------------------------- experts
+    def get_expert_pool(self) -> "ExpertPool":
+        """The pool passed in, else one process-wide classic pool (fits shared across items)."""
+        if self.expert_pool is not None:
+            return self.expert_pool
+        with _shared_lock:
+            if "pool" not in _shared:
+                from anomalyclaw.experts.pool import ExpertPool
+                _shared["pool"] = ExpertPool(backbone="classic")
+            return _shared["pool"]
+
+    def get_backbone(self) -> Any:
+        """The backbone passed in, else the weight-free classic backbone (for embeddings)."""
+        if self.backbone is not None:
+            return self.backbone
+        with _shared_lock:
+            if "backbone" not in _shared:
+                from anomalyclaw.experts.backbones import load_backbone
+                _shared["backbone"] = load_backbone("classic")
+            return _shared["backbone"]
+
+    def expert_result(self, name: str) -> "ExpertResult":
+        """The query scored by expert ``name`` ("anomaly_vfm" or "subspace_ad"), fitted on this
+        item's references through the pool; cached per item."""
+        with self._lock:
+            cached = self._expert_results.get(name)
+        if cached is not None:
+            return cached
+        expert = self.get_expert_pool().expert(name, self.item.reference_set_key, lambda: self.references)
+        result = expert.score(self.query)
+        with self._lock:
+            self._expert_results[name] = result
+        return result
+
+    def has_expert_result(self, name: str) -> bool:
+        with self._lock:
+            return name in self._expert_results
