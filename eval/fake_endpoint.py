@@ -1,0 +1,336 @@
+"""A local OpenAI-compatible chat endpoint with scripted replies, latency and faults.
+
+Tests and benchmarks drive the real ``openai`` backend (``ChatOpenAI``) against it on
+127.0.0.1: scripted replies, a fixed latency per request, and injected faults (500, 429 with
+and without Retry-After, timeouts, connection resets, empty or cut or prose replies, unknown
+tool names, scores out of range, 401, 404). Without a script it answers each stage of the
+AnomalyClaw protocol with a well-formed reply, so a whole run can go through it.
+
+Run it by hand: ``python -m anomalyclaw.eval.fake_endpoint --port 8011 --latency 0.1``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable
+
+#: Fault kinds the server can inject, by name.
+FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "empty", "cut", "prose",
+          "bad_tool", "bad_score", "nan_score")
+#: Faults that can never succeed; not part of the random mix.
+FATAL = ("401", "404")
+
+
+def reply_stage(body: dict[str, Any]) -> str:
+    """Which protocol stage a request asks for, from the format its last user message names."""
+    text = ""
+    for msg in reversed(body.get("messages", [])):
+        if msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, str):
+                text = content
+            else:
+                text = " ".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
+            break
+    # The formats each stage asks for, latest instruction wins.
+    marks = {"direct": text.rfind('"image_label"'), "refute": text.rfind('"verdicts"'),
+             "commit": text.rfind('"anomaly_score"'), "propose": text.rfind('"initial_score"'),
+             "logprob": text.rfind("one word")}
+    stage, pos = max(marks.items(), key=lambda kv: kv[1])
+    return stage if pos >= 0 else "direct"
+
+
+def default_reply(body: dict[str, Any]) -> str:
+    """A well-formed reply for the stage the request asks for (deterministic per request)."""
+    digest = hashlib.sha256(json.dumps(body.get("messages", []), sort_keys=True).encode()).digest()
+    u = digest[0] / 255.0
+    stage = reply_stage(body)
+    if stage == "propose":
+        return json.dumps({
+            "initial_score": round(u, 3),
+            "candidates": [{"id": "c1", "description": "region that differs from the references",
+                            "bbox": [0.25, 0.25, 0.75, 0.75]}],
+            "action": {"tool": "side_by_side_compare", "args": {"bbox": [0.25, 0.25, 0.75, 0.75]},
+                       "candidate": "c1"},
+            "rationale": "check the central region against the closest reference"})
+    if stage == "refute":
+        status = "confirmed" if u > 0.5 else "refuted"
+        return json.dumps({"verdicts": [{"id": "c1", "status": status, "evidence": "compared with references"}],
+                           "updated_score": round(u, 3), "action": {"commit": True},
+                           "rationale": "evidence gathered"})
+    if stage == "commit":
+        return json.dumps({"anomaly_score": round(u, 3), "confidence": 70, "rationale": "final"})
+    if stage == "logprob":
+        return "anomalous" if u > 0.5 else "normal"
+    label = "anomalous" if u > 0.5 else "normal"
+    return json.dumps({"image_label": label, "confidence": round(0.5 + abs(u - 0.5), 3),
+                       "anomaly_type": None, "evidence": "overall comparison", "bbox": None})
+
+
+def faulty_reply(kind: str, body: dict[str, Any]) -> str:
+    """The reply text of a content fault (the HTTP exchange itself succeeds)."""
+    good = default_reply(body)
+    if kind == "empty":
+        return ""
+    if kind == "cut":
+        return good[: max(1, len(good) // 2)]
+    if kind == "prose":
+        return "Looking at the images, I think the part seems mostly fine but I am not sure."
+    if kind == "bad_tool":
+        obj = json.loads(good)
+        if "action" in obj:
+            obj["action"] = {"tool": "tool_magic_detector", "args": {}, "candidate": "c1"}
+        return json.dumps(obj)
+    if kind in ("bad_score", "nan_score"):
+        value = 7.5 if kind == "bad_score" else float("nan")
+        obj = json.loads(good)
+        for key in ("initial_score", "updated_score", "anomaly_score", "confidence"):
+            if key in obj:
+                obj[key] = value
+        return json.dumps(obj)  # NaN is written as the bare token NaN, as some servers do
+    raise ValueError(f"unknown content fault {kind!r}")
+
+
+@dataclass
+class ServerStats:
+    requests: int = 0
+    completions: int = 0
+    bytes_in: int = 0
+    by_status: Counter = field(default_factory=Counter)
+    faults: Counter = field(default_factory=Counter)
+    stages: Counter = field(default_factory=Counter)
+    max_in_flight: int = 0
+
+
+class FakeVLMServer:
+    """An OpenAI-compatible ``/v1/chat/completions`` server on a background thread.
+
+    ``script``: a list of replies consumed in order (a string is the reply text; ``"!500"``,
+    ``"!429"``, ``"!timeout"`` ... inject that fault), a dict of such lists per protocol stage
+    (``"propose"``, ``"refute"``, ``"commit"``, ``"direct"``: the branches run concurrently, so
+    per-stage order is the one that repeats), or a callable ``body -> str``; when a list runs
+    out, :func:`default_reply` answers. ``fault_rate``: the probability that a
+    request gets a fault drawn from ``faults`` (seeded, so runs repeat).
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
+                 api_key: str | None = None, models: Iterable[str] = ("fake-vlm",),
+                 script: list[str] | dict[str, list[str]] | Callable[[dict], str] | None = None, fault_rate: float = 0.0,
+                 faults: Iterable[str] = FAULTS, seed: int = 0, hang_s: float = 30.0,
+                 retry_after_s: float = 0.05, record_bodies: bool = False):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the fake endpoint only listens on loopback")
+        self.latency_s = latency_s
+        self.api_key = api_key
+        self.models = set(models)
+        self.fault_rate = fault_rate
+        self.faults = tuple(faults)
+        unknown = set(self.faults) - set(FAULTS) - set(FATAL)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS + FATAL}")
+        self.hang_s = hang_s
+        self.retry_after_s = retry_after_s
+        self.record_bodies = record_bodies
+        self.bodies: list[dict[str, Any]] = []
+        self.stats = ServerStats()
+        self._script: deque[str] | None = deque(script) if isinstance(script, list) else None
+        self._stage_script = {k: deque(v) for k, v in script.items()} if isinstance(script, dict) else {}
+        self._script_fn = script if callable(script) else None
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._stop = threading.Event()
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> "FakeVLMServer":
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-vlm", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "FakeVLMServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ decisions
+    def _next_action(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """(fault kind or None, reply text or None) for one completion request."""
+        with self._lock:
+            queue = self._script or self._stage_script.get(reply_stage(body))
+            if queue:
+                entry = queue.popleft()
+                if entry.startswith("!"):
+                    return entry[1:], None
+                return None, entry
+            draw = self._rng.random()
+            kind = self._rng.choice(self.faults) if self.faults and draw < self.fault_rate else None
+        if kind:
+            return kind, None
+        if self._script_fn is not None:
+            return None, self._script_fn(body)
+        return None, default_reply(body)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:  # quiet
+                return
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+                with server._lock:
+                    server.stats.by_status[status] += 1
+
+            def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
+                self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+            def do_GET(self) -> None:  # /v1/models
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
+                else:
+                    self._error(404, f"no route {self.path}", "not_found")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                with server._lock:
+                    server.stats.requests += 1
+                    server.stats.bytes_in += len(raw)
+                    server._in_flight += 1
+                    server.stats.max_in_flight = max(server.stats.max_in_flight, server._in_flight)
+                try:
+                    self._complete(raw)
+                finally:
+                    with server._lock:
+                        server._in_flight -= 1
+
+            def _complete(self, raw: bytes) -> None:
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    return self._error(404, f"no route {self.path}", "not_found")
+                if server.api_key is not None:
+                    auth = self.headers.get("Authorization", "")
+                    if auth != f"Bearer {server.api_key}":
+                        return self._error(401, "Incorrect API key provided.", "invalid_request_error")
+                try:
+                    body = json.loads(raw)
+                except json.JSONDecodeError:
+                    return self._error(400, "body is not JSON", "invalid_request_error")
+                if body.get("model") not in server.models:
+                    return self._error(404, f"The model `{body.get('model')}` does not exist.", "not_found")
+                if server.record_bodies:
+                    with server._lock:
+                        server.bodies.append(body)
+                fault, text = server._next_action(body)
+                with server._lock:
+                    server.stats.stages[reply_stage(body)] += 1
+                    if fault:
+                        server.stats.faults[fault] += 1
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                if fault == "500":
+                    return self._error(500, "internal error (injected)", "server_error")
+                if fault == "429":
+                    return self._error(429, "rate limited (injected)", "rate_limit")
+                if fault == "429_retry_after":
+                    return self._error(429, "rate limited (injected)", "rate_limit",
+                                       {"Retry-After": f"{server.retry_after_s:g}"})
+                if fault == "401":
+                    return self._error(401, "Incorrect API key provided.", "invalid_request_error")
+                if fault == "404":
+                    return self._error(404, "model not found (injected)", "not_found")
+                if fault == "timeout":
+                    server._stop.wait(server.hang_s)
+                    self.close_connection = True
+                    return None
+                if fault == "reset":
+                    # SO_LINGER 0 makes close() send a TCP RST: a dropped connection.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return None
+                if fault:
+                    text = faulty_reply(fault, body)
+                with server._lock:
+                    server.stats.completions += 1
+                self._send(200, _completion(body, text or ""))
+
+        return Handler
+
+
+def _completion(body: dict[str, Any], text: str) -> dict[str, Any]:
+    prompt_chars = len(json.dumps(body.get("messages", [])))
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+    if body.get("logprobs"):
+        choice["logprobs"] = {"content": _logprobs(text, int(body.get("top_logprobs") or 5))}
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model"), "choices": [choice],
+        "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": max(1, len(text) // 4),
+                  "total_tokens": prompt_chars // 4 + max(1, len(text) // 4)},
+    }
+
+
+def _logprobs(text: str, top: int) -> list[dict[str, Any]]:
+    """Plausible token log-probs: the first word leads, its alternative trails."""
+    first = text.strip().split()[0] if text.strip() else "normal"
+    other = "normal" if first.startswith("anom") else "anomalous"
+    top_list = [{"token": first, "logprob": -0.22, "bytes": None},
+                {"token": other, "logprob": -1.6, "bytes": None}][:max(1, top)]
+    return [{"token": first, "logprob": -0.22, "bytes": None, "top_logprobs": top_list}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Local OpenAI-compatible fake VLM endpoint (loopback only).")
+    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--model", default="fake-vlm")
+    args = ap.parse_args(argv)
+    server = FakeVLMServer(port=args.port, latency_s=args.latency, fault_rate=args.fault_rate, models=[args.model])
+    server.start()
+    print(f"fake VLM endpoint at {server.base_url} (model {args.model}); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""One VLM turn: call, parse, and the single repair retry; never raises except to stop a run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from pydantic import BaseModel
+
+from anomalyclaw.errors import EndpointFatalError
+
+from .context import RunContext
+from .messages import visible
+from .replies import FORMATS, ReplyError, parse_reply
+from .vlm import VLMError
+
+
+@dataclass
+class TurnResult:
+    """A parsed reply (or None), its raw text, and what the turn cost."""
+
+    parsed: BaseModel | None = None
+    text: str = ""
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+async def ask(run: RunContext, messages: Sequence[BaseMessage], stage: str) -> TurnResult:
+    """Send ``messages`` for ``stage``; on an unusable reply, tell the model why once and retry.
+
+    Endpoint failures after their retries become ``error``; an endpoint that refuses every
+    request (:class:`EndpointFatalError`) propagates so the runner can stop.
+    """
+    out = TurnResult()
+    image_size = run.item.query.shape[1::-1]  # (W, H) to read pixel boxes
+    convo = list(messages)
+    for attempt in range(2):
+        try:
+            reply = await run.vlm.acall(visible(convo, run.config.image_history), stage=stage, context=run)
+        except EndpointFatalError:
+            raise
+        except VLMError as exc:
+            out.error = str(exc)
+            return out
+        call = reply.usage()
+        if attempt:
+            call["repair"] = True
+        out.calls.append(call)
+        out.text = reply.text
+        try:
+            out.parsed = parse_reply(stage, reply.text, image_size=image_size,
+                                     max_candidates=run.config.max_candidates)
+            if attempt:
+                out.fallbacks.append(f"{stage}: reply repaired after: {problem}")
+            return out
+        except ReplyError as exc:
+            problem = str(exc)
+            convo = list(messages) + [AIMessage(content=reply.text or "(empty)"),
+                                      HumanMessage(content=run.prompts.render("repair", problem=problem,
+                                                                              format=FORMATS[stage]))]
+    out.error = f"{stage}: unusable reply after one repair retry ({problem})"
+    return out

@@ -1,0 +1,107 @@
+"""The messages each VLM call sends: first turns with references and query, observations with
+their images, and the image-history policy that keeps later requests small."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+from .context import RunContext
+from .images import image_block, text_block
+
+#: What replaces an image already sent earlier in the conversation (``image_history="once"``).
+IMAGE_STUB = "[image sent earlier in this conversation]"
+
+
+def shown_reference_indices(run: RunContext) -> list[int]:
+    """The references the VLM sees: the closest ones to the query first, ``n_refs_shown`` of them."""
+    ctx = run.item
+    n = ctx.n_references
+    if n == 0:
+        return []
+    k = min(n, run.config.n_refs_shown)
+    try:
+        order = [i for i, _ in ctx.reference_ranking()]
+    except Exception:  # ranking needs the images; the caller reports load errors itself
+        order = list(range(n))
+    return order[:k]
+
+
+def image_blocks(run: RunContext) -> list[dict[str, Any]]:
+    """Labelled reference images, then the query last (as the paper shows them)."""
+    ctx, cfg = run.item, run.config
+    blocks: list[dict[str, Any]] = []
+    shown = shown_reference_indices(run)
+    for rank, i in enumerate(shown, 1):
+        path = ctx.item.ref_paths[i]
+        label = "Reference (the earlier image of the same place):" if "bi_temporal" in ctx.traits \
+            else f"Reference {rank} (normal):"
+        blocks.append(text_block(label))
+        blocks.append(image_block(run.encoder.data_url(("ref", str(path)), lambda i=i: ctx.reference(i),
+                                                       max_side=cfg.reference_side, fmt=cfg.image_format)))
+    blocks.append(text_block("QUERY:"))
+    blocks.append(image_block(run.encoder.data_url(("query", str(ctx.item.query_path)), lambda: ctx.query_full,
+                                                   max_side=cfg.image_side, fmt=cfg.image_format)))
+    return blocks
+
+
+def descriptor(run: RunContext) -> str:
+    """The generic task descriptor of the direct branch, from the domain card."""
+    card = run.item.card
+    cat = run.item.item.category
+    what = f"{card.name}" + (f" ({cat})" if cat and cat not in card.name else "")
+    return f"{card.modality} images of {what}. Normal: {card.normal}. Anomalous: {card.anomaly}."
+
+
+def first_refute_messages(run: RunContext) -> list[BaseMessage]:
+    """System prompt and the propose turn's user message."""
+    p, cfg, ctx = run.prompts, run.config, run.item
+    n_shown = len(shown_reference_indices(run))
+    note = ""
+    if ctx.n_references > n_shown:
+        note = f" (the {n_shown} closest of {ctx.n_references}; tools use all of them)"
+    text = p.render("propose", domain_card=ctx.card.describe(ctx.item.category), n_refs=n_shown,
+                    reference_note=note, tools=run.registry.render(ctx.item), max_turns=cfg.max_turns,
+                    max_candidates=cfg.max_candidates)
+    return [SystemMessage(p.render("refute_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
+
+
+def direct_messages(run: RunContext, *, logprob: bool = False) -> list[BaseMessage]:
+    p = run.prompts
+    text = p.render("direct_logprob" if logprob else "direct", descriptor=descriptor(run),
+                    n_refs=len(shown_reference_indices(run)))
+    return [SystemMessage(p.render("direct_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
+
+
+def observation_message(run: RunContext, text: str, images: Sequence[Any]) -> HumanMessage:
+    """A user message with the refute prompt and the tool's images (already encoded bytes)."""
+    blocks: list[dict[str, Any]] = [text_block(text)]
+    for im in images:
+        blocks.append(text_block(f"{im.name}: {im.caption}"))
+        blocks.append(image_block(run.encoder.bytes_url(im.data)))
+    return HumanMessage(content=blocks)
+
+
+def visible(messages: Sequence[BaseMessage], policy: str) -> list[BaseMessage]:
+    """The messages as one request carries them.
+
+    ``"all"`` resends every image each turn (what a stateless chat API needs by default);
+    ``"once"`` keeps the images of the latest user message only and replaces earlier ones with a
+    stub, so each image crosses the wire once per conversation.
+    """
+    if policy == "all":
+        return list(messages)
+    last_user = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=-1)
+    out: list[BaseMessage] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, HumanMessage) and i != last_user and isinstance(m.content, list):
+            blocks = [b if not (isinstance(b, dict) and b.get("type") == "image_url") else text_block(IMAGE_STUB)
+                      for b in m.content]
+            out.append(HumanMessage(content=blocks))
+        else:
+            out.append(m)
+    return out
+
+
+def reply_message(text: str) -> AIMessage:
+    return AIMessage(content=text)

@@ -1,0 +1,222 @@
+"""The refutation branch: propose -> select_tool -> observe -> refute -> ... -> commit.
+
+One VLM call per turn (propose, then each refute); ``select_tool`` routes, validates and repairs
+the model's tool choice without a VLM call; ``observe`` runs the LangChain tool; ``commit`` fixes
+the final score and costs a VLM call only when the turn limit forces it.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from pydantic import ValidationError
+
+from .calls import ask
+from .context import RunContext
+from .messages import first_refute_messages, observation_message, reply_message
+from .replies import CommitReply, ProposeReply, RefuteReply
+from .state import RefuteState
+
+OPEN = ("open", "uncertain")
+
+
+def _open(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in candidates if c.get("status") in OPEN]
+
+
+def _action_dict(action: Any) -> dict[str, Any]:
+    if action.commit or not action.tool:
+        return {"commit": True}
+    return {"tool": action.tool, "args": dict(action.args), "candidate": action.candidate}
+
+
+async def propose(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    run = runtime.context
+    messages = first_refute_messages(run)
+    turn = await ask(run, messages, "propose")
+    update: dict[str, Any] = {"messages": messages, "turn": 1, "calls": turn.calls, "fallbacks": turn.fallbacks,
+                              "candidates": [], "pending": {"commit": True}, "score": None, "initial_score": None}
+    if turn.parsed is None:
+        update["fallbacks"] = turn.fallbacks + [f"propose failed: {turn.error}"]
+        update["history"] = [{"turn": 1, "stage": "propose", "error": turn.error, "reply": turn.text[:2000]}]
+        return update
+    reply: ProposeReply = turn.parsed  # type: ignore[assignment]
+    candidates = [{"id": c.id, "description": c.description, "bbox": c.bbox, "status": "open", "evidence": ""}
+                  for c in reply.candidates]
+    pending = _action_dict(reply.action)
+    update.update(messages=messages + [reply_message(turn.text)], candidates=candidates, pending=pending,
+                  score=reply.initial_score, initial_score=reply.initial_score,
+                  history=[{"turn": 1, "stage": "propose", "anomaly_score": reply.initial_score,
+                            "candidates": candidates, "action": pending, "rationale": reply.rationale}])
+    return update
+
+
+def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Route to ``observe`` or ``commit``; validate and repair the tool call (no VLM call)."""
+    run = runtime.context
+    pending = state.get("pending") or {"commit": True}
+    if pending.get("commit"):
+        return {"route": "commit", "forced": False, "call": None}
+    if not _open(state.get("candidates", [])):
+        return {"route": "commit", "forced": False, "call": None,
+                "fallbacks": ["select_tool: no open candidate left; committed instead of calling a tool"]}
+    if state.get("turn", 0) >= run.config.max_turns:
+        return {"route": "commit", "forced": True, "call": None}
+    asked = str(pending.get("tool") or "")
+    name, message = run.registry.resolve(asked)
+    if name is None:
+        return {"route": "observe", "call": {"tool": asked, "invalid": message, "candidate": pending.get("candidate")}}
+    applicable, why = run.registry.entry(name).applicability.check(run.item.item)
+    if not applicable:
+        usable = [t.name for t, ok, _ in run.registry.applicable(run.item.item) if ok]
+        return {"route": "observe", "call": {
+            "tool": name, "candidate": pending.get("candidate"),
+            "invalid": f"{name} does not apply to this item: {why}. Tools that apply: {', '.join(usable)}"}}
+    args = dict(pending.get("args") or {})
+    candidate = _find(state.get("candidates", []), pending.get("candidate"))
+    model = run.registry.args_model(name)
+    fields = getattr(model, "model_fields", {})
+    if "bbox" in fields and "bbox" not in args and candidate and candidate.get("bbox"):
+        args["bbox"] = candidate["bbox"]  # the candidate's box is what the model means to test
+    if model is not None:
+        try:
+            model.model_validate(args)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "(arguments)"
+            return {"route": "observe", "call": {
+                "tool": name, "candidate": pending.get("candidate"),
+                "invalid": f"arguments for {name} rejected: {where}: {first.get('msg')}. "
+                           f"Arguments: {json.dumps(run.registry.compact_args(name))}"}}
+    call = {"tool": name, "args": args, "candidate": (candidate or {}).get("id") or pending.get("candidate")}
+    if name != asked:
+        call["repaired_from"] = asked
+    return {"route": "observe", "call": call}
+
+
+def _find(candidates: list[dict[str, Any]], cid: Any) -> dict[str, Any] | None:
+    for c in candidates:
+        if c.get("id") == cid:
+            return c
+    opened = _open(candidates)
+    return opened[0] if opened else None
+
+
+async def observe(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Run the tool through the LangChain tool interface (or report why it could not run)."""
+    run = runtime.context
+    call = state.get("call") or {}
+    from anomalyclaw.tools.base import Observation  # noqa: PLC0415 (keeps graph import light)
+
+    if "invalid" in call:
+        obs = Observation(tool=call.get("tool") or "?", ok=False, applicable=False, error=call["invalid"],
+                          text=f"No tool was run: {call['invalid']}")
+        run.item.observations.append(obs)
+        fallbacks = [f"turn {state.get('turn')}: {call['invalid'][:200]}"]
+    else:
+        obs = await run.registry.arun(call["tool"], call["args"], run.item)
+        fallbacks = [f"tool name {call['repaired_from']!r} repaired to {call['tool']!r}"] if "repaired_from" in call else []
+    return {"observations": [obs], "tools_used": [obs.tool] if "invalid" not in call else [],
+            "fallbacks": fallbacks}
+
+
+async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    run = runtime.context
+    obs = state["observations"][-1]
+    call = state.get("call") or {}
+    turn_no = state.get("turn", 1) + 1
+    left = run.config.max_turns - turn_no
+    candidates = [dict(c) for c in state.get("candidates", [])]
+    open_list = "; ".join(f"{c['id']}: {c['description']}" + (f" bbox {c['bbox']}" if c.get("bbox") else "")
+                          for c in _open(candidates)) or "none"
+    turns_note = (f"You have {left} more turn(s) after this one." if left > 0
+                  else 'This is your last turn: set "action" to {"commit": true}.')
+    text = run.prompts.render("refute", tool=obs.tool, turn=turn_no - 1, candidate=call.get("candidate") or "-",
+                              observation=obs.text, open_candidates=open_list, turns_note=turns_note)
+    human = observation_message(run, text, obs.images)
+    turn = await ask(run, list(state["messages"]) + [human], "refute")
+    row: dict[str, Any] = {"turn": turn_no, "stage": "refute", "tool": obs.tool, "args": call.get("args"),
+                           "candidate": call.get("candidate"), "observation": obs.text, "obs_ok": obs.ok,
+                           "obs_error": obs.error, "obs_data": obs.to_json()["data"]}
+    if turn.parsed is None:
+        row.update(error=turn.error, reply=turn.text[:2000])
+        return {"messages": [human], "turn": turn_no, "calls": turn.calls, "history": [row],
+                "fallbacks": turn.fallbacks + [f"refute failed: {turn.error}"], "pending": {"commit": True}}
+    reply: RefuteReply = turn.parsed  # type: ignore[assignment]
+    verdicts = []
+    for v in reply.verdicts:
+        for c in candidates:
+            if c["id"] == v.id:
+                c["status"], c["evidence"] = v.status, v.evidence
+                verdicts.append({"turn": turn_no, "id": v.id, "status": v.status, "evidence": v.evidence,
+                                 "tool": obs.tool})
+    pending = _action_dict(reply.action)
+    row.update(anomaly_score=reply.updated_score, verdicts=verdicts, action=pending, rationale=reply.rationale)
+    return {"messages": [human, reply_message(turn.text)], "turn": turn_no, "calls": turn.calls,
+            "fallbacks": turn.fallbacks, "candidates": candidates, "verdicts": verdicts, "pending": pending,
+            "score": reply.updated_score, "history": [row]}
+
+
+def _summary(state: RefuteState) -> str:
+    lines = [f"- {c['id']} ({c.get('status')}): {c.get('description')}"
+             + (f" — {c['evidence']}" if c.get("evidence") else "") for c in state.get("candidates", [])]
+    score = state.get("score")
+    lines.append(f"Your latest score: {score:.2f}" if isinstance(score, float) else "No score yet.")
+    return "\n".join(lines) or "No candidates."
+
+
+async def commit(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """Fix the final score: the model's latest one, or a forced final call at the turn limit
+    (also when no usable score exists yet)."""
+    run = runtime.context
+    score = state.get("score")
+    if not state.get("forced") and score is not None:
+        return {"refute_score": score, "refute_rationale": (state.get("history") or [{}])[-1].get("rationale", "")}
+    human_text = run.prompts.render("commit", summary=_summary(state))
+    from langchain_core.messages import HumanMessage  # noqa: PLC0415
+
+    human = HumanMessage(content=human_text)
+    turn = await ask(run, list(state.get("messages", [])) + [human], "commit")
+    row = {"turn": state.get("turn", 0) + 1, "stage": "commit", "forced": True}
+    if turn.parsed is None:
+        row.update(error=turn.error, reply=turn.text[:2000])
+        update = {"calls": turn.calls, "history": [row], "fallbacks": turn.fallbacks}
+        if score is not None:
+            update.update(refute_score=score, fallbacks=turn.fallbacks + [
+                f"forced commit failed ({turn.error}); kept the latest score"])
+        else:
+            update["refute_error"] = f"refutation branch produced no score: {turn.error}"
+        return update
+    reply: CommitReply = turn.parsed  # type: ignore[assignment]
+    row.update(anomaly_score=reply.anomaly_score, confidence=reply.confidence, rationale=reply.rationale)
+    return {"messages": [human, reply_message(turn.text)], "calls": turn.calls, "fallbacks": turn.fallbacks,
+            "history": [row], "refute_score": reply.anomaly_score, "refute_confidence": reply.confidence,
+            "refute_rationale": reply.rationale}
+
+
+def _route(state: RefuteState) -> str:
+    return state.get("route", "commit")
+
+
+def add_refutation_nodes(graph: StateGraph) -> None:
+    """Wire the branch into ``graph`` (its own graph, or the pipeline's)."""
+    graph.add_node("propose", propose)
+    graph.add_node("select_tool", select_tool)
+    graph.add_node("observe", observe)
+    graph.add_node("refute", refute)
+    graph.add_node("commit", commit)
+    graph.add_edge("propose", "select_tool")
+    graph.add_conditional_edges("select_tool", _route, {"observe": "observe", "commit": "commit"})
+    graph.add_edge("observe", "refute")
+    graph.add_edge("refute", "select_tool")
+
+
+def build_refutation_graph(*, checkpointer: Any = None, name: str = "refutation"):
+    """The refutation branch as a compiled LangGraph; run it with ``context=make_context(...)``."""
+    graph = StateGraph(RefuteState, context_schema=RunContext)
+    add_refutation_nodes(graph)
+    graph.add_edge(START, "propose")
+    graph.add_edge("commit", END)
+    return graph.compile(checkpointer=checkpointer, name=name)

@@ -1,0 +1,373 @@
+"""The one VLM reply parser: tolerant JSON extraction and a validated model per stage.
+
+Models answer in JSON inside free text (code fences, prose around it, trailing commas, Python
+literals, pixel instead of normalized boxes, percent instead of unit scores). Everything that
+can be read unambiguously is read; anything else raises :class:`ReplyError` whose message is
+what the repair retry tells the model.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+FORMATS = {
+    "propose": '{"initial_score": <0..1>, "candidates": [{"id": "c1", "description": "...", "bbox": '
+               '[x0, y0, x1, y1] or null}], "action": {"tool": "<tool name>", "args": {...}, '
+               '"candidate": "c1"} or {"commit": true}, "rationale": "..."}',
+    "refute": '{"verdicts": [{"id": "c1", "status": "refuted" | "confirmed" | "uncertain", "evidence": '
+              '"..."}], "updated_score": <0..1>, "action": {"tool": "<tool name>", "args": {...}, '
+              '"candidate": "c1"} or {"commit": true}, "rationale": "..."}',
+    "commit": '{"anomaly_score": <0..1>, "confidence": <0..100>, "rationale": "..."}',
+    "direct": '{"image_label": "normal" | "anomalous", "confidence": <0..1>, "anomaly_type": <string or null>, '
+              '"evidence": "...", "bbox": [x0, y0, x1, y1] or null}',
+}
+
+Stage = Literal["propose", "refute", "commit", "direct"]
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be used; the message says why in words the model can act on."""
+
+
+# ------------------------------------------------------------------------------- JSON extraction
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+
+def _balanced_object(text: str) -> str | None:
+    """The first balanced {...} in ``text`` (string-aware), or None if it never closes."""
+    start = text.find("{")
+    while start >= 0:
+        depth, in_str, esc, quote = 0, False, False, ""
+        for i in range(start, len(text)):
+            c = text[i]
+            if in_str:
+                if esc:
+                    esc = False
+                elif c == "\\":
+                    esc = True
+                elif c == quote:
+                    in_str = False
+            elif c in "\"'":
+                in_str, quote = True, c
+            elif c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i + 1]
+        return None
+    return None
+
+
+def extract_json(text: str | None) -> dict[str, Any]:
+    """The JSON object inside a reply, tolerating fences, prose, trailing commas and Python
+    literals. Raises :class:`ReplyError` naming what is wrong."""
+    if text is None or not str(text).strip():
+        raise ReplyError("the reply was empty")
+    text = str(text).strip()
+    fenced = _FENCE.search(text)
+    if fenced and "{" in fenced.group(1):
+        text = fenced.group(1)
+    blob = _balanced_object(text)
+    if blob is None:
+        if "{" in text:
+            raise ReplyError("the JSON object is cut off: it never closes with '}'")
+        raise ReplyError("the reply holds no JSON object")
+    for candidate in (blob, _TRAILING_COMMA.sub(r"\1", blob)):
+        try:
+            obj = json.loads(candidate)
+            break
+        except json.JSONDecodeError:
+            continue
+    else:
+        try:  # single quotes, None/True/False: a Python literal
+            obj = ast.literal_eval(_TRAILING_COMMA.sub(r"\1", blob))
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise ReplyError("the JSON object is malformed (check quotes and commas)") from None
+    if not isinstance(obj, dict):
+        raise ReplyError("expected a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------------------------- value rules
+def unit_score(value: Any, name: str) -> float:
+    """A score in [0, 1]; percentages (1 < v <= 100 with a % sign) are read as such."""
+    if isinstance(value, str):
+        s = value.strip()
+        pct = s.endswith("%")
+        try:
+            value = float(s.rstrip("%")) / (100.0 if pct else 1.0)
+        except ValueError:
+            raise ValueError(f"{name} must be a number between 0 and 1, got {s!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {v:g}")
+    return v
+
+
+def normalize_bbox(value: Any, image_size: tuple[int, int] | None = None) -> list[float] | None:
+    """[x0, y0, x1, y1] in [0, 1]; pixel boxes are divided by the image size (W, H) when known;
+    swapped corners are ordered; None for null or unreadable boxes."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, dict):
+        keys = ("x0", "y0", "x1", "y1")
+        value = [value.get(k) for k in keys] if all(k in value for k in keys) else None
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return None
+    # Values well above 1 can only be pixels; small overshoots of a normalized box are clamped.
+    if max(x0, y0, x1, y1) > 2.0:
+        if image_size is None:
+            return None
+        w, h = image_size
+        x0, x1, y0, y1 = x0 / w, x1 / w, y0 / h, y1 / h
+    x0, x1 = sorted((min(1.0, max(0.0, x0)), min(1.0, max(0.0, x1))))
+    y0, y1 = sorted((min(1.0, max(0.0, y0)), min(1.0, max(0.0, y1))))
+    if x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
+        return None
+    return [round(x0, 4), round(y0, 4), round(x1, 4), round(y1, 4)]
+
+
+# ---------------------------------------------------------------------------------- reply models
+class Candidate(BaseModel):
+    id: str
+    description: str = ""
+    bbox: list[float] | None = None
+
+
+class Action(BaseModel):
+    """Either a tool call or a commit."""
+
+    tool: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    candidate: str | None = None
+    commit: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        if value is None:
+            return {"commit": True}
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in ("commit", "stop", "done", "final", "finish"):
+                return {"commit": True}
+            return {"tool": value.strip()}
+        if isinstance(value, dict):
+            value = dict(value)
+            for alias in ("name", "tool_name", "function"):
+                if not value.get("tool") and isinstance(value.get(alias), str):
+                    value["tool"] = value.pop(alias)
+            for alias in ("arguments", "parameters", "params"):
+                if "args" not in value and alias in value:
+                    value["args"] = value.pop(alias)
+            args = value.get("args")
+            if isinstance(args, str):
+                try:
+                    value["args"] = extract_json(args)
+                except ReplyError:
+                    value["args"] = {}
+            elif args is None:
+                value["args"] = {}
+            if not value.get("tool") and "commit" not in value:
+                value["commit"] = True
+            value["commit"] = bool(value.get("commit")) and not value.get("tool")
+        return value
+
+
+class Verdict(BaseModel):
+    id: str
+    status: Literal["refuted", "confirmed", "uncertain"]
+    evidence: str = ""
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status(cls, v: Any) -> Any:
+        s = str(v).strip().lower()
+        for word, canonical in (("refut", "refuted"), ("confirm", "confirmed"), ("uncertain", "uncertain"),
+                                ("unsure", "uncertain"), ("inconclusive", "uncertain"), ("normal", "refuted"),
+                                ("anomal", "confirmed"), ("defect", "confirmed"), ("reject", "refuted")):
+            if s.startswith(word):
+                return canonical
+        raise ValueError(f"verdict status must be refuted, confirmed or uncertain, got {v!r}")
+
+
+class ProposeReply(BaseModel):
+    initial_score: float
+    candidates: list[Candidate] = Field(default_factory=list)
+    action: Action = Field(default_factory=lambda: Action(commit=True))
+    rationale: str = ""
+
+
+class RefuteReply(BaseModel):
+    verdicts: list[Verdict] = Field(default_factory=list)
+    updated_score: float
+    action: Action = Field(default_factory=lambda: Action(commit=True))
+    rationale: str = ""
+
+
+class CommitReply(BaseModel):
+    anomaly_score: float
+    confidence: float | None = None
+    rationale: str = ""
+
+
+class DirectReply(BaseModel):
+    image_label: Literal["normal", "anomalous"]
+    confidence: float
+    anomaly_type: str | None = None
+    evidence: str = ""
+    bbox: list[float] | None = None
+
+    @property
+    def score(self) -> float:
+        """P(anomalous) as the paper reads it: confidence if anomalous, else 1 - confidence."""
+        return self.confidence if self.image_label == "anomalous" else 1.0 - self.confidence
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+
+def _candidates(raw: Any, image_size: tuple[int, int] | None, limit: int) -> list[Candidate]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ReplyError("candidates must be a list")
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    for i, c in enumerate(raw[:limit]):
+        if isinstance(c, str):
+            c = {"description": c}
+        if not isinstance(c, dict):
+            continue
+        cid = str(c.get("id") or f"c{i + 1}")
+        if cid in seen:
+            cid = f"c{i + 1}"
+        seen.add(cid)
+        desc = _text(c.get("description") or c.get("name") or c.get("feature"))
+        bbox = normalize_bbox(c.get("bbox", c.get("box")), image_size)
+        out.append(Candidate(id=cid, description=desc, bbox=bbox))
+    return out
+
+
+def _action(obj: dict[str, Any]) -> Action:
+    raw = obj.get("action")
+    # The released format: "action": "call_tool" with "tool"/"args" beside it.
+    if isinstance(raw, str) and raw.strip().lower() in ("call_tool", "tool", "use_tool"):
+        raw = {"tool": obj.get("tool"), "args": obj.get("args"), "candidate": obj.get("candidate")}
+    try:
+        action = Action.model_validate(raw if raw is not None else {"commit": True})
+    except ValidationError as exc:
+        raise ReplyError(f"action is malformed: {exc.errors()[0]['msg']}") from None
+    if action.candidate is not None:
+        action.candidate = str(action.candidate)
+    return action
+
+
+def parse_reply(stage: Stage, text: str | None, *, image_size: tuple[int, int] | None = None,
+                max_candidates: int = 5) -> BaseModel:
+    """Parse the reply of ``stage``; raise :class:`ReplyError` for the repair prompt."""
+    obj = extract_json(text)
+    try:
+        if stage == "propose":
+            return ProposeReply(
+                initial_score=unit_score(_first(obj, "initial_score", "anomaly_score", "score"), "initial_score"),
+                candidates=_candidates(obj.get("candidates", obj.get("candidate_features")), image_size, max_candidates),
+                action=_action(obj), rationale=_text(obj.get("rationale") or obj.get("thought")))
+        if stage == "refute":
+            raw_verdicts = obj.get("verdicts") or []
+            if isinstance(raw_verdicts, dict):
+                raw_verdicts = [{"id": k, **(v if isinstance(v, dict) else {"status": v})}
+                                for k, v in raw_verdicts.items()]
+            if not isinstance(raw_verdicts, list):
+                raise ReplyError("verdicts must be a list")
+            verdicts = []
+            for v in raw_verdicts:
+                if not isinstance(v, dict) or "id" not in v or "status" not in v:
+                    raise ReplyError('each verdict needs "id" and "status"')
+                verdicts.append(Verdict(id=str(v["id"]), status=v["status"], evidence=_text(v.get("evidence"))))
+            return RefuteReply(
+                verdicts=verdicts,
+                updated_score=unit_score(_first(obj, "updated_score", "anomaly_score", "score"), "updated_score"),
+                action=_action(obj), rationale=_text(obj.get("rationale") or obj.get("thought")))
+        if stage == "commit":
+            conf = obj.get("confidence")
+            if conf is not None:
+                try:
+                    conf = float(conf)
+                    conf = conf * 100.0 if 0.0 <= conf <= 1.0 else conf
+                    conf = min(100.0, max(0.0, conf)) if math.isfinite(conf) else None
+                except (TypeError, ValueError):
+                    conf = None
+            return CommitReply(anomaly_score=unit_score(_first(obj, "anomaly_score", "score", "final_score"),
+                                                        "anomaly_score"),
+                               confidence=conf, rationale=_text(obj.get("rationale")))
+        if stage == "direct":
+            label = str(_first(obj, "image_label", "label")).strip().lower()
+            if label.startswith(("anomal", "abnormal", "defect")):
+                label = "anomalous"
+            elif label.startswith(("normal", "good", "ok")):
+                label = "normal"
+            else:
+                raise ReplyError(f'image_label must be "normal" or "anomalous", got {label!r}')
+            conf = _first(obj, "confidence")
+            if isinstance(conf, (int, float)) and not isinstance(conf, bool) and 1.0 < conf <= 100.0:
+                conf = conf / 100.0  # a percentage: "confidence": 85
+            return DirectReply(image_label=label, confidence=unit_score(conf, "confidence"),
+                               anomaly_type=None if obj.get("anomaly_type") is None else _text(obj.get("anomaly_type")),
+                               evidence=_text(obj.get("evidence")),
+                               bbox=normalize_bbox(obj.get("bbox"), image_size))
+    except ValueError as exc:  # pydantic ValidationError and unit_score's errors
+        if isinstance(exc, ReplyError):
+            raise
+        msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise ReplyError(msg) from None
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _first(obj: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if k in obj and obj[k] is not None:
+            return obj[k]
+    raise ReplyError(f'the reply has no "{keys[0]}"')
+
+
+def parse_label_logprobs(top_logprobs: list[dict[str, Any]]) -> float | None:
+    """P(anomalous) from the first generated token's top log-probs, renormalised over the
+    tokens that start "normal" or "anomalous"; None when neither is among them."""
+    p_anom = p_norm = 0.0
+    for entry in top_logprobs or []:
+        token = str(entry.get("token", "")).strip().lower()
+        lp = entry.get("logprob")
+        if not isinstance(lp, (int, float)) or not token:
+            continue
+        if "anomalous".startswith(token) or token.startswith("anom") or token.startswith("abnorm"):
+            p_anom += math.exp(lp)
+        elif "normal".startswith(token) or token.startswith("norm"):
+            p_norm += math.exp(lp)
+    total = p_anom + p_norm
+    return None if total <= 0 else p_anom / total

@@ -1,0 +1,79 @@
+"""The graphs on the offline backend: node order, state, streaming, records."""
+from __future__ import annotations
+
+import pytest
+
+from anomalyclaw.config import AgentConfig
+from anomalyclaw.graph.context import make_context
+from anomalyclaw.graph.direct import build_direct_graph
+from anomalyclaw.graph.pipeline import build_pipeline
+from anomalyclaw.graph.refutation import build_refutation_graph
+from anomalyclaw.graph.state import new_state
+from anomalyclaw.graph.vlm import make_vlm
+from anomalyclaw.prompts import PromptSet
+from anomalyclaw.tools.registry import ToolRegistry
+
+
+def _anomalous(items, traits=None):
+    for it in items:
+        if it.label == 1 and (traits is None or traits <= it.traits):
+            return it
+    raise AssertionError("no such item")
+
+
+async def test_refutation_graph_streams_turns(small_items):
+    item = _anomalous(small_items, {"aligned"})
+    graph = build_refutation_graph()
+    ctx = make_context(item, make_vlm("offline"))
+    nodes = []
+    async for update in graph.astream(new_state(item.item_id), context=ctx, stream_mode="updates"):
+        nodes.extend(update)
+    assert nodes[0] == "propose" and nodes[-1] == "commit"
+    assert set(nodes) <= {"propose", "select_tool", "observe", "refute", "commit"}
+    if "observe" in nodes:  # every observation is followed by a refute turn
+        assert nodes.index("refute") == nodes.index("observe") + 1
+    state = await graph.ainvoke(new_state(item.item_id), context=make_context(item, make_vlm("offline")))
+    assert 0.0 <= state["refute_score"] <= 1.0
+    assert state["turn"] <= AgentConfig().max_turns
+    assert len(state["calls"]) == state["turn"]  # one VLM call per turn, no forced final here
+
+
+async def test_direct_graph_one_call(small_items):
+    item = small_items[0]
+    state = await build_direct_graph().ainvoke(new_state(item.item_id),
+                                               context=make_context(item, make_vlm("offline")))
+    assert len(state["direct_calls"]) == 1
+    assert state["direct_label"] in ("normal", "anomalous") and 0 <= state["direct_score"] <= 1
+
+
+async def test_pipeline_runs_both_branches_and_fuses(small_items):
+    item = _anomalous(small_items)
+    state = await build_pipeline().ainvoke(new_state(item.item_id),
+                                           context=make_context(item, make_vlm("offline"), config=AgentConfig(alpha=0.3)))
+    expected = 0.3 * state["direct_score"] + 0.7 * state["refute_score"]
+    assert state["anomaly_score"] == pytest.approx(expected)
+    assert state["weights"] == {"direct": 0.3, "refute": pytest.approx(0.7), "expert": 0.0}
+
+
+async def test_max_turns_one_forces_commit_without_tools(small_items):
+    item = _anomalous(small_items)
+    ctx = make_context(item, make_vlm("offline"), config=AgentConfig(max_turns=1))
+    state = await build_refutation_graph().ainvoke(new_state(item.item_id), context=ctx)
+    assert state.get("tools_used", []) == []
+    stages = [c["stage"] for c in state["calls"]]
+    assert stages[0] == "propose" and set(stages) <= {"propose", "commit"}
+
+
+async def test_dropped_tool_is_not_offered_and_custom_prompt_is_used(small_items):
+    item = _anomalous(small_items)
+    registry = ToolRegistry.default()
+    registry.drop("side_by_side_compare")
+    prompts = PromptSet.load().with_text("direct", "Custom task: $descriptor ($n_refs refs).\n"
+                                         'Reply with JSON: {"image_label": "normal", "confidence": 0.5}')
+    ctx = make_context(item, make_vlm("offline"), registry=registry, prompts=prompts)
+    from anomalyclaw.graph.messages import direct_messages, first_refute_messages
+
+    assert "side_by_side_compare" not in first_refute_messages(ctx)[1].content[0]["text"]
+    assert direct_messages(ctx)[1].content[0]["text"].startswith("Custom task:")
+    state = await build_pipeline().ainvoke(new_state(item.item_id), context=ctx)
+    assert "side_by_side_compare" not in state.get("tools_used", [])

@@ -1,0 +1,132 @@
+"""The openai backend through the real ChatOpenAI client against a local fake endpoint."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from anomalyclaw.config import AgentConfig, EndpointConfig
+from anomalyclaw.errors import EndpointFatalError
+from anomalyclaw.eval.fake_endpoint import FakeVLMServer, reply_stage
+from anomalyclaw.graph.context import make_context
+from anomalyclaw.graph.pipeline import build_pipeline
+from anomalyclaw.graph.state import new_state
+from anomalyclaw.graph.vlm import make_vlm
+
+KEY = "sk-test-0123456789abcdef"
+
+PROPOSE_ZOOM = json.dumps({
+    "initial_score": 0.6,
+    "candidates": [{"id": "c1", "description": "dark mark", "bbox": [0.2, 0.2, 0.5, 0.5]}],
+    "action": {"tool": "tool_zoom_bbox", "args": {}, "candidate": "c1"}, "rationale": "zoom in"})
+REFUTE_COMMIT = json.dumps({"verdicts": [{"id": "c1", "status": "refuted", "evidence": "also in reference 2"}],
+                            "updated_score": 0.2, "action": {"commit": True}, "rationale": "explained"})
+DIRECT_OK = json.dumps({"image_label": "normal", "confidence": 0.8, "anomaly_type": None, "evidence": "ok",
+                        "bbox": None})
+
+
+def _vlm(server, **kw):
+    endpoint = EndpointConfig.from_env(base_url=server.base_url, model="fake-vlm", api_key=KEY,
+                                       timeout_s=kw.pop("timeout_s", 5.0), max_retries=kw.pop("max_retries", 3),
+                                       backoff_max_s=0.05)
+    return make_vlm("openai", endpoint, max_concurrency=4)
+
+
+async def _judge(item, vlm, **config):
+    ctx = make_context(item, vlm, config=AgentConfig(**config))
+    return await build_pipeline().ainvoke(new_state(item.item_id), context=ctx)
+
+
+@pytest.fixture
+def item(small_items):
+    return next(it for it in small_items if it.label == 1)
+
+
+async def test_tool_call_with_repaired_name(item):
+    with FakeVLMServer(api_key=KEY, script={"propose": [PROPOSE_ZOOM], "refute": [REFUTE_COMMIT],
+                                            "direct": [DIRECT_OK]}, record_bodies=True) as server:
+        state = await _judge(item, _vlm(server))
+    assert state["tools_used"] == ["region_zoom"]
+    assert any("repaired" in f for f in state["fallbacks"])
+    assert state["refute_score"] == pytest.approx(0.2) and state["direct_score"] == pytest.approx(0.2)
+    assert server.stats.stages == {"propose": 1, "refute": 1, "direct": 1}
+    # the candidate's bbox was filled in for the zoom, and the zoom's images reached the model
+    refute_body = next(b for b in server.bodies if reply_stage(b) == "refute")
+    images = [p for p in refute_body["messages"][-1]["content"] if p.get("type") == "image_url"]
+    assert images and images[0]["image_url"]["url"].startswith("data:image/")
+
+
+async def test_repair_retry_then_success(item):
+    with FakeVLMServer(api_key=KEY, script={"propose": ["I think it is fine.", PROPOSE_ZOOM],
+                                            "refute": [REFUTE_COMMIT], "direct": ['{"image_label": "normal"',
+                                                                                  DIRECT_OK]}) as server:
+        state = await _judge(item, _vlm(server))
+    assert state["refute_score"] == pytest.approx(0.2) and state["direct_score"] == pytest.approx(0.2)
+    assert any("repaired after: the reply holds no JSON object" in f for f in state["fallbacks"])
+    assert any("cut off" in f for f in state["direct_fallbacks"])
+    assert sum(1 for c in state["calls"] if c.get("repair")) == 1
+
+
+async def test_429_then_success_counts_retries(item):
+    with FakeVLMServer(api_key=KEY, script={"direct": ["!429_retry_after", "!429", DIRECT_OK]}) as server:
+        state = await _judge(item, _vlm(server))
+    assert state["direct_calls"][0]["retries"] == 2
+    assert state["direct_score"] == pytest.approx(0.2)
+
+
+async def test_500_storm_fails_the_branch_not_the_item(item):
+    storm = ["!500"] * 10
+    with FakeVLMServer(api_key=KEY, script={"direct": storm}) as server:
+        state = await _judge(item, _vlm(server, max_retries=2))
+    assert state["direct_score"] is None and "HTTP 500" in state["direct_error"]
+    assert state["refute_score"] is not None and state["anomaly_score"] == state["refute_score"]
+
+
+async def test_timeout_is_retried_then_reported(item):
+    with FakeVLMServer(api_key=KEY, script={"direct": ["!timeout", "!timeout"]}, hang_s=3) as server:
+        state = await _judge(item, _vlm(server, timeout_s=0.5, max_retries=1))
+    assert state["direct_score"] is None and "request timed out" in state["direct_error"]
+
+
+async def test_401_stops_with_a_clear_message_and_no_key(item):
+    with FakeVLMServer(api_key="sk-the-right-one") as server:
+        with pytest.raises(EndpointFatalError) as err:
+            await _judge(item, _vlm(server))
+    assert "HTTP 401" in str(err.value) and "API key" in str(err.value)
+    assert KEY not in str(err.value)
+
+
+async def test_unknown_model_is_404_fatal(item):
+    with FakeVLMServer(api_key=KEY, models=["other-model"]) as server:
+        with pytest.raises(EndpointFatalError, match="does not serve model 'fake-vlm'"):
+            await _judge(item, _vlm(server))
+
+
+async def test_unknown_tool_becomes_an_observation_listing_valid_names(item):
+    bad = json.dumps({"initial_score": 0.5, "candidates": [{"id": "c1", "description": "x"}],
+                      "action": {"tool": "magic_detector", "args": {}}})
+    with FakeVLMServer(api_key=KEY, script={"propose": [bad], "refute": [REFUTE_COMMIT]},
+                       record_bodies=True) as server:
+        state = await _judge(item, _vlm(server))
+    obs = state["observations"][0]
+    assert not obs.ok and "unknown tool 'magic_detector'" in obs.text and "side_by_side_compare" in obs.text
+    assert state.get("tools_used", []) == []
+    assert state["refute_score"] == pytest.approx(0.2)
+
+
+async def test_logprob_direct_score(item):
+    with FakeVLMServer(api_key=KEY, script={"logprob": ["anomalous"]}) as server:
+        state = await _judge(item, _vlm(server), direct_score="logprob")
+    assert state["direct_reply"]["mode"] == "logprob"
+    expected = math.exp(-0.22) / (math.exp(-0.22) + math.exp(-1.6))  # the fake's two top tokens
+    assert state["direct_score"] == pytest.approx(expected)
+
+
+async def test_image_history_once_sends_fewer_bytes(item):
+    sizes = {}
+    for policy in ("once", "all"):
+        with FakeVLMServer(api_key=KEY, script={"propose": [PROPOSE_ZOOM], "refute": [REFUTE_COMMIT]}) as server:
+            state = await _judge(item, _vlm(server), image_history=policy)
+        sizes[policy] = sum(c["request_bytes"] for c in state["calls"])
+    assert sizes["once"] < sizes["all"]
