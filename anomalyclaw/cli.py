@@ -1,0 +1,359 @@
+"""The ``anomalyclaw`` command line: thin argument parsing over the library's functions.
+
+Every subcommand that has a ``--json`` flag prints exactly one JSON object as the last line of
+standard output, so scripts can read it with ``tail -n 1``. Errors print one line naming the
+file, field or value, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import AnomalyClawError
+
+log = logging.getLogger("anomalyclaw")
+
+
+def _print_json(obj: dict) -> None:
+    from anomalyclaw.eval.summary import rounded
+    print(json.dumps(rounded(obj), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.metrics import bootstrap_columns, evaluate
+    from anomalyclaw.eval.records import load_records
+    from anomalyclaw.eval.summary import format_table
+
+    records = load_records(args.path)
+    result = evaluate(records, alpha=args.alpha)
+    boots = []
+    if args.compare:
+        other = load_records(args.compare)
+        for col in result["macro_auroc"]:
+            if col == "expert":
+                continue
+            boots.append(bootstrap_columns(records, col, col, alpha=args.alpha, other=other,
+                                           n_boot=args.bootstrap or 1000, seed=args.seed))
+    elif args.bootstrap:
+        for a, b in (("fused", "direct"), ("fused", "refute"), ("direct", "refute")):
+            boots.append(bootstrap_columns(records, a, b, alpha=args.alpha, n_boot=args.bootstrap,
+                                           seed=args.seed))
+    print(format_table(result))
+    for b in boots:
+        print(f"{b.a} - {b.b}: {b.diff:+.4f}  {int(b.level * 100)}% CI [{b.ci_low:+.4f}, {b.ci_high:+.4f}]"
+              f"  P(diff<=0)={b.p_le_zero:.3f}  ({b.n_items} paired items, {b.n_boot} resamples)")
+    if args.plots:
+        from anomalyclaw.eval.plots import plot_domain_bars, plot_roc_curves
+        roc = plot_roc_curves(records, Path(args.plots) / "roc_curves.png", alpha=args.alpha)
+        bars = plot_domain_bars(result, Path(args.plots) / "domain_auroc.png")
+        print(f"plots: {roc} {bars}")
+    if args.json:
+        out = {k: result[k] for k in ("rows", "kept", "macro_auroc", "per_domain")}
+        if boots:
+            out["bootstrap"] = [b.to_json() for b in boots]
+        _print_json(out)
+    return 0
+
+
+# --------------------------------------------------------------------------------- data sets
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from anomalyclaw.eval.synth import generate_benchmark
+
+    start = time.perf_counter()
+    manifest = generate_benchmark(args.out, seed=args.seed, n_test_per_domain=args.n_test, size=args.size)
+    items = _count_items(manifest)
+    print(f"wrote {items} items to {manifest} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _count_items(manifest: Path) -> int:
+    return len(json.loads(Path(manifest).read_text()))
+
+
+def cmd_import_folder(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.folders import import_mvtec_folder
+
+    manifest = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed)
+    print(f"wrote {_count_items(manifest)} items to {manifest}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- runs
+def _agent_config(args: argparse.Namespace):
+    from .config import AgentConfig
+
+    return AgentConfig().with_(max_turns=args.max_turns, alpha=args.alpha, direct_score=args.direct_score,
+                               backbone=args.backbone, backbone_path=args.backbone_path,
+                               image_history=args.image_history, expert_weight=args.expert_weight,
+                               image_side=args.image_side)
+
+
+def _registry(args: argparse.Namespace):
+    from anomalyclaw.tools.registry import ToolRegistry
+
+    registry = ToolRegistry.default()
+    for name in filter(None, (args.drop_tools or "").split(",")):
+        registry.drop(name.strip())
+    return registry
+
+
+def _make_vlm(args: argparse.Namespace):
+    from anomalyclaw.graph.vlm import make_vlm
+
+    from .config import EndpointConfig, install_secret_redaction
+
+    if args.backend == "offline":
+        return make_vlm("offline"), []
+    endpoint = EndpointConfig.from_env(preset=args.preset, base_url=args.base_url, model=args.model,
+                                       timeout_s=args.timeout).require()
+    install_secret_redaction(endpoint.secret_values())
+    return make_vlm("openai", endpoint, max_concurrency=args.concurrency), endpoint.secret_values()
+
+
+def _run(args: argparse.Namespace, items, rejected, out_dir: Path) -> dict:
+    """Run items, print the summary and the evaluation; returns the --json object."""
+    import asyncio
+
+    from anomalyclaw.eval.metrics import evaluate
+    from anomalyclaw.eval.records import RECORDS_FILE, load_records
+    from anomalyclaw.eval.runner import Runner
+    from anomalyclaw.eval.summary import format_table
+    from anomalyclaw.prompts import PromptSet
+
+    vlm, secrets = _make_vlm(args)
+    runner = Runner(vlm, out_dir=out_dir, config=_agent_config(args), registry=_registry(args),
+                    prompts=PromptSet.load(args.prompts), save_images=args.save_images,
+                    progress=not args.no_progress, secrets=secrets)
+    summary = asyncio.run(runner.run(items, rejected=rejected, resume=args.resume,
+                                     retry_errors=args.retry_errors))
+    records = load_records(out_dir / RECORDS_FILE)
+    result = evaluate(records, alpha=runner.config.alpha)
+    per_item = summary.requests / summary.n_done if summary.n_done else 0.0
+    print(f"\n{summary.n_done} items judged in {summary.elapsed_s:.1f} s ({summary.items_per_s:.2f} items/s), "
+          f"{summary.n_skipped} already done, {summary.n_errors} errors; backend {vlm.backend} ({vlm.model}); "
+          f"{per_item:.2f} VLM requests per item; records: {out_dir / RECORDS_FILE}")
+    if result["kept"]:
+        print(format_table(result))
+    if summary.fatal:
+        print(f"run stopped: {summary.fatal}", file=sys.stderr)
+    out = {k: result[k] for k in ("rows", "kept", "macro_auroc", "per_domain")}
+    out.update(n_items=len(records), n_errors=sum(1 for r in records if r.error),
+               records=str(out_dir / RECORDS_FILE), items_per_s=summary.items_per_s,
+               requests_per_item=round(per_item, 3), backend=vlm.backend, fatal=summary.fatal)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.manifests import read_manifest
+
+    domains = [d for d in (args.domains or "").split(",") if d.strip()] or None
+    contents = read_manifest(args.manifest, split=args.split, domains=domains)
+    items = contents.items[: args.limit] if args.limit else contents.items
+    if contents.problems:
+        for where, fld, msg in contents.problems[:20]:
+            print(f"manifest problem: {where}: field '{fld}': {msg}", file=sys.stderr)
+        if args.strict:
+            print(f"{len(contents.problems)} manifest problems; --strict refuses to start", file=sys.stderr)
+            return 2
+    rejected = {} if args.limit else contents.rejected
+    out = _run(args, items, rejected, Path(args.out))
+    if args.json:
+        _print_json(out)
+    return 3 if out["fatal"] else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.manifests import read_manifest
+    from anomalyclaw.eval.records import RECORDS_FILE
+
+    root = Path(args.out)
+    manifest = root / "synth" / "manifest.json"
+    if not manifest.exists():
+        print(f"generating the synthetic benchmark in {manifest.parent} ...")
+        cmd_synth(argparse.Namespace(out=str(manifest.parent), seed=args.seed, n_test=24, size=256))
+    run_dir = root / "run"
+    for stale in [run_dir / RECORDS_FILE, *run_dir.glob("run_*.json")]:
+        stale.unlink(missing_ok=True)  # the demo always starts fresh in its own folder
+    contents = read_manifest(manifest, split="test")
+    out = _run(args, contents.items, contents.rejected, run_dir)
+    if args.json:
+        _print_json(out)
+    return 3 if out["fatal"] else 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.records import load_records
+    from anomalyclaw.eval.trace import format_trace
+
+    records = {r.item_id: r for r in load_records(args.records)}
+    if args.item not in records:
+        some = ", ".join(sorted(records)[:5])
+        raise ValueError(f"no record for item {args.item!r} in {args.records} ({len(records)} records, e.g. {some})")
+    rec = records[args.item]
+    if args.json:
+        print(rec.to_line())
+    else:
+        print(format_trace(rec))
+    return 0
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    if args.tools_command == "run":
+        return _cmd_tools_run(args, registry)
+    catalog = registry.describe()
+    if args.json:
+        print(json.dumps(catalog))
+        return 0
+    for entry in catalog:
+        print(f"{entry['name']:<22} [{entry['family']}] {entry['specialty']}")
+        print(f"{'':<22} applies to: {entry['applicability']}")
+        print(f"{'':<22} args: {json.dumps(entry['args'])}")
+    return 0
+
+
+def _cmd_tools_run(args: argparse.Namespace, registry) -> int:
+    from anomalyclaw.eval.manifests import read_manifest
+    from anomalyclaw.tools.registry import run_tool_on_item
+
+    contents = read_manifest(args.manifest)
+    item = next((it for it in contents.items if it.item_id == args.item), None)
+    if item is None:
+        if args.item in contents.rejected:
+            raise ValueError(f"item {args.item!r} is invalid: {'; '.join(contents.rejected[args.item])}")
+        raise ValueError(f"no item {args.item!r} in {args.manifest}")
+    try:
+        tool_args = json.loads(args.args) if args.args else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--args is not JSON: {exc}") from None
+    obs = run_tool_on_item(args.name, item, tool_args, out_dir=args.out, registry=registry)
+    print(obs.text)
+    if args.out and obs.images:
+        print(f"images: {', '.join(im.name for im in obs.images)} in {args.out}")
+    if args.json:
+        print(json.dumps(obs.to_json()))
+    return 0 if obs.ok else 1
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomalyclaw", description="AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="AUROC per domain and branch from a folder of records")
+    p.add_argument("path", help="folder with records.jsonl (this project) or D*.json (released), or a file")
+    p.add_argument("--alpha", type=float, default=0.5, help="fusion weight of the direct branch (default 0.5)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="paired bootstrap resamples for confidence intervals of differences")
+    p.add_argument("--compare", metavar="OTHER", help="records of another run: bootstrap this - other per column")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--plots", metavar="DIR", help="write ROC curves and per-domain bars as PNG here")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("synth", help="write the synthetic benchmark (images, masks, manifest.json)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=24, help="test items per domain (default 24)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser("import-folder", help="turn an MVTec-style folder into a manifest")
+    p.add_argument("root", help="folder of <category>/train/good, <category>/test/<defect>, [ground_truth]")
+    p.add_argument("--out", required=True, help="manifest file to write")
+    p.add_argument("--n-refs", type=int, default=5, help="references per item, drawn from train/good")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_import_folder)
+
+    def run_options(p: argparse.ArgumentParser, *, backend_default: str = "offline") -> None:
+        g = p.add_argument_group("backend (the API key comes only from the environment)")
+        g.add_argument("--backend", choices=["offline", "openai"], default=backend_default,
+                       help="offline: the embedded rule-based stand-in; openai: any OpenAI-compatible endpoint")
+        g.add_argument("--preset", choices=["qwen", "gpt", "seed", "openai"],
+                       help="read QWEN_API_BASE/QWEN_API_KEY/QWEN_MODEL (or GPT_*, SEED_*, OPENAI_*)")
+        g.add_argument("--base-url", help="endpoint base URL (else ANOMALYCLAW_BASE_URL)")
+        g.add_argument("--model", help="model name (else ANOMALYCLAW_MODEL)")
+        g.add_argument("--timeout", type=float, help="seconds per request (default 120)")
+        g.add_argument("--concurrency", type=int, default=8, help="VLM requests in flight (default 8)")
+        a = p.add_argument_group("agent")
+        a.add_argument("--max-turns", type=int, help="refutation turns before a forced commit (default 3)")
+        a.add_argument("--alpha", type=float, help="fusion weight of the direct branch (default 0.5)")
+        a.add_argument("--expert-weight", type=float, help="weight of the frozen-expert term (choose on calibration)")
+        a.add_argument("--direct-score", choices=["verbalized", "logprob"], help="direct branch reading")
+        a.add_argument("--backbone", help="expert backbone: classic (default), dinov2, clip")
+        a.add_argument("--backbone-path", help="local folder of the backbone weights")
+        a.add_argument("--image-history", choices=["once", "all"], help="send each image once (default) or every turn")
+        a.add_argument("--image-side", type=int, help="longest side of images sent to the VLM (default 768)")
+        a.add_argument("--prompts", help="folder of prompt .txt files overriding the defaults")
+        a.add_argument("--drop-tools", help="comma-separated tool names to leave out of the catalog")
+        o = p.add_argument_group("output")
+        o.add_argument("--resume", action="store_true", help="skip items already recorded in OUT")
+        o.add_argument("--retry-errors", action="store_true", help="with --resume: judge error records again")
+        o.add_argument("--save-images", action="store_true", help="write tool images under OUT/images")
+        o.add_argument("--no-progress", action="store_true", help="no progress bar")
+        o.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = sub.add_parser("run", help="judge every item of a manifest; records to OUT/records.jsonl")
+    p.add_argument("--manifest", required=True, help="manifest file or folder")
+    p.add_argument("--split", help="calibration, dev or test")
+    p.add_argument("--domains", help="comma-separated domain codes or names, e.g. D1,D7")
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--strict", action="store_true", help="refuse to start when the manifest has problems")
+    run_options(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("demo", help="synthetic benchmark + full pipeline on the offline backend + AUROC")
+    p.add_argument("--out", default="anomalyclaw-demo", help="folder for the benchmark and the run")
+    p.add_argument("--seed", type=int, default=0)
+    run_options(p)
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("trace", help="print a finished item's trajectory turn by turn")
+    p.add_argument("records", help="run folder or records file")
+    p.add_argument("--item", required=True, help="item id")
+    p.add_argument("--json", action="store_true", help="print the raw record")
+    p.set_defaults(handler=cmd_trace)
+
+    p = sub.add_parser("tools", help="list the tool catalog, or run one tool on one item")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--drop-tools", help=argparse.SUPPRESS)
+    tsub = p.add_subparsers(dest="tools_command", metavar="run")
+    r = tsub.add_parser("run", help="run one tool on one manifest item and print its observation")
+    r.add_argument("name", help="tool name (see `anomalyclaw tools`)")
+    r.add_argument("--manifest", required=True)
+    r.add_argument("--item", required=True, help="item id")
+    r.add_argument("--args", help='tool arguments as JSON, e.g. \'{"bbox": [0.1, 0.1, 0.4, 0.4]}\'')
+    r.add_argument("--out", help="folder for the tool's images")
+    r.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_tools, tools_command=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (AnomalyClawError, FileNotFoundError, ValueError) as exc:
+        print(f"anomalyclaw {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"anomalyclaw {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

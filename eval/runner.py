@@ -1,0 +1,269 @@
+"""The batch runner: every item of a manifest through the pipeline, one durable record each.
+
+Async, with one bound on concurrent VLM requests (held by the VLM object the whole run shares);
+both branches of an item run at once; records are appended as each item finishes, so a run
+killed at any moment loses nothing finished, and ``resume`` skips what is recorded. A corrupt
+image, a failing tool or a flaky endpoint costs one item an error record, never the run; an
+endpoint that refuses every request (401/403/404) stops the run at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from anomalyclaw.config import AgentConfig, redact
+from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
+from anomalyclaw.items import Item
+from anomalyclaw.graph.context import RunContext
+from anomalyclaw.graph.images import ImageEncoder
+from anomalyclaw.graph.pipeline import build_pipeline
+from anomalyclaw.graph.state import new_state
+from anomalyclaw.graph.vlm import VLM
+from anomalyclaw.prompts import PromptSet
+from anomalyclaw.tools.context import ItemContext
+from anomalyclaw.tools.registry import ToolRegistry
+
+from .records import RECORDS_FILE, Record, RecordWriter, drop_error_records, finished_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a run did; ``fatal`` is set when the endpoint stopped it."""
+
+    out_dir: str
+    n_items: int = 0
+    n_done: int = 0
+    n_skipped: int = 0
+    n_errors: int = 0
+    n_rejected: int = 0
+    elapsed_s: float = 0.0
+    items_per_s: float = 0.0
+    requests: int = 0
+    request_bytes: int = 0
+    fatal: str | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def error_record(item: Item, error: str, *, run_id: str, backend: str, model: str,
+                 elapsed_s: float = 0.0) -> Record:
+    return Record(item_id=item.item_id, domain_code=item.domain_code, domain=item.domain, category=item.category,
+                  split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type, error=error,
+                  backend=backend, model=model, run_id=run_id, finished_at=_now(),
+                  timings={"total_s": round(elapsed_s, 4)})
+
+
+def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend: str, model: str,
+                      elapsed_s: float) -> Record:
+    """The record of one finished pipeline run (field names as in the released records)."""
+    calls = list(state.get("calls", [])) + [dict(c, branch="direct") for c in state.get("direct_calls", [])]
+    history = list(state.get("history", []))
+    observations = state.get("observations", [])
+    refute_score, direct_score = state.get("refute_score"), state.get("direct_score")
+    error = None
+    if refute_score is None and direct_score is None:
+        error = "both branches failed: " + "; ".join(
+            e for e in (state.get("direct_error"), state.get("refute_error")) if e)
+    candidates = [c for c in (history[0].get("candidates", []) if history else [])]
+    weights = state.get("weights") or {}
+    updates = [h.get("anomaly_score") for h in history[1:] if h.get("stage") == "refute"]
+    return Record(
+        item_id=item.item_id, domain_code=item.domain_code, domain=item.domain, category=item.category,
+        split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type,
+        anomaly_score=state.get("anomaly_score"), direct_score=direct_score, refute_score=refute_score,
+        v9_initial_score=state.get("initial_score"), v9_updated_score=updates[-1] if updates else None,
+        expert_score=state.get("expert_score"),
+        w_direct=weights.get("direct", 0.5), w_v9=weights.get("refute", 0.5), w_expert=weights.get("expert", 0.0),
+        rationale=state.get("refute_rationale") or "", confidence=state.get("refute_confidence"),
+        n_turns=len({h.get("turn") for h in history}), tools_used=list(state.get("tools_used", [])),
+        candidate_features=candidates,
+        remaining_features=[c for c in state.get("candidates", []) if c.get("status") != "refuted"],
+        refutation_verdicts=list(state.get("verdicts", [])), history=history,
+        direct_rationale=json.dumps(state.get("direct_reply"), ensure_ascii=False) if state.get("direct_reply") else None,
+        error=error, direct_error=state.get("direct_error"), refute_error=state.get("refute_error"),
+        fallbacks=list(state.get("fallbacks", [])) + list(state.get("direct_fallbacks", [])),
+        backend=backend, model=model, run_id=run_id, finished_at=_now(),
+        timings={"total_s": round(elapsed_s, 4),
+                 "vlm_s": round(sum(c.get("latency_s") or 0.0 for c in calls), 4),
+                 "tools_s": round(sum(getattr(o, "elapsed_s", 0.0) for o in observations), 4)},
+        usage={"requests": len(calls),
+               "prompt_tokens": sum(c.get("prompt_tokens") or 0 for c in calls),
+               "completion_tokens": sum(c.get("completion_tokens") or 0 for c in calls),
+               "request_bytes": sum(c.get("request_bytes") or 0 for c in calls),
+               "images_sent": sum(c.get("images_sent") or 0 for c in calls),
+               "retries": sum(c.get("retries") or 0 for c in calls), "calls": calls},
+    )
+
+
+def _save_observation_images(out_dir: Path, item: Item, state: dict[str, Any]) -> None:
+    """Write each observation's images under OUT/images/<item>/ and list them in the history."""
+    folder = out_dir / "images" / item.item_id
+    turn_rows = [h for h in state.get("history", []) if h.get("stage") == "refute"]
+    for k, obs in enumerate(state.get("observations", [])):
+        paths = []
+        for im in getattr(obs, "images", []):
+            ext = "png" if im.data[:4] == b"\x89PNG" else "jpg"
+            p = folder / f"obs{k + 1}_{obs.tool}_{im.name}.{ext}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(im.data)
+            paths.append(str(p.relative_to(out_dir)))
+        if k < len(turn_rows):
+            turn_rows[k]["images"] = paths
+
+
+class Runner:
+    """Runs items through one compiled pipeline with shared VLM, tools, experts and encoder."""
+
+    def __init__(self, vlm: VLM, *, out_dir: str | os.PathLike, config: AgentConfig | None = None,
+                 registry: ToolRegistry | None = None, prompts: PromptSet | None = None,
+                 expert_pool: Any = None, score_cache: Any = None, item_concurrency: int | None = None,
+                 item_timeout_s: float | None = 900.0, save_images: bool = False, progress: bool = True,
+                 secrets: Sequence[str] = ()):
+        self.vlm = vlm
+        self.out_dir = Path(out_dir)
+        self.config = config or AgentConfig()
+        self.registry = registry or ToolRegistry.default()
+        self.prompts = prompts or PromptSet.load()
+        if expert_pool is None:
+            from anomalyclaw.experts.pool import ExpertPool
+            expert_pool = ExpertPool(self.config.backbone, backbone_path=self.config.backbone_path,
+                                     device=self.config.device)
+        self.expert_pool = expert_pool
+        self.score_cache = score_cache
+        # Items in flight: enough to keep every VLM slot busy while some items run tools.
+        vlm_slots = getattr(vlm, "max_concurrency", 2)
+        self.item_concurrency = item_concurrency or max(2, int(vlm_slots * 1.5) + 1)
+        self.item_timeout_s = item_timeout_s
+        self.save_images = save_images
+        self.progress = progress
+        self.secrets = [s for s in secrets if s]
+        self.encoder = ImageEncoder()
+        self.graph = build_pipeline()
+        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+    async def judge(self, item: Item) -> Record:
+        """One item to one record; only :class:`EndpointFatalError` escapes."""
+        start = time.perf_counter()
+        kw = dict(run_id=self.run_id, backend=self.vlm.backend, model=self.vlm.model)
+        ctx = ItemContext(item, work_side=self.config.work_side, expert_pool=self.expert_pool,
+                          score_cache=self.score_cache)
+        try:
+            await asyncio.to_thread(ctx.preload)
+        except ImageLoadError as exc:
+            return error_record(item, f"image: {exc}", elapsed_s=time.perf_counter() - start, **kw)
+        run = RunContext(item=ctx, vlm=self.vlm, registry=self.registry, prompts=self.prompts,
+                         config=self.config, encoder=self.encoder)
+        try:
+            state = await asyncio.wait_for(self.graph.ainvoke(new_state(item.item_id), context=run),
+                                           timeout=self.item_timeout_s)
+        except EndpointFatalError:
+            raise
+        except asyncio.TimeoutError:
+            return error_record(item, f"timed out after {self.item_timeout_s:.0f} s",
+                                elapsed_s=time.perf_counter() - start, **kw)
+        except (AnomalyClawError, Exception) as exc:  # one bad item must not stop the run
+            log.exception("item %s failed", item.item_id)
+            msg = redact(f"{type(exc).__name__}: {exc}", self.secrets)
+            return error_record(item, f"internal: {msg}"[:1000], elapsed_s=time.perf_counter() - start, **kw)
+        if self.save_images:
+            _save_observation_images(self.out_dir, item, state)
+        return record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
+
+    async def run(self, items: Sequence[Item], *, rejected: dict[str, tuple[Item | None, list[str]]] | None = None,
+                  resume: bool = False, retry_errors: bool = False) -> RunSummary:
+        """Judge ``items`` (and write an error record for each ``rejected`` manifest entry)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        records_path = self.out_dir / RECORDS_FILE
+        if records_path.exists() and not resume:
+            raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
+                                   "another --out folder")
+        if resume and retry_errors:
+            dropped = drop_error_records(self.out_dir)
+            if dropped:
+                log.warning("retrying %d items whose records were errors", dropped)
+        done = finished_ids(self.out_dir) if resume else set()
+        summary = RunSummary(out_dir=str(self.out_dir), n_items=len(items) + len(rejected or {}))
+        todo = [it for it in items if it.item_id not in done]
+        summary.n_skipped = len(items) - len(todo)
+        self._write_run_info(len(items))
+        start = time.perf_counter()
+        with RecordWriter(self.out_dir) as writer:
+            for rid, reasons in (rejected or {}).items():
+                if rid in done:
+                    summary.n_skipped += 1
+                    continue
+                writer.write(Record(item_id=rid, error="manifest: " + "; ".join(reasons), run_id=self.run_id,
+                                    backend=self.vlm.backend, model=self.vlm.model, finished_at=_now()))
+                summary.n_rejected += 1
+                summary.n_errors += 1
+            await self._run_queue(todo, writer, summary)
+        summary.elapsed_s = round(time.perf_counter() - start, 3)
+        summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
+        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}),
+                         "images": {"hits": self.encoder.hits, "misses": self.encoder.misses}}
+        return summary
+
+    async def _run_queue(self, todo: list[Item], writer: RecordWriter, summary: RunSummary) -> None:
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        for it in todo:
+            queue.put_nowait(it)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), unit="item", desc="anomalyclaw", dynamic_ncols=True)
+
+        async def worker() -> None:
+            while True:
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                record = await self.judge(item)
+                writer.write(record)
+                summary.n_done += 1
+                summary.n_errors += int(record.error is not None)
+                summary.requests += int(record.usage.get("requests", 0))
+                summary.request_bytes += int(record.usage.get("request_bytes", 0))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(errors=summary.n_errors, refresh=False)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(todo))))]
+        try:
+            await asyncio.gather(*workers)
+        except EndpointFatalError as exc:
+            summary.fatal = redact(str(exc), self.secrets)
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _write_run_info(self, n_items: int) -> None:
+        info = {"run_id": self.run_id, "started_at": _now(), "n_items": n_items,
+                "backend": self.vlm.backend, "model": self.vlm.model,
+                "config": asdict(self.config), "prompts": self.prompts.source,
+                "tools": self.registry.names()}
+        (self.out_dir / f"run_{self.run_id}.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def run_items(items: Sequence[Item], vlm: VLM, out_dir: str | os.PathLike, **kwargs: Any) -> RunSummary:
+    """Synchronous convenience: ``Runner(vlm, out_dir=..., **kwargs).run(items)`` in a new loop."""
+    run_kw = {k: kwargs.pop(k) for k in ("rejected", "resume", "retry_errors") if k in kwargs}
+    return asyncio.run(Runner(vlm, out_dir=out_dir, **kwargs).run(items, **run_kw))
