@@ -1,0 +1,152 @@
+"""Patch nearest-neighbour expert (AnomalyDINO-style): a query patch is as anomalous as it is
+far from its nearest reference patch."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from .backbones import Backbone
+from .base import Expert
+
+#: Query rows per distance block: bounds the block at 2048 x bank size floats.
+_CHUNK = 2048
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def nearest_distances(query: np.ndarray, bank: np.ndarray, k: int = 1, device: str = "cpu") -> np.ndarray:
+    """float32 ``[M]``: mean Euclidean distance of each query row ``[M, D]`` to its ``k``
+    nearest rows of ``bank`` ``[N, D]``.
+
+    One fused ``|b|^2 - 2 q.b`` matrix product per block of query rows (torch, on ``device``:
+    the backbone's GPU when it has one, else the CPU); ``|q|^2`` is added after the minimum.
+    Both sides are centred on the bank's mean first, which leaves distances unchanged but
+    keeps float32 cancellation small.
+    """
+    import torch
+
+    k = min(int(k), bank.shape[0])
+    with torch.inference_mode():
+        bank_t = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device)
+        centre = bank_t.mean(dim=0, keepdim=True)
+        bank_t = bank_t - centre
+        bank_sq = (bank_t * bank_t).sum(dim=1)[None, :]
+        out = []
+        for start in range(0, query.shape[0], _CHUNK):
+            block = torch.from_numpy(np.ascontiguousarray(query[start:start + _CHUNK], dtype=np.float32))
+            block = block.to(device) - centre
+            partial = torch.addmm(bank_sq, block, bank_t.T, alpha=-2.0)
+            nearest = (torch.topk(partial, k, dim=1, largest=False).values if k > 1
+                       else partial.amin(dim=1, keepdim=True))
+            squared = nearest + (block * block).sum(dim=1, keepdim=True)
+            out.append(squared.clamp_min(0).sqrt().mean(dim=1).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def positional_distances(query: np.ndarray, references: np.ndarray, radius: int, k: int = 1) -> np.ndarray:
+    """float32 ``[gh, gw]``: for each query patch ``[gh, gw, D]``, the mean distance to its
+    ``k`` nearest patches among the references ``[R, gh, gw, D]`` lying within ``radius``
+    cells of the same grid position (for aligned images: a patch is compared only with what
+    normally sits there)."""
+    gh, gw, _ = query.shape
+    query_sq = np.einsum("hwd,hwd->hw", query, query)
+    reference_sq = np.einsum("rhwd,rhwd->rhw", references, references)
+    candidates = []
+    # Offsets beyond the grid have no overlap at all.
+    reach_y, reach_x = min(radius, gh - 1), min(radius, gw - 1)
+    for dy in range(-reach_y, reach_y + 1):
+        for dx in range(-reach_x, reach_x + 1):
+            # Query rows/cols whose shifted position stays on the grid.
+            qy = slice(max(0, -dy), gh - max(0, dy))
+            qx = slice(max(0, -dx), gw - max(0, dx))
+            ry = slice(max(0, dy), gh - max(0, -dy))
+            rx = slice(max(0, dx), gw - max(0, -dx))
+            squared = np.full((references.shape[0], gh, gw), np.inf, np.float32)
+            dot = np.einsum("hwd,rhwd->rhw", query[qy, qx], references[:, ry, rx])
+            squared[:, qy, qx] = query_sq[qy, qx][None] + reference_sq[:, ry, rx] - 2.0 * dot
+            candidates.append(squared)
+    stacked = np.concatenate(candidates, axis=0)
+    k = min(k, stacked.shape[0])
+    nearest = np.partition(stacked, k - 1, axis=0)[:k] if k > 1 else stacked.min(axis=0, keepdims=True)
+    return np.sqrt(np.maximum(nearest, 0.0)).mean(axis=0).astype(np.float32)
+
+
+class PatchKNNExpert(Expert):
+    """Distance of each query patch to its nearest normal patch (AnomalyDINO, Damm et al. 2025).
+
+    Parameters
+    ----------
+    backbone : Backbone, name or None (classic)
+    k : neighbours averaged per patch (1 = nearest only, as in AnomalyDINO).
+    metric : ``"euclidean"``, ``"cosine"`` (patch tokens L2-normalised first; the score is
+        then ``1 - cosine similarity``), or ``"auto"``: cosine for transformer backbones, as
+        AnomalyDINO uses on DINOv2, Euclidean for the classic descriptors, whose magnitudes
+        (contrast, colour) carry meaning.
+    positional_radius : None for a free search over every reference patch; an integer r to
+        compare a patch only with reference patches within r cells of its own position (for
+        aligned domains: fixed-pose objects, bi-temporal pairs). With a single reference the
+        leave-one-out scale is always computed with the free search.
+    top_fraction, smoothing : see :class:`Expert`.
+
+    Learned: ``bank_`` float32 ``[R * gh * gw, D]`` (the reference patches),
+    ``reference_grids_`` ``[R, gh, gw, D]``, ``reference_scores_``, ``threshold_``.
+    """
+
+    name: ClassVar[str] = "anomaly_vfm"
+
+    def __init__(self, backbone: Backbone | str | None = None, *, k: int = 1, metric: str = "auto",
+                 positional_radius: int | None = None, top_fraction: float = 0.01, smoothing: float = 0.5):
+        super().__init__(backbone, top_fraction=top_fraction, smoothing=smoothing)
+        self.k = k
+        self.metric = metric
+        self.positional_radius = positional_radius
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if int(self.k) < 1:
+            raise ValueError(f"{self.name}: k must be >= 1, got {self.k}")
+        if self.metric not in ("auto", "euclidean", "cosine"):
+            raise ValueError(f"{self.name}: metric must be 'auto', 'euclidean' or 'cosine', got {self.metric!r}")
+        if self.positional_radius is not None and int(self.positional_radius) < 0:
+            raise ValueError(f"{self.name}: positional_radius must be None or >= 0, got {self.positional_radius}")
+
+    def _prepare(self, features: np.ndarray) -> np.ndarray:
+        return _normalise_rows(features) if self.metric_ == "cosine" else features
+
+    def _to_score(self, distances: np.ndarray) -> np.ndarray:
+        # For unit vectors ||a - b||^2 = 2 (1 - cos): report the cosine distance itself.
+        return distances * distances / 2.0 if self.metric_ == "cosine" else distances
+
+    def _fit_model(self, reference_features: np.ndarray) -> None:
+        self.metric_ = self.metric if self.metric != "auto" else (
+            "euclidean" if getattr(self.backbone_, "name", "") == "classic" else "cosine")
+        self.reference_grids_ = self._prepare(reference_features)
+        self.bank_ = self.reference_grids_.reshape(-1, self.reference_grids_.shape[-1])
+
+    def _patch_scores(self, query_features: np.ndarray) -> np.ndarray:
+        query = self._prepare(query_features)
+        if self.positional_radius is not None:
+            distances = positional_distances(query, self.reference_grids_, int(self.positional_radius), int(self.k))
+        else:
+            distances = nearest_distances(query.reshape(-1, query.shape[-1]), self.bank_, int(self.k),
+                                          self.backbone_.device).reshape(self.grid_)
+        return self._to_score(distances)
+
+    def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        grids = self.reference_grids_
+        out = np.empty(grids.shape[:3], np.float32)
+        if self.positional_radius is not None and grids.shape[0] >= 2:
+            for r in range(grids.shape[0]):
+                others = np.delete(grids, r, axis=0)
+                out[r] = positional_distances(grids[r], others, int(self.positional_radius), int(self.k))
+            return self._to_score(out)
+        flat_groups = groups.ravel()
+        flat_out = out.reshape(-1)
+        for g in np.unique(flat_groups):
+            inside = flat_groups == g
+            flat_out[inside] = nearest_distances(self.bank_[inside], self.bank_[~inside], int(self.k),
+                                                 self.backbone_.device)
+        return self._to_score(out)
