@@ -299,7 +299,10 @@ class ItemContext:
             cached = self._expert_results.get(name)
         if cached is not None:
             return cached
-        expert = self.get_expert_pool().expert(name, self.item.reference_set_key, lambda: self.references)
+        from anomalyclaw.experts.pool import default_params
+
+        expert = self.get_expert_pool().expert(name, self.item.reference_set_key, lambda: self.references,
+                                               **default_params(name, self.traits))
         result = expert.score(self.query)
         with self._lock:
             self._expert_results[name] = result
