@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 from anomalyclaw.config import AgentConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
 from anomalyclaw.items import Item
+from anomalyclaw.threads import limit_compute_threads
 from anomalyclaw.graph.context import RunContext
 from anomalyclaw.graph.images import ImageEncoder
 from anomalyclaw.graph.pipeline import build_pipeline
@@ -211,7 +212,9 @@ class Runner:
                                     backend=self.vlm.backend, model=self.vlm.model, finished_at=_now()))
                 summary.n_rejected += 1
                 summary.n_errors += 1
-            await self._run_queue(todo, writer, summary)
+            # Parallelism is across items; one intra-op thread each avoids oversubscription.
+            with limit_compute_threads(1):
+                await self._run_queue(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}),

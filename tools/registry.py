@@ -68,6 +68,8 @@ class ToolRegistry:
 
     def __init__(self) -> None:
         self._entries: dict[str, ToolEntry] = {}
+        # JSON schemas are static per tool and pydantic takes ~7 ms to build one: keep them.
+        self._schemas: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def default(cls) -> "ToolRegistry":
@@ -93,11 +95,13 @@ class ToolRegistry:
         meta.update(family=family, specialty=specialty, applicability=applicability)
         tool.metadata = meta
         self._entries[tool.name] = ToolEntry(tool, family, specialty, applicability)
+        self._schemas.pop(tool.name, None)
 
     def drop(self, name: str) -> None:
         if name not in self._entries:
             raise KeyError(f"no tool {name!r} in the registry; registered: {self.names()}")
         del self._entries[name]
+        self._schemas.pop(name, None)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -155,11 +159,15 @@ class ToolRegistry:
 
     def args_schema(self, name: str) -> dict[str, Any]:
         """The JSON schema of a tool's arguments."""
-        model = self.args_model(name)
-        if model is not None:
-            return model.model_json_schema()
-        schema = self._entries[name].tool.args_schema
-        return schema if isinstance(schema, dict) else schema.model_json_schema()
+        if name not in self._schemas:
+            model = self.args_model(name)
+            if model is not None:
+                schema = model.model_json_schema()
+            else:
+                schema = self._entries[name].tool.args_schema
+                schema = schema if isinstance(schema, dict) else schema.model_json_schema()
+            self._schemas[name] = schema
+        return self._schemas[name]
 
     def compact_args(self, name: str) -> dict[str, str]:
         """``{"arg": "type (default ...): description"}`` for the prompt; a bbox is written as
