@@ -204,6 +204,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.report import build_report
+
+    page = build_report(args.run, args.out, item_ids=args.item, manifest=args.manifest,
+                        embed_images=not args.link_images, alpha=args.alpha)
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_tools(args: argparse.Namespace) -> int:
     registry = _registry(args)
     if args.tools_command == "run":
@@ -323,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item", required=True, help="item id")
     p.add_argument("--json", action="store_true", help="print the raw record")
     p.set_defaults(handler=cmd_trace)
+
+    p = sub.add_parser("report", help="write an HTML page of a run: AUROC, plots, each item's trajectory")
+    p.add_argument("run", help="run folder (records.jsonl, images/ from --save-images) or records file")
+    p.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    p.add_argument("--item", action="append", help="only this item (repeatable); no AUROC summary then")
+    p.add_argument("--manifest", help="the manifest that was run: adds each item's query and references")
+    p.add_argument("--link-images", action="store_true",
+                   help="link the images instead of embedding them (smaller page; keep it beside the run)")
+    p.add_argument("--alpha", type=float, default=0.5, help="fusion weight of the direct branch (default 0.5)")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("tools", help="list the tool catalog, or run one tool on one item")
     p.add_argument("--json", action="store_true")

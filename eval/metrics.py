@@ -53,10 +53,10 @@ def by_domain(records: Iterable[Record]) -> dict[str, list[Record]]:
     groups: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         groups[r.domain_code or r.domain or "?"].append(r)
-    return dict(sorted(groups.items(), key=lambda kv: _domain_order(kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: domain_order(kv[0])))
 
 
-def _domain_order(code: str) -> tuple:
+def domain_order(code: str) -> tuple:
     digits = "".join(c for c in code if c.isdigit())
     return (code.rstrip("0123456789"), int(digits) if digits else 0, code)
 
