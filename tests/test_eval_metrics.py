@@ -92,3 +92,18 @@ def test_compare_two_runs_pairs_by_item_id():
     b = [_rec(k, k % 2, 0.5, 0.5) for k in range(40)]
     res = bootstrap_columns(a, "direct", "direct", other=b, n_boot=200)
     assert res.n_items == 40 and res.diff == pytest.approx(0.5)
+
+
+def test_expert_weight_is_chosen_on_calibration_records():
+    from anomalyclaw.eval.fusion import choose_expert_weight
+
+    # the expert ranks perfectly, the branches are noise: the smallest weight that lets it decide
+    rows = [_rec(k, k % 2, 0.5 + 0.01 * (k % 3), 0.5 - 0.01 * (k % 5), expert_score=0.2 + 0.6 * (k % 2))
+            for k in range(20)]
+    weight, tried = choose_expert_weight(rows, grid=(0.0, 0.3, 0.9))
+    assert weight == 0.3 and tried[0.3] == tried[0.9] == 1.0 and tried[0.0] < 1.0
+    # an uninformative expert is not chosen (ties go to the smaller weight)
+    rows = [_rec(k, k % 2, 0.2 + 0.6 * (k % 2), 0.3 + 0.4 * (k % 2), expert_score=0.5) for k in range(20)]
+    assert choose_expert_weight(rows)[0] == 0.0
+    with pytest.raises(ValueError, match="expert_score"):
+        choose_expert_weight([_rec(1, 1, 0.5, 0.5)])
