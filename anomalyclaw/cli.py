@@ -30,7 +30,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.summary import format_table
 
     records = load_records(args.path)
-    result = evaluate(records, alpha=args.alpha)
+    weight = args.expert_weight or 0.0
+    if args.calibration:
+        from anomalyclaw.eval.fusion import choose_expert_weight
+
+        weight, tried = choose_expert_weight(load_records(args.calibration), alpha=args.alpha)
+        print("expert weight chosen on calibration: " + f"{weight:.1f} (macro fused AUROC there: "
+              + ", ".join(f"{w:.1f}: {a:.4f}" for w, a in tried.items()) + ")")
+    result = evaluate(records, alpha=args.alpha, expert_weight=weight)
     boots = []
     if args.compare:
         other = load_records(args.compare)
@@ -54,6 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"plots: {roc} {bars}")
     if args.json:
         out = {k: result[k] for k in ("rows", "kept", "macro_auroc", "per_domain")}
+        if weight:
+            out["expert_weight"] = weight
         if boots:
             out["bootstrap"] = [b.to_json() for b in boots]
         _print_json(out)
@@ -265,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired bootstrap resamples for confidence intervals of differences")
     p.add_argument("--compare", metavar="OTHER", help="records of another run: bootstrap this - other per column")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--expert-weight", type=float, help="weight of the frozen-expert term in the fused column")
+    p.add_argument("--calibration", metavar="RUN",
+                   help="records of a calibration-split run: choose the expert weight there, apply it here")
     p.add_argument("--plots", metavar="DIR", help="write ROC curves and per-domain bars as PNG here")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_eval)
@@ -369,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AnomalyClawError, FileNotFoundError, ValueError) as exc:
         print(f"anomalyclaw {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"anomalyclaw {args.command}: interrupted", file=sys.stderr)
         return 130
