@@ -76,7 +76,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.synth import generate_benchmark
 
     start = time.perf_counter()
-    manifest = generate_benchmark(args.out, seed=args.seed, n_test_per_domain=args.n_test, size=args.size)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    manifest = generate_benchmark(args.out, seed=args.seed, n_test_per_domain=args.n_test, size=args.size,
+                                  n_calibration=args.n_calibration, n_dev=args.n_dev, domains=domains,
+                                  workers=args.workers)
     items = _count_items(manifest)
     print(f"wrote {items} items to {manifest} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -89,7 +92,8 @@ def _count_items(manifest: Path) -> int:
 def cmd_import_folder(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.folders import import_mvtec_folder
 
-    manifest = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    manifest = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed, categories=categories)
     print(f"wrote {_count_items(manifest)} items to {manifest}")
     return 0
 
@@ -186,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     manifest = root / "synth" / "manifest.json"
     if not manifest.exists():
         print(f"generating the synthetic benchmark in {manifest.parent} ...")
-        cmd_synth(argparse.Namespace(out=str(manifest.parent), seed=args.seed, n_test=24, size=256))
+        cmd_synth(build_parser().parse_args(["synth", "--out", str(manifest.parent), "--seed", str(args.seed)]))
     run_dir = root / "run"
     for stale in [run_dir / RECORDS_FILE, *run_dir.glob("run_*.json")]:
         stale.unlink(missing_ok=True)  # the demo always starts fresh in its own folder
@@ -285,14 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-test", type=int, default=24, help="test items per domain (default 24)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--n-calibration", type=int, default=8, help="calibration items per domain (default 8)")
+    p.add_argument("--n-dev", type=int, default=8, help="dev items per domain (default 8)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels, 64-1024 (default 256)")
+    p.add_argument("--domains", help="comma-separated codes or names, e.g. S1,coin_count (default: all seven)")
+    p.add_argument("--workers", type=int, help="rendering threads (default: one per core); output does not depend on it")
     p.set_defaults(handler=cmd_synth)
 
     p = sub.add_parser("import-folder", help="turn an MVTec-style folder into a manifest")
     p.add_argument("root", help="folder of <category>/train/good, <category>/test/<defect>, [ground_truth]")
     p.add_argument("--out", required=True, help="manifest file to write")
     p.add_argument("--n-refs", type=int, default=5, help="references per item, drawn from train/good")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference draw")
+    p.add_argument("--categories", help="comma-separated category names (default: all)")
     p.set_defaults(handler=cmd_import_folder)
 
     def run_options(p: argparse.ArgumentParser, *, backend_default: str = "offline") -> None:

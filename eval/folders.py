@@ -19,10 +19,8 @@ in any letter case. Choices made here, so that no folder surprises anyone:
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -226,28 +224,3 @@ def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_re
         row["ref_paths"] = [_portable(p, target.parent, data_root) for p in row["ref_paths"]]
         rows.append(row)
     return write_manifest(rows, target)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m anomalyclaw.eval.folders ROOT OUT [--n-refs K] [--seed N] [--categories a,b]``."""
-    parser = argparse.ArgumentParser(prog="anomalyclaw import-folder",
-                                     description="Write a manifest for an MVTec-style data folder.")
-    parser.add_argument("root", help="folder holding <category>/train/good and <category>/test/<defect>")
-    parser.add_argument("out", help="manifest file (*.json) or folder to write manifest.json into")
-    parser.add_argument("--n-refs", type=int, default=5, help="references per item, from train/good (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default 0)")
-    parser.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        path = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed,
-                                   categories=args.categories)
-    except AnomalyClawError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,10 +13,7 @@ deterministic in ``seed``: same seed, same bytes.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -1128,7 +1125,6 @@ def _nut_sample(rng: np.random.Generator, size: int, anomalous: bool) -> Sample:
     if not anomalous:
         return _finish(acq, clean)
     c = (size - 1) / 2.0
-    solid = part.alpha > 0.5
 
     def on_face(lo: float, hi: float) -> np.ndarray:
         a = rng.uniform(0, 2 * np.pi)
@@ -1370,33 +1366,3 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, *, n_test_per_domain:
         list(pool.map(lambda job: _write_reference(job[0], out, seed, job[1], size), reference_jobs))
         items = list(pool.map(lambda job: _write_item(job[0], out, seed, job[1], job[2], job[3], size), item_jobs))
     return write_manifest(items, out / "manifest.json")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m anomalyclaw.eval.synth OUT_DIR [--seed N] ...``: write the benchmark."""
-    parser = argparse.ArgumentParser(prog="anomalyclaw synth", description=generate_benchmark.__doc__.split("\n")[0])
-    parser.add_argument("out_dir", help="folder to write images, masks and manifest.json to")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=256, help="image side in px (64-1024)")
-    parser.add_argument("--n-test", type=int, default=24, help="test items per domain")
-    parser.add_argument("--n-calibration", type=int, default=8, help="calibration items per domain")
-    parser.add_argument("--n-dev", type=int, default=8, help="dev items per domain")
-    parser.add_argument("--workers", type=int, default=None, help="rendering threads (default: one per core)")
-    parser.add_argument("--domains", default=None,
-                        help="comma-separated codes or names, e.g. S1,coin_count (default: all: "
-                             + ", ".join(f"{d.code}={d.name}" for d in DOMAINS.values()) + ")")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    try:
-        path = generate_benchmark(args.out_dir, args.seed, n_test_per_domain=args.n_test,
-                                  n_calibration=args.n_calibration, n_dev=args.n_dev, size=args.size,
-                                  domains=args.domains.split(",") if args.domains else None, workers=args.workers)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} in {time.perf_counter() - started:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

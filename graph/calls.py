@@ -35,6 +35,7 @@ async def ask(run: RunContext, messages: Sequence[BaseMessage], stage: str) -> T
     out = TurnResult()
     image_size = run.item.query.shape[1::-1]  # (W, H) to read pixel boxes
     convo = list(messages)
+    problem = ""
     for attempt in range(2):
         try:
             reply = await run.vlm.acall(visible(convo, run.config.image_history), stage=stage, context=run)

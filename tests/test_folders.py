@@ -10,7 +10,8 @@ import pytest
 
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.eval.folders import FolderLayoutError, import_mvtec_folder, main
+from anomalyclaw.cli import main
+from anomalyclaw.eval.folders import FolderLayoutError, import_mvtec_folder
 from anomalyclaw.eval.manifests import load_manifest
 from anomalyclaw.imaging import save_image
 
@@ -194,9 +195,10 @@ def test_n_refs_must_be_a_positive_integer(mvtec, tmp_path, n_refs):
 
 
 def test_command_line(mvtec, tmp_path, capsys):
-    assert main([str(mvtec), str(tmp_path / "cli"), "--n-refs", "2", "--categories", "carpet"]) == 0
+    assert main(["import-folder", str(mvtec), "--out", str(tmp_path / "cli"), "--n-refs", "2",
+                 "--categories", "carpet"]) == 0
     assert "manifest.json" in capsys.readouterr().out
     items = load_manifest(tmp_path / "cli")
     assert {i.category for i in items} == {"carpet"} and all(len(i.ref_paths) == 2 for i in items)
-    assert main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert main(["import-folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err

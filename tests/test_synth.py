@@ -14,7 +14,8 @@ import pytest
 from anomalyclaw.domains import TRAITS, DomainCard
 from anomalyclaw.errors import ConfigError
 from anomalyclaw.eval.manifests import load_manifest
-from anomalyclaw.eval.synth import DEFECT_FAMILIES, DOMAINS, N_REFERENCES, generate_benchmark, main
+from anomalyclaw.cli import main
+from anomalyclaw.eval.synth import DEFECT_FAMILIES, DOMAINS, N_REFERENCES, generate_benchmark
 from anomalyclaw.imaging import load_image, load_mask
 
 SPLIT_SIZES = {"calibration": 8, "dev": 8, "test": 24}
@@ -219,9 +220,9 @@ def test_bad_arguments_raise_a_config_error_naming_the_value(tmp_path, kwargs, n
 
 
 def test_command_line(tmp_path, capsys):
-    assert main([str(tmp_path / "cli"), "--size", "64", "--n-test", "2", "--n-calibration", "0",
+    assert main(["synth", "--out", str(tmp_path / "cli"), "--size", "64", "--n-test", "2", "--n-calibration", "0",
                  "--n-dev", "0", "--domains", "S3,retina_fundus"]) == 0
     assert "manifest.json" in capsys.readouterr().out
     assert {i.domain_code for i in load_manifest(tmp_path / "cli")} == {"S3", "S4"}
-    assert main([str(tmp_path / "bad"), "--domains", "nope"]) == 2
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--domains", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
