@@ -44,12 +44,7 @@ def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.supxlabel("false positive rate", fontsize=9)
     fig.supylabel("true positive rate", fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_domain_bars(result: dict, path: str | Path,
@@ -68,6 +63,10 @@ def plot_domain_bars(result: dict, path: str | Path,
     ax.set_ylim(0, 1)
     ax.set_ylabel("AUROC")
     ax.legend(fontsize=8, ncols=len(cols), loc="lower left")
+    return _save(fig, path)
+
+
+def _save(fig: "plt.Figure", path: str | Path) -> Path:
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
