@@ -11,6 +11,7 @@ as a rank among normal images (``rank`` in [0, 1]) without knowing the scale.
 from __future__ import annotations
 
 import time
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -79,7 +80,7 @@ def holdout_groups(n_references: int, grid: tuple[int, int]) -> np.ndarray:
     return (2 * rows + cols)[None]
 
 
-class Expert(BaseEstimator):
+class Expert(BaseEstimator, metaclass=ABCMeta):
     """Base class: a frozen backbone plus a model of normal patches.
 
     Parameters common to all experts: ``backbone`` (a :class:`Backbone`, a backbone name, or
@@ -98,18 +99,18 @@ class Expert(BaseEstimator):
 
     # -- what subclasses implement -------------------------------------------------------------
 
+    @abstractmethod
     def _fit_model(self, reference_features: np.ndarray) -> None:
         """Build the model of normal patches from float32 ``[R, gh, gw, D]``; set ``*_``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _patch_scores(self, query_features: np.ndarray) -> np.ndarray:
         """float32 ``[gh, gw]`` scores of one query's ``[gh, gw, D]`` features."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """float32 ``[R, gh, gw]``: each reference patch scored by a model built without the
         patches of its own group (see :func:`holdout_groups`)."""
-        raise NotImplementedError
 
     # -- fit -------------------------------------------------------------------------------------
 
