@@ -1,21 +1,26 @@
 """A local OpenAI-compatible chat endpoint with scripted replies, latency and faults.
 
-Tests and benchmarks drive the real ``openai`` backend (``ChatOpenAI``) against it on
-127.0.0.1: scripted replies, a fixed latency per request, and injected faults (500, 429 with
-and without Retry-After, timeouts, connection resets, empty or cut or prose replies, unknown
-tool names, scores out of range, 401, 404). Without a script it answers each stage of the
-AnomalyClaw protocol with a well-formed reply, so a whole run can go through it.
+Tests and benchmarks drive the real ``openai`` backend against it on 127.0.0.1: scripted
+replies, a fixed latency per request, and injected faults (500, 429 with and without
+Retry-After, timeouts, connection resets, a gateway's HTML page with status 200, empty or cut or
+prose replies, unknown tool names, scores out of range or NaN, 401, 404). Without a script it
+answers each stage of the AnomalyClaw protocol with a well-formed reply, so a whole run can go
+through it.
 
-Run it by hand: ``python -m anomalyclaw.eval.fake_endpoint --port 8011 --latency 0.1``.
+Run it by hand: ``python -m anomalyclaw.eval.fake_endpoint --port 8011 --latency 0.1``; it
+prints its base URL as the first line of standard output (``--port 0`` picks a free port).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import random
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -24,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
 #: Fault kinds the server can inject, by name.
-FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "empty", "cut", "prose",
+FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "html", "empty", "cut", "prose",
           "bad_tool", "bad_score", "nan_score")
 #: Faults that can never succeed; not part of the random mix.
 FATAL = ("401", "404")
@@ -49,11 +54,16 @@ def reply_stage(body: dict[str, Any]) -> str:
     return stage if pos >= 0 else "direct"
 
 
-def default_reply(body: dict[str, Any]) -> str:
-    """A well-formed reply for the stage the request asks for (deterministic per request)."""
-    digest = hashlib.sha256(json.dumps(body.get("messages", []), sort_keys=True).encode()).digest()
+def default_reply(body: dict[str, Any], *, stage: str | None = None, raw: bytes | None = None) -> str:
+    """A well-formed reply for the stage the request asks for (deterministic per request).
+
+    ``raw`` is the request body as received: hashing it is cheaper than re-serialising the
+    messages, and the client serialises the same messages to the same bytes.
+    """
+    digest = hashlib.sha256(raw if raw is not None else
+                            json.dumps(body.get("messages", []), sort_keys=True).encode()).digest()
     u = digest[0] / 255.0
-    stage = reply_stage(body)
+    stage = stage or reply_stage(body)
     if stage == "propose":
         return json.dumps({
             "initial_score": round(u, 3),
@@ -76,9 +86,9 @@ def default_reply(body: dict[str, Any]) -> str:
                        "anomaly_type": None, "evidence": "overall comparison", "bbox": None})
 
 
-def faulty_reply(kind: str, body: dict[str, Any]) -> str:
+def faulty_reply(kind: str, body: dict[str, Any], *, stage: str | None = None, raw: bytes | None = None) -> str:
     """The reply text of a content fault (the HTTP exchange itself succeeds)."""
-    good = default_reply(body)
+    good = default_reply(body, stage=stage, raw=raw)
     if kind == "empty":
         return ""
     if kind == "cut":
@@ -98,6 +108,13 @@ def faulty_reply(kind: str, body: dict[str, Any]) -> str:
                 obj[key] = value
         return json.dumps(obj)  # NaN is written as the bare token NaN, as some servers do
     raise ValueError(f"unknown content fault {kind!r}")
+
+
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) drops connection attempts when a client opens many at
+    # once (a run at concurrency 128); a dropped SYN costs a 1 s retransmit.
+    request_queue_size = 1024
+    daemon_threads = True
 
 
 @dataclass
@@ -149,8 +166,7 @@ class FakeVLMServer:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -177,10 +193,10 @@ class FakeVLMServer:
         self.stop()
 
     # ------------------------------------------------------------------ decisions
-    def _next_action(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+    def _next_action(self, body: dict[str, Any], stage: str, raw: bytes) -> tuple[str | None, str | None]:
         """(fault kind or None, reply text or None) for one completion request."""
         with self._lock:
-            queue = self._script or self._stage_script.get(reply_stage(body))
+            queue = self._script or self._stage_script.get(stage)
             if queue:
                 entry = queue.popleft()
                 if entry.startswith("!"):
@@ -192,13 +208,16 @@ class FakeVLMServer:
             return kind, None
         if self._script_fn is not None:
             return None, self._script_fn(body)
-        return None, default_reply(body)
+        return None, default_reply(body, stage=stage, raw=raw)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as two writes; with Nagle on, the client's delayed ACK
+            # adds ~40 ms to every reply, which would swamp the latency the server is set to.
+            disable_nagle_algorithm = True
 
             def log_message(self, fmt: str, *args: Any) -> None:  # quiet
                 return
@@ -244,7 +263,10 @@ class FakeVLMServer:
                 if server.api_key is not None:
                     auth = self.headers.get("Authorization", "")
                     if auth != f"Bearer {server.api_key}":
-                        return self._error(401, "Incorrect API key provided.", "invalid_request_error")
+                        # Echo the key the client sent, as some gateways do: the client must
+                        # keep it out of everything it prints or writes.
+                        sent = auth.removeprefix("Bearer ")
+                        return self._error(401, f"Incorrect API key provided: {sent}.", "invalid_request_error")
                 try:
                     body = json.loads(raw)
                 except json.JSONDecodeError:
@@ -254,9 +276,10 @@ class FakeVLMServer:
                 if server.record_bodies:
                     with server._lock:
                         server.bodies.append(body)
-                fault, text = server._next_action(body)
+                stage = reply_stage(body)
+                fault, text = server._next_action(body, stage, raw)
                 with server._lock:
-                    server.stats.stages[reply_stage(body)] += 1
+                    server.stats.stages[stage] += 1
                     if fault:
                         server.stats.faults[fault] += 1
                 if server.latency_s:
@@ -276,6 +299,17 @@ class FakeVLMServer:
                     server._stop.wait(server.hang_s)
                     self.close_connection = True
                     return None
+                if fault == "html":
+                    # A gateway's error page with status 200: not a chat completion at all.
+                    page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    with server._lock:
+                        server.stats.by_status[200] += 1
+                    return None
                 if fault == "reset":
                     # SO_LINGER 0 makes close() send a TCP RST: a dropped connection.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -283,16 +317,15 @@ class FakeVLMServer:
                     self.connection.close()
                     return None
                 if fault:
-                    text = faulty_reply(fault, body)
+                    text = faulty_reply(fault, body, stage=stage, raw=raw)
                 with server._lock:
                     server.stats.completions += 1
-                self._send(200, _completion(body, text or ""))
+                self._send(200, _completion(body, text or "", len(raw)))
 
         return Handler
 
 
-def _completion(body: dict[str, Any], text: str) -> dict[str, Any]:
-    prompt_chars = len(json.dumps(body.get("messages", [])))
+def _completion(body: dict[str, Any], text: str, prompt_chars: int) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
     if body.get("logprobs"):
@@ -316,19 +349,34 @@ def _logprobs(text: str, top: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Local OpenAI-compatible fake VLM endpoint (loopback only).")
-    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--port", type=int, default=8011, help="port to listen on; 0 picks a free one")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds per request")
-    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--fault-rate", type=float, default=0.0, help="probability that a request gets a fault")
+    ap.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated fault kinds from {FAULTS}")
+    ap.add_argument("--hang", type=float, default=30.0, help="seconds a 'timeout' fault holds the request")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
     ap.add_argument("--model", default="fake-vlm")
+    ap.add_argument("--require-key-env", metavar="VAR",
+                    help="answer 401 unless the client sends the key held in this environment variable")
     args = ap.parse_args(argv)
-    server = FakeVLMServer(port=args.port, latency_s=args.latency, fault_rate=args.fault_rate, models=[args.model])
+    api_key = None
+    if args.require_key_env:
+        api_key = os.environ.get(args.require_key_env)
+        if not api_key:
+            ap.error(f"--require-key-env {args.require_key_env}: that variable is not set")
+    server = FakeVLMServer(port=args.port, latency_s=args.latency, fault_rate=args.fault_rate,
+                           faults=[f for f in args.faults.split(",") if f], hang_s=args.hang, seed=args.seed,
+                           models=[args.model], api_key=api_key)
     server.start()
-    print(f"fake VLM endpoint at {server.base_url} (model {args.model}); Ctrl-C to stop", flush=True)
+    # The first line is the base URL alone, so a parent process can read it (with --port 0).
+    print(server.base_url, flush=True)
+    print(f"fake VLM endpoint (model {args.model}); Ctrl-C or SIGTERM to stop", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server._stop.set())
     try:
-        while True:
-            time.sleep(3600)
+        server._stop.wait()
     except KeyboardInterrupt:
-        server.stop()
+        pass
+    server.stop()
     return 0
 
 

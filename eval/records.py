@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticSerializationError
+
+from anomalyclaw.errors import AnomalyClawError
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +103,53 @@ class Record(BaseModel):
         return self.error is None
 
     def to_line(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
+        """The record as one line of strict JSON (no NaN). Values a tool left as NumPy scalars or
+        arrays, or as non-finite floats, are written as plain numbers, lists or null."""
+        try:
+            return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
+        except (PydanticSerializationError, ValueError):
+            return json.dumps(_plain(self.model_dump(mode="python")), ensure_ascii=False, allow_nan=False)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy types, paths and non-finite floats turned into strict-JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and callable(value.tolist):  # NumPy scalars and arrays
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
 
 
 class RecordWriter:
     """Appends records to ``OUT/records.jsonl``, one line each, durable before it returns.
 
     Opening repairs a torn last line left by a killed run (it is dropped; the item is redone).
-    Thread-safe; usable as a context manager.
+    ``secrets`` (an API key) are replaced by ``***`` in every line, whatever put them there (an
+    endpoint that echoes the key in a reply, an exception message). Thread-safe; usable as a
+    context manager.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, fsync: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, *, fsync: bool = True, secrets: Iterable[str] = ()):
         self.path = Path(out_dir) / RECORDS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_torn_tail(self.path)
         self._fh = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
         self._fsync = fsync
+        self._secrets = [s for s in secrets if s]
 
     def write(self, record: Record) -> None:
-        line = record.to_line() + "\n"
+        line = record.to_line()
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "***")
+        line += "\n"
         with self._lock:
             self._fh.write(line)
             self._fh.flush()
@@ -136,6 +166,59 @@ class RecordWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+LOCK_FILE = ".run.lock"
+
+
+class RunFolderBusyError(AnomalyClawError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two runs never append to one ``records.jsonl``.
+
+    Held with ``flock`` on ``OUT/.run.lock`` (the kernel drops it when the process dies, even by
+    SIGKILL, so a killed run never leaves a stale lock). A no-op where ``fcntl`` is missing.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fh: Any = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunFolderBusyError(
+                f"another anomalyclaw run (pid {holder}) is writing to {self.path.parent}; wait for it to "
+                "finish, or choose another --out folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def repair_torn_tail(path: Path) -> int:

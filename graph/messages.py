@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from anomalyclaw.imaging import encode_image, to_data_url
+
 from .context import RunContext
 from .images import image_block, text_block
 
@@ -40,9 +42,22 @@ def image_blocks(run: RunContext) -> list[dict[str, Any]]:
         blocks.append(image_block(run.encoder.data_url(("ref", str(path)), lambda i=i: ctx.reference(i),
                                                        max_side=cfg.reference_side, fmt=cfg.image_format)))
     blocks.append(text_block("QUERY:"))
-    blocks.append(image_block(run.encoder.data_url(("query", str(ctx.item.query_path)), lambda: ctx.query_full,
-                                                   max_side=cfg.image_side, fmt=cfg.image_format)))
+    # The query is shown once per branch and never again after this item: keeping its URL on
+    # the item leaves the shared cache to the references, which other items reuse.
+    key = (cfg.image_side, cfg.image_format.upper())
+    cached = run.extras.get("query_url")
+    if cached is None or cached[0] != key:
+        cached = run.extras["query_url"] = (key, to_data_url(
+            encode_image(ctx.query_full, cfg.image_format, max_side=cfg.image_side)))
+    blocks.append(image_block(cached[1]))
     return blocks
+
+
+def warm_images(run: RunContext) -> int:
+    """Rank the references and encode the images the first messages show, so that the graph's
+    nodes (on the event loop) find them in the encoder's cache; returns how many were encoded or
+    found. Call it from a worker thread: decoding, ranking and JPEG encoding are the CPU work."""
+    return sum(1 for b in image_blocks(run) if b.get("type") == "image_url")
 
 
 def descriptor(run: RunContext) -> str:
