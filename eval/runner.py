@@ -4,7 +4,9 @@ Async, with one bound on concurrent VLM requests (held by the VLM object the who
 both branches of an item run at once; records are appended as each item finishes, so a run
 killed at any moment loses nothing finished, and ``resume`` skips what is recorded. A corrupt
 image, a failing tool or a flaky endpoint costs one item an error record, never the run; an
-endpoint that refuses every request (401/403/404) stops the run at once.
+endpoint that refuses every request (401/403/404), or a records file that cannot be written,
+stops the run at once. One record per item id (a repeated id is judged once), one run per folder
+at a time (a lock), and the API key is blanked from everything the run writes.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from anomalyclaw.config import AgentConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
@@ -24,6 +27,7 @@ from anomalyclaw.items import Item
 from anomalyclaw.threads import limit_compute_threads
 from anomalyclaw.graph.context import RunContext
 from anomalyclaw.graph.images import ImageEncoder
+from anomalyclaw.graph.messages import warm_images
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.graph.vlm import VLM
@@ -31,9 +35,13 @@ from anomalyclaw.prompts import PromptSet
 from anomalyclaw.tools.context import ItemContext
 from anomalyclaw.tools.registry import ToolRegistry
 
-from .records import RECORDS_FILE, Record, RecordWriter, drop_error_records, finished_ids
+from .records import RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records, finished_ids
 
 log = logging.getLogger(__name__)
+
+
+class RecordWriteError(AnomalyClawError):
+    """A record could not be appended to the run's records file."""
 
 
 @dataclass
@@ -45,7 +53,12 @@ class RunSummary:
     n_done: int = 0
     n_skipped: int = 0
     n_errors: int = 0
+    """Records with ``error`` set (no score), rejected manifest entries included."""
+    n_partial: int = 0
+    """Records with a score from one branch only (the other's failure is in its ``*_error``)."""
     n_rejected: int = 0
+    n_duplicates: int = 0
+    """Items left out because an earlier item has the same id (one record per id)."""
     elapsed_s: float = 0.0
     items_per_s: float = 0.0
     requests: int = 0
@@ -58,7 +71,8 @@ class RunSummary:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # Milliseconds: enough to order the records of a fast run (the bench reads its rate from them).
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def error_record(item: Item, error: str, *, run_id: str, backend: str, model: str,
@@ -111,15 +125,22 @@ def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend
     )
 
 
+def _file_name(text: str) -> str:
+    """``text`` as one safe path component: an item id from a manifest must not be able to
+    write outside OUT (``../x``) or hide as a dot file."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip(".")
+    return name[:120] or "_"
+
+
 def _save_observation_images(out_dir: Path, item: Item, state: dict[str, Any]) -> None:
     """Write each observation's images under OUT/images/<item>/ and list them in the history."""
-    folder = out_dir / "images" / item.item_id
+    folder = out_dir / "images" / _file_name(item.item_id)
     turn_rows = [h for h in state.get("history", []) if h.get("stage") == "refute"]
     for k, obs in enumerate(state.get("observations", [])):
         paths = []
         for im in getattr(obs, "images", []):
             ext = "png" if im.data[:4] == b"\x89PNG" else "jpg"
-            p = folder / f"obs{k + 1}_{obs.tool}_{im.name}.{ext}"
+            p = folder / _file_name(f"obs{k + 1}_{obs.tool}_{im.name}.{ext}")
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(im.data)
             paths.append(str(p.relative_to(out_dir)))
@@ -134,8 +155,10 @@ class Runner:
                  registry: ToolRegistry | None = None, prompts: PromptSet | None = None,
                  expert_pool: Any = None, score_cache: Any = None, item_concurrency: int | None = None,
                  item_timeout_s: float | None = 900.0, save_images: bool = False, progress: bool = True,
-                 secrets: Sequence[str] = ()):
+                 secrets: Sequence[str] = (), source: str | None = None):
         self.vlm = vlm
+        self.source = source
+        """Where the items came from (the manifest), written into ``run_*.json``."""
         self.out_dir = Path(out_dir)
         self.config = config or AgentConfig()
         self.registry = registry or ToolRegistry.default()
@@ -156,60 +179,91 @@ class Runner:
         self.encoder = ImageEncoder()
         self.graph = build_pipeline()
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.started_at = _now()
 
     async def judge(self, item: Item) -> Record:
         """One item to one record; only :class:`EndpointFatalError` escapes."""
         start = time.perf_counter()
         kw = dict(run_id=self.run_id, backend=self.vlm.backend, model=self.vlm.model)
-        ctx = ItemContext(item, work_side=self.config.work_side, expert_pool=self.expert_pool,
-                          score_cache=self.score_cache)
+
+        def failed(reason: str) -> Record:
+            return error_record(item, redact(reason, self.secrets)[:1000], elapsed_s=time.perf_counter() - start, **kw)
+
+        if not item.ref_paths:
+            return failed("no reference images: the item needs at least one normal reference (ref_paths is empty)")
         try:
-            await asyncio.to_thread(ctx.preload)
+            ctx = ItemContext(item, work_side=self.config.work_side, expert_pool=self.expert_pool,
+                              score_cache=self.score_cache)
+            run = RunContext(item=ctx, vlm=self.vlm, registry=self.registry, prompts=self.prompts,
+                             config=self.config, encoder=self.encoder)
+            # Decoding, ranking and encoding the first messages' images is CPU work: do it in a
+            # worker thread so that the nodes on the event loop find it done.
+            await asyncio.to_thread(lambda: (ctx.preload(), warm_images(run)))
         except ImageLoadError as exc:
-            return error_record(item, f"image: {exc}", elapsed_s=time.perf_counter() - start, **kw)
-        run = RunContext(item=ctx, vlm=self.vlm, registry=self.registry, prompts=self.prompts,
-                         config=self.config, encoder=self.encoder)
+            return failed(f"image: {exc}")
+        except Exception as exc:  # one bad item must not stop the run
+            log.exception("item %s: preparing its images failed", item.item_id)
+            return failed(f"internal: {type(exc).__name__}: {exc}")
         try:
             state = await asyncio.wait_for(self.graph.ainvoke(new_state(item.item_id), context=run),
                                            timeout=self.item_timeout_s)
+            if self.save_images:
+                await asyncio.to_thread(_save_observation_images, self.out_dir, item, state)
+            return record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
         except EndpointFatalError:
             raise
         except asyncio.TimeoutError:
-            return error_record(item, f"timed out after {self.item_timeout_s:.0f} s",
-                                elapsed_s=time.perf_counter() - start, **kw)
-        except (AnomalyClawError, Exception) as exc:  # one bad item must not stop the run
+            return failed(f"timed out after {self.item_timeout_s:.0f} s (item_timeout_s)")
+        except ImageLoadError as exc:
+            return failed(f"image: {exc}")
+        except Exception as exc:  # one bad item must not stop the run
             log.exception("item %s failed", item.item_id)
-            msg = redact(f"{type(exc).__name__}: {exc}", self.secrets)
-            return error_record(item, f"internal: {msg}"[:1000], elapsed_s=time.perf_counter() - start, **kw)
-        if self.save_images:
-            _save_observation_images(self.out_dir, item, state)
-        return record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
+            return failed(f"internal: {type(exc).__name__}: {exc}")
 
-    async def run(self, items: Sequence[Item], *, rejected: dict[str, tuple[Item | None, list[str]]] | None = None,
+    async def run(self, items: Sequence[Item], *, rejected: dict[str, list[str]] | None = None,
                   resume: bool = False, retry_errors: bool = False) -> RunSummary:
-        """Judge ``items`` (and write an error record for each ``rejected`` manifest entry)."""
+        """Judge ``items`` (and write an error record for each ``rejected`` manifest entry).
+
+        One record per item id: a later item with an id already seen is left out (counted in
+        ``n_duplicates``). The run folder is locked for the run's duration.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.out_dir):
+            return await self._run_locked(items, rejected or {}, resume, retry_errors)
+
+    async def _run_locked(self, items: Sequence[Item], rejected: dict[str, list[str]], resume: bool,
+                          retry_errors: bool) -> RunSummary:
         records_path = self.out_dir / RECORDS_FILE
-        if records_path.exists() and not resume:
+        if records_path.exists() and records_path.stat().st_size > 0 and not resume:
             raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
                                    "another --out folder")
         if resume and retry_errors:
             dropped = drop_error_records(self.out_dir)
             if dropped:
                 log.warning("retrying %d items whose records were errors", dropped)
+        unique: dict[str, Item] = {}
+        n_duplicates = 0
+        for it in items:
+            if it.item_id in unique or it.item_id in rejected:
+                n_duplicates += 1
+                log.warning("item id %r appears more than once; only its first item is judged", it.item_id)
+                continue
+            unique[it.item_id] = it
         done = finished_ids(self.out_dir) if resume else set()
-        summary = RunSummary(out_dir=str(self.out_dir), n_items=len(items) + len(rejected or {}))
-        todo = [it for it in items if it.item_id not in done]
-        summary.n_skipped = len(items) - len(todo)
-        self._write_run_info(len(items))
+        summary = RunSummary(out_dir=str(self.out_dir), n_items=len(unique) + len(rejected),
+                             n_duplicates=n_duplicates)
+        todo = [it for it in unique.values() if it.item_id not in done]
+        summary.n_skipped = len(unique) - len(todo)
+        info_path = self._write_run_info(len(unique) + len(rejected))
         start = time.perf_counter()
-        with RecordWriter(self.out_dir) as writer:
-            for rid, reasons in (rejected or {}).items():
+        with RecordWriter(self.out_dir, secrets=self.secrets) as writer:
+            for rid, reasons in rejected.items():
                 if rid in done:
                     summary.n_skipped += 1
                     continue
-                writer.write(Record(item_id=rid, error="manifest: " + "; ".join(reasons), run_id=self.run_id,
-                                    backend=self.vlm.backend, model=self.vlm.model, finished_at=_now()))
+                record = Record(item_id=rid, error="manifest: " + "; ".join(reasons), run_id=self.run_id,
+                                backend=self.vlm.backend, model=self.vlm.model, finished_at=_now())
+                self._write(writer, record)
                 summary.n_rejected += 1
                 summary.n_errors += 1
             # Parallelism is across items; one intra-op thread each avoids oversubscription.
@@ -219,7 +273,17 @@ class Runner:
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}),
                          "images": {"hits": self.encoder.hits, "misses": self.encoder.misses}}
+        self._write_run_info(len(unique) + len(rejected), summary=summary, path=info_path)
         return summary
+
+    def _write(self, writer: RecordWriter, record: Record) -> None:
+        """Append one record; a failed write (disk full, folder gone) stops the run, since
+        judging items that cannot be recorded would only waste the endpoint's time."""
+        try:
+            writer.write(record)
+        except OSError as exc:
+            raise RecordWriteError(f"cannot append to {writer.path}: {exc}; fix that (free disk space?) and "
+                                   "rerun with --resume: finished items are kept") from None
 
     async def _run_queue(self, todo: list[Item], writer: RecordWriter, summary: RunSummary) -> None:
         queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -237,9 +301,11 @@ class Runner:
                 except asyncio.QueueEmpty:
                     return
                 record = await self.judge(item)
-                writer.write(record)
+                # The write ends in an fsync (milliseconds): keep it off the event loop.
+                await asyncio.to_thread(self._write, writer, record)
                 summary.n_done += 1
                 summary.n_errors += int(record.error is not None)
+                summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
                 summary.requests += int(record.usage.get("requests", 0))
                 summary.request_bytes += int(record.usage.get("request_bytes", 0))
                 if bar is not None:
@@ -249,7 +315,7 @@ class Runner:
         workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(todo))))]
         try:
             await asyncio.gather(*workers)
-        except EndpointFatalError as exc:
+        except (EndpointFatalError, RecordWriteError) as exc:
             summary.fatal = redact(str(exc), self.secrets)
             for w in workers:
                 w.cancel()
@@ -258,15 +324,44 @@ class Runner:
             if bar is not None:
                 bar.close()
 
-    def _write_run_info(self, n_items: int) -> None:
-        info = {"run_id": self.run_id, "started_at": _now(), "n_items": n_items,
+    def _write_run_info(self, n_items: int, *, summary: RunSummary | None = None,
+                        path: Path | None = None) -> Path:
+        """``OUT/run_<run_id>.json``: settings at the start, plus the summary at the end (no
+        secrets: the endpoint's key never reaches the config or the summary)."""
+        if path is None:
+            path = self.out_dir / f"run_{self.run_id}.json"
+            n = 1
+            while path.exists():  # a resume within the same second keeps the earlier run's file
+                n += 1
+                path = self.out_dir / f"run_{self.run_id}-{n}.json"
+        info = {"run_id": self.run_id, "started_at": self.started_at, "source": self.source, "n_items": n_items,
                 "backend": self.vlm.backend, "model": self.vlm.model,
                 "config": asdict(self.config), "prompts": self.prompts.source,
                 "tools": self.registry.names()}
-        (self.out_dir / f"run_{self.run_id}.json").write_text(json.dumps(info, indent=1, default=str))
+        if summary is not None:
+            info.update(finished_at=_now(), summary=summary.to_json())
+        text = redact(json.dumps(info, indent=1, default=str), self.secrets)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def run_sync(runner: Runner, items: Sequence[Item], **run_kw: Any) -> RunSummary:
+    """``runner.run(items, **run_kw)`` in a new event loop, closing the VLM's connections of
+    that loop at the end (they cannot serve another loop)."""
+    async def run_and_close() -> RunSummary:
+        try:
+            return await runner.run(items, **run_kw)
+        finally:
+            close = getattr(runner.vlm, "aclose", None)
+            if close is not None:
+                await close()
+
+    return asyncio.run(run_and_close())
 
 
 def run_items(items: Sequence[Item], vlm: VLM, out_dir: str | os.PathLike, **kwargs: Any) -> RunSummary:
     """Synchronous convenience: ``Runner(vlm, out_dir=..., **kwargs).run(items)`` in a new loop."""
     run_kw = {k: kwargs.pop(k) for k in ("rejected", "resume", "retry_errors") if k in kwargs}
-    return asyncio.run(Runner(vlm, out_dir=out_dir, **kwargs).run(items, **run_kw))
+    return run_sync(Runner(vlm, out_dir=out_dir, **kwargs), items, **run_kw)

@@ -1,14 +1,25 @@
 """The VLM seam: one async call signature for a real chat model and for the offline policy.
 
-``ChatVLM`` wraps any LangChain chat model (``ChatOpenAI`` against an OpenAI-compatible endpoint
-in practice): it bounds concurrent requests with one semaphore, retries 429, 5xx, timeouts and
-dropped connections with exponential backoff and jitter (honouring Retry-After), stops the run
-at once on 401/403/404, and measures every call (latency, tokens, request bytes, retries).
+Two clients share one request discipline (:class:`_EndpointVLM`): a single semaphore bounds the
+requests in flight, 429, 5xx, timeouts, dropped connections and garbled replies are retried with
+exponential backoff and jitter (honouring Retry-After), 401/403/404 stop the run at once, and every
+call is measured (latency, tokens, request bytes, images, retries).
+
+- :class:`ChatVLM`: any LangChain chat model through ``ainvoke``; the ``openai`` backend's default
+  client is ``ChatOpenAI`` (langchain-openai) against an OpenAI-compatible endpoint.
+- :class:`OpenAIVLM` (``EndpointConfig.client = "sdk"``): the LangChain messages the graphs build
+  are turned into the OpenAI wire format once (``convert_to_openai_messages``), serialised once,
+  and posted with the ``openai`` SDK's async client. ``ChatOpenAI`` spends ~14 ms of event-loop CPU
+  per 170 KB request against ~5 ms here (LangChain re-derives its content-block types and the SDK
+  re-walks the request's TypedDicts for every image block); that matters only when the endpoint
+  is fast enough for the client's CPU to be the limit (``anomalyclaw bench`` measures both).
 """
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -24,6 +35,11 @@ from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
 
 class VLMError(AnomalyClawError):
     """A request that failed after its retries (or could never succeed, such as a 400)."""
+
+
+class BadResponseError(VLMError):
+    """The endpoint answered 200 with a body that is not a chat completion (a gateway's HTML
+    error page, a truncated body): worth another try, like a 5xx."""
 
 
 @dataclass
@@ -58,16 +74,19 @@ class VLM(Protocol):
                     logprobs: bool = False) -> VLMReply: ...
 
 
+def _count_images(payload: list[dict[str, Any]]) -> int:
+    return sum(1 for m in payload if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+
+
 def request_size(messages: Sequence[BaseMessage]) -> tuple[int, int]:
     """(bytes of the messages as the OpenAI API receives them, number of images)."""
     payload = convert_to_openai_messages(list(messages))
-    images = sum(1 for m in payload if isinstance(m.get("content"), list)
-                 for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
-    return len(json.dumps(payload, separators=(",", ":"))), images
+    return len(json.dumps(payload, separators=(",", ":"))), _count_images(payload)
 
 
 _TRANSIENT = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
-              openai.APITimeoutError, openai.ConflictError)
+              openai.APITimeoutError, openai.ConflictError, BadResponseError)
 _FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
@@ -92,30 +111,59 @@ def _retry_after(exc: BaseException | None) -> float | None:
             return None
     raw = headers.get("retry-after")
     try:
-        return float(raw) if raw else None
+        value = float(raw) if raw else None
     except ValueError:
-        return None
+        return None  # an HTTP date: fall back to our own backoff
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
 @dataclass
-class ChatVLM:
-    """A LangChain chat model behind the :class:`VLM` seam.
+class _Answer:
+    """What one successful request returned."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    top_logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class _EndpointVLM(ABC):
+    """Retries, the concurrency bound and the measurements shared by the real clients.
 
     ``max_concurrency`` is THE bound on requests in flight for everything that shares this
     object (a whole run shares one); waiting for a retry does not hold a slot.
     """
 
-    chat_model: BaseChatModel
     model: str = "unknown"
     backend: str = "openai"
     max_retries: int = 5
     backoff_max_s: float = 30.0
     max_concurrency: int = 8
     secrets: list[str] = field(default_factory=list, repr=False)
-    _semaphore: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
+    _bound: tuple[Any, asyncio.Semaphore, Any] | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self._semaphore = asyncio.Semaphore(max(1, self.max_concurrency))
+    def _loop_state(self) -> tuple[asyncio.Semaphore, Any]:
+        """This event loop's semaphore and client. Both belong to one loop (a pooled connection
+        cannot be reused from another), so a new loop gets new ones: the same VLM serves one
+        ``asyncio.run`` after another (a notebook, ``run_items`` twice)."""
+        loop = asyncio.get_running_loop()
+        if self._bound is None or self._bound[0] is not loop:
+            self._bound = (loop, asyncio.Semaphore(max(1, self.max_concurrency)), self._connect())
+        return self._bound[1], self._bound[2]
+
+    @abstractmethod
+    def _connect(self) -> Any:
+        """A client for the running event loop."""
+
+    async def _disconnect(self, client: Any) -> None:
+        """Close ``client``'s connections, when this object owns them."""
+
+    async def aclose(self) -> None:
+        """Close the running loop's connections (a later call in any loop opens new ones)."""
+        if self._bound is not None and self._bound[0] is asyncio.get_running_loop():
+            client, self._bound = self._bound[2], None
+            await self._disconnect(client)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -123,10 +171,17 @@ class ChatVLM:
         backoff = wait_random_exponential(multiplier=0.5, max=self.backoff_max_s)(state)
         return min(self.backoff_max_s, hinted) if hinted is not None else backoff
 
+    @abstractmethod
+    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[Any, int, int]:
+        """(request, request bytes, images) for ``messages``; built once, sent on every attempt."""
+
+    @abstractmethod
+    async def _send(self, client: Any, request: Any, logprobs: bool) -> _Answer:
+        """Post ``request`` once with ``client`` and read the reply."""
+
     async def acall(self, messages: Sequence[BaseMessage], *, stage: str, context: Any = None,
                     logprobs: bool = False) -> VLMReply:
-        nbytes, nimages = request_size(messages)
-        model = self.chat_model.bind(logprobs=True, top_logprobs=5) if logprobs else self.chat_model
+        request, nbytes, nimages = self._prepare(messages, logprobs)
         attempts = 0
         start = time.perf_counter()
         try:
@@ -135,24 +190,17 @@ class ChatVLM:
                     stop=stop_after_attempt(self.max_retries + 1), reraise=True):
                 with attempt:
                     attempts += 1
-                    async with self._semaphore:
-                        message = await model.ainvoke(list(messages))
+                    slots, client = self._loop_state()
+                    async with slots:
+                        answer = await self._send(client, request, logprobs)
         except _FATAL as exc:
             raise EndpointFatalError(self._describe(exc, fatal=True)) from None
-        except (openai.OpenAIError, asyncio.TimeoutError) as exc:
+        except (openai.OpenAIError, VLMError, asyncio.TimeoutError) as exc:
             raise VLMError(self._describe(exc, attempts=attempts)) from None
-        usage = getattr(message, "usage_metadata", None) or {}
-        meta = getattr(message, "response_metadata", None) or {}
-        top = None
-        content = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
-        if content:
-            top = content[0].get("top_logprobs")
-        text = message.content if isinstance(message.content, str) else "".join(
-            part.get("text", "") for part in message.content if isinstance(part, dict))
-        return VLMReply(text=text, stage=stage, latency_s=time.perf_counter() - start,
-                        prompt_tokens=usage.get("input_tokens"), completion_tokens=usage.get("output_tokens"),
+        return VLMReply(text=answer.text, stage=stage, latency_s=time.perf_counter() - start,
+                        prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
                         request_bytes=nbytes * attempts, images_sent=nimages * attempts,
-                        retries=attempts - 1, top_logprobs=top)
+                        retries=attempts - 1, top_logprobs=answer.top_logprobs)
 
     def _describe(self, exc: BaseException, *, fatal: bool = False, attempts: int = 1) -> str:
         status = getattr(exc, "status_code", None)
@@ -162,6 +210,8 @@ class ChatVLM:
             what = "request timed out"
         elif isinstance(exc, openai.APIConnectionError):
             what = "connection failed"
+        elif isinstance(exc, BadResponseError):
+            what = "unreadable reply"
         else:
             what = type(exc).__name__
         detail = redact(str(exc), self.secrets)[:300]
@@ -174,34 +224,156 @@ class ChatVLM:
         return f"VLM request failed after {attempts} attempt(s) ({what}): {detail}"
 
 
-def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
-    """``ChatOpenAI`` for an OpenAI-compatible endpoint (vLLM, a hosted API, Ollama ...).
+@dataclass
+class OpenAIVLM(_EndpointVLM):
+    """The ``openai`` backend: OpenAI-compatible ``/chat/completions`` through the openai SDK.
 
-    Retries are ours (``ChatVLM``), so the client's own are off.
+    The request body is serialised once per call (its length is the ``request_bytes`` a call
+    reports) and resent as is on a retry.
+    """
+
+    endpoint: EndpointConfig | None = field(default=None, repr=False)
+    """Base URL, key and timeout of the ``openai.AsyncOpenAI`` clients (one per event loop)."""
+    temperature: float = 0.0
+    max_tokens: int = 1024
+
+    def _connect(self) -> openai.AsyncOpenAI:
+        return make_openai_client(self.endpoint)
+
+    async def _disconnect(self, client: openai.AsyncOpenAI) -> None:
+        await client.close()
+
+    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[bytes, int, int]:
+        payload = convert_to_openai_messages(list(messages))
+        body: dict[str, Any] = {"model": self.model, "messages": payload, "temperature": self.temperature,
+                                "max_tokens": self.max_tokens}
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=5)
+        data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return data, len(data), _count_images(payload)
+
+    async def _send(self, client: openai.AsyncOpenAI, request: bytes, logprobs: bool) -> _Answer:
+        raw = await client.post("/chat/completions", content=request, cast_to=bytes,
+                                     options={"headers": {"Content-Type": "application/json"}})
+        return _read_completion(raw, logprobs)
+
+
+def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
+    """The text, token counts and first-token top log-probs of a chat-completion body; a body
+    of another shape raises :class:`BadResponseError`."""
+    try:
+        body = json.loads(raw)
+        choice = body["choices"][0]
+        content = choice["message"].get("content")
+        if isinstance(content, list):  # some servers return content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        top = None
+        if logprobs and isinstance(choice.get("logprobs"), dict):
+            tokens = choice["logprobs"].get("content")
+            if tokens and isinstance(tokens[0], dict):
+                top = tokens[0].get("top_logprobs")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        preview = raw[:120].decode("utf-8", "replace").replace("\n", " ")
+        raise BadResponseError(f"the reply is not a chat completion: {preview!r}") from None
+    return _Answer(text=content if isinstance(content, str) else "", prompt_tokens=usage.get("prompt_tokens"),
+                   completion_tokens=usage.get("completion_tokens"), top_logprobs=top)
+
+
+@dataclass
+class ChatVLM(_EndpointVLM):
+    """Any LangChain chat model behind the :class:`VLM` seam (through ``ainvoke``).
+
+    With ``endpoint`` set (the ``openai`` backend), each event loop gets its own ``ChatOpenAI``
+    and connection pool from :func:`make_chat_model` (``chat_model`` is the first); without it,
+    ``chat_model`` (the caller's, with the caller's client) serves every loop.
+    """
+
+    chat_model: BaseChatModel | None = field(default=None, repr=False)
+    endpoint: EndpointConfig | None = field(default=None, repr=False)
+    _handed_out: bool = field(default=False, init=False, repr=False)
+
+    def _connect(self) -> BaseChatModel:
+        if self.endpoint is None:
+            return self.chat_model
+        if self.chat_model is None or self._handed_out:
+            self.chat_model = make_chat_model(self.endpoint)
+        self._handed_out = True  # the first loop uses the one built up front, later ones new ones
+        return self.chat_model
+
+    async def _disconnect(self, client: BaseChatModel) -> None:
+        if self.endpoint is not None:
+            await client.http_async_client.aclose()
+
+    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[list[BaseMessage], int, int]:
+        nbytes, nimages = request_size(messages)
+        return list(messages), nbytes, nimages
+
+    async def _send(self, client: BaseChatModel, request: list[BaseMessage], logprobs: bool) -> _Answer:
+        model = client.bind(logprobs=True, top_logprobs=5) if logprobs else client
+        try:
+            message = await model.ainvoke(request)
+        except (ValueError, KeyError, TypeError) as exc:  # a 200 whose body is not a completion
+            raise BadResponseError(f"the reply is not a chat completion: {str(exc)[:200]}") from None
+        usage = getattr(message, "usage_metadata", None) or {}
+        meta = getattr(message, "response_metadata", None) or {}
+        top = None
+        content = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
+        if content:
+            top = content[0].get("top_logprobs")
+        text = message.content if isinstance(message.content, str) else "".join(
+            part.get("text", "") for part in message.content if isinstance(part, dict))
+        return _Answer(text=text, prompt_tokens=usage.get("input_tokens"),
+                       completion_tokens=usage.get("output_tokens"), top_logprobs=top)
+
+
+def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
+    """``ChatOpenAI`` for an OpenAI-compatible endpoint (vLLM, a hosted API, Ollama ...), for
+    use as a LangChain chat model (``make_vlm(chat_model=...)`` wraps it in :class:`ChatVLM`).
+
+    Retries are ours, so the client's own are off. It gets a connection pool of its own
+    (langchain-openai's default pool is shared by every ``ChatOpenAI`` with the same URL, across
+    event loops, and a pooled connection from a closed loop fails the next request).
     """
     from langchain_openai import ChatOpenAI
 
     endpoint.require()
     return ChatOpenAI(base_url=endpoint.base_url, model=endpoint.model,
                       api_key=endpoint.api_key or "EMPTY", timeout=endpoint.timeout_s, max_retries=0,
+                      http_async_client=openai.DefaultAsyncHttpxClient(timeout=endpoint.timeout_s),
                       temperature=endpoint.temperature, max_tokens=endpoint.max_tokens)
+
+
+def make_openai_client(endpoint: EndpointConfig) -> openai.AsyncOpenAI:
+    """The SDK's async client for ``endpoint`` (retries off: :class:`OpenAIVLM` does its own)."""
+    endpoint.require()
+    key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
+    return openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0)
 
 
 def make_vlm(backend: str = "offline", endpoint: EndpointConfig | None = None, *,
              max_concurrency: int = 8, chat_model: BaseChatModel | None = None) -> VLM:
     """The VLM for a backend: ``offline`` (the embedded rule-based stand-in) or ``openai``.
 
-    Pass ``chat_model`` to use any other LangChain chat model behind the same seam.
+    Pass ``chat_model`` to use any LangChain chat model behind the same seam; its retries,
+    concurrency bound and timeouts come from ``endpoint`` when given.
     """
     if chat_model is not None:
         name = getattr(chat_model, "model_name", None) or getattr(chat_model, "model", None) or type(chat_model).__name__
-        return ChatVLM(chat_model, model=str(name), backend="langchain", max_concurrency=max_concurrency)
+        policy = endpoint or EndpointConfig()
+        return ChatVLM(model=str(name), backend="langchain", chat_model=chat_model,
+                       max_retries=policy.max_retries, backoff_max_s=policy.backoff_max_s,
+                       max_concurrency=max_concurrency, secrets=policy.secret_values())
     if backend == "offline":
         from .offline import OfflineVLM
         return OfflineVLM()
     if backend == "openai":
         endpoint = (endpoint or EndpointConfig.from_env()).require()
-        return ChatVLM(make_chat_model(endpoint), model=endpoint.model or "unknown", backend="openai",
-                       max_retries=endpoint.max_retries, backoff_max_s=endpoint.backoff_max_s,
-                       max_concurrency=max_concurrency, secrets=endpoint.secret_values())
+        policy = dict(model=endpoint.model or "unknown", backend="openai", max_retries=endpoint.max_retries,
+                      backoff_max_s=endpoint.backoff_max_s, max_concurrency=max_concurrency,
+                      secrets=endpoint.secret_values())
+        if endpoint.client == "sdk":
+            return OpenAIVLM(endpoint=endpoint, temperature=endpoint.temperature, max_tokens=endpoint.max_tokens,
+                             **policy)
+        return ChatVLM(chat_model=make_chat_model(endpoint), endpoint=endpoint, **policy)
     raise AnomalyClawError(f"unknown backend {backend!r}: choose offline or openai")

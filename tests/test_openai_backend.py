@@ -1,4 +1,5 @@
-"""The openai backend through the real ChatOpenAI client against a local fake endpoint."""
+"""The openai backend against a local fake endpoint, through both of its clients: the real
+``ChatOpenAI`` (langchain, the default) and the openai SDK (``client="sdk"``)."""
 from __future__ import annotations
 
 import json
@@ -26,10 +27,15 @@ DIRECT_OK = json.dumps({"image_label": "normal", "confidence": 0.8, "anomaly_typ
                         "bbox": None})
 
 
-def _vlm(server, **kw):
+@pytest.fixture(params=["langchain", "sdk"])
+def client(request):
+    return request.param
+
+
+def _vlm(server, client, **kw):
     endpoint = EndpointConfig.from_env(base_url=server.base_url, model="fake-vlm", api_key=KEY,
                                        timeout_s=kw.pop("timeout_s", 5.0), max_retries=kw.pop("max_retries", 3),
-                                       backoff_max_s=0.05)
+                                       backoff_max_s=0.05, client=client)
     return make_vlm("openai", endpoint, max_concurrency=4)
 
 
@@ -43,10 +49,10 @@ def item(small_items):
     return next(it for it in small_items if it.label == 1)
 
 
-async def test_tool_call_with_repaired_name(item):
+async def test_tool_call_with_repaired_name(item, client):
     with FakeVLMServer(api_key=KEY, script={"propose": [PROPOSE_ZOOM], "refute": [REFUTE_COMMIT],
                                             "direct": [DIRECT_OK]}, record_bodies=True) as server:
-        state = await _judge(item, _vlm(server))
+        state = await _judge(item, _vlm(server, client))
     assert state["tools_used"] == ["region_zoom"]
     assert any("repaired" in f for f in state["fallbacks"])
     assert state["refute_score"] == pytest.approx(0.2) and state["direct_score"] == pytest.approx(0.2)
@@ -57,76 +63,112 @@ async def test_tool_call_with_repaired_name(item):
     assert images and images[0]["image_url"]["url"].startswith("data:image/")
 
 
-async def test_repair_retry_then_success(item):
+async def test_repair_retry_then_success(item, client):
     with FakeVLMServer(api_key=KEY, script={"propose": ["I think it is fine.", PROPOSE_ZOOM],
                                             "refute": [REFUTE_COMMIT], "direct": ['{"image_label": "normal"',
                                                                                   DIRECT_OK]}) as server:
-        state = await _judge(item, _vlm(server))
+        state = await _judge(item, _vlm(server, client))
     assert state["refute_score"] == pytest.approx(0.2) and state["direct_score"] == pytest.approx(0.2)
     assert any("repaired after: the reply holds no JSON object" in f for f in state["fallbacks"])
     assert any("cut off" in f for f in state["direct_fallbacks"])
     assert sum(1 for c in state["calls"] if c.get("repair")) == 1
 
 
-async def test_429_then_success_counts_retries(item):
+async def test_429_then_success_counts_retries(item, client):
     with FakeVLMServer(api_key=KEY, script={"direct": ["!429_retry_after", "!429", DIRECT_OK]}) as server:
-        state = await _judge(item, _vlm(server))
+        state = await _judge(item, _vlm(server, client))
     assert state["direct_calls"][0]["retries"] == 2
     assert state["direct_score"] == pytest.approx(0.2)
 
 
-async def test_500_storm_fails_the_branch_not_the_item(item):
+async def test_500_storm_fails_the_branch_not_the_item(item, client):
     storm = ["!500"] * 10
     with FakeVLMServer(api_key=KEY, script={"direct": storm}) as server:
-        state = await _judge(item, _vlm(server, max_retries=2))
+        state = await _judge(item, _vlm(server, client, max_retries=2))
     assert state["direct_score"] is None and "HTTP 500" in state["direct_error"]
     assert state["refute_score"] is not None and state["anomaly_score"] == state["refute_score"]
 
 
-async def test_timeout_is_retried_then_reported(item):
+async def test_timeout_is_retried_then_reported(item, client):
     with FakeVLMServer(api_key=KEY, script={"direct": ["!timeout", "!timeout"]}, hang_s=3) as server:
-        state = await _judge(item, _vlm(server, timeout_s=0.5, max_retries=1))
+        state = await _judge(item, _vlm(server, client, timeout_s=0.5, max_retries=1))
     assert state["direct_score"] is None and "request timed out" in state["direct_error"]
 
 
-async def test_401_stops_with_a_clear_message_and_no_key(item):
+async def test_401_stops_with_a_clear_message_and_no_key(item, client):
     with FakeVLMServer(api_key="sk-the-right-one") as server:
         with pytest.raises(EndpointFatalError) as err:
-            await _judge(item, _vlm(server))
+            await _judge(item, _vlm(server, client))
     assert "HTTP 401" in str(err.value) and "API key" in str(err.value)
     assert KEY not in str(err.value)
 
 
-async def test_unknown_model_is_404_fatal(item):
+async def test_unknown_model_is_404_fatal(item, client):
     with FakeVLMServer(api_key=KEY, models=["other-model"]) as server:
         with pytest.raises(EndpointFatalError, match="does not serve model 'fake-vlm'"):
-            await _judge(item, _vlm(server))
+            await _judge(item, _vlm(server, client))
 
 
-async def test_unknown_tool_becomes_an_observation_listing_valid_names(item):
+async def test_unknown_tool_becomes_an_observation_listing_valid_names(item, client):
     bad = json.dumps({"initial_score": 0.5, "candidates": [{"id": "c1", "description": "x"}],
                       "action": {"tool": "magic_detector", "args": {}}})
     with FakeVLMServer(api_key=KEY, script={"propose": [bad], "refute": [REFUTE_COMMIT]},
                        record_bodies=True) as server:
-        state = await _judge(item, _vlm(server))
+        state = await _judge(item, _vlm(server, client))
     obs = state["observations"][0]
     assert not obs.ok and "unknown tool 'magic_detector'" in obs.text and "side_by_side_compare" in obs.text
     assert state.get("tools_used", []) == []
     assert state["refute_score"] == pytest.approx(0.2)
 
 
-async def test_logprob_direct_score(item):
+async def test_logprob_direct_score(item, client):
     with FakeVLMServer(api_key=KEY, script={"logprob": ["anomalous"]}) as server:
-        state = await _judge(item, _vlm(server), direct_score="logprob")
+        state = await _judge(item, _vlm(server, client), direct_score="logprob")
     assert state["direct_reply"]["mode"] == "logprob"
     expected = math.exp(-0.22) / (math.exp(-0.22) + math.exp(-1.6))  # the fake's two top tokens
     assert state["direct_score"] == pytest.approx(expected)
 
 
-async def test_image_history_once_sends_fewer_bytes(item):
+async def test_image_history_once_sends_fewer_bytes(item, client):
     sizes = {}
     for policy in ("once", "all"):
         with FakeVLMServer(api_key=KEY, script={"propose": [PROPOSE_ZOOM], "refute": [REFUTE_COMMIT]}) as server:
-            state = await _judge(item, _vlm(server), image_history=policy)
+            state = await _judge(item, _vlm(server, client), image_history=policy)
         sizes[policy] = sum(c["request_bytes"] for c in state["calls"])
     assert sizes["once"] < sizes["all"]
+
+
+def test_the_default_client_is_chatopenai(item):
+    from langchain_openai import ChatOpenAI
+
+    from anomalyclaw.graph.vlm import ChatVLM, OpenAIVLM
+
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m")
+    vlm = make_vlm("openai", endpoint)
+    assert isinstance(vlm, ChatVLM) and isinstance(vlm.chat_model, ChatOpenAI) and vlm.backend == "openai"
+    assert isinstance(make_vlm("openai", EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", client="sdk")),
+                      OpenAIVLM)
+    assert EndpointConfig.from_env(env={"ANOMALYCLAW_CLIENT": "sdk"}).client == "sdk"
+    with pytest.raises(Exception, match="unknown client 'curl'"):
+        EndpointConfig(client="curl")
+
+
+def test_one_vlm_serves_one_event_loop_after_another(client):
+    """A notebook or a script may call ``asyncio.run`` (``run_items``) more than once with the
+    same VLM: pooled connections of a closed loop must not be reused."""
+    import asyncio
+
+    from langchain_core.messages import HumanMessage
+
+    with FakeVLMServer(api_key=KEY, script=["one", "two", "three"]) as server:
+        vlm = _vlm(server, client)
+        texts = [asyncio.run(vlm.acall([HumanMessage("hi")], stage="direct")).text for _ in range(2)]
+
+        async def call_then_close():
+            try:
+                return (await vlm.acall([HumanMessage("hi")], stage="direct")).text
+            finally:
+                await vlm.aclose()
+
+        texts.append(asyncio.run(call_then_close()))
+    assert texts == ["one", "two", "three"]
