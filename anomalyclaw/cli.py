@@ -125,32 +125,30 @@ def _make_vlm(args: argparse.Namespace):
     if args.backend == "offline":
         return make_vlm("offline"), []
     endpoint = EndpointConfig.from_env(preset=args.preset, base_url=args.base_url, model=args.model,
-                                       timeout_s=args.timeout).require()
+                                       timeout_s=args.timeout, client=args.client).require()
     install_secret_redaction(endpoint.secret_values())
     return make_vlm("openai", endpoint, max_concurrency=args.concurrency), endpoint.secret_values()
 
 
-def _run(args: argparse.Namespace, items, rejected, out_dir: Path) -> dict:
+def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str) -> dict:
     """Run items, print the summary and the evaluation; returns the --json object."""
-    import asyncio
-
     from anomalyclaw.eval.metrics import evaluate
     from anomalyclaw.eval.records import RECORDS_FILE, load_records
-    from anomalyclaw.eval.runner import Runner
+    from anomalyclaw.eval.runner import Runner, run_sync
     from anomalyclaw.eval.summary import format_table
     from anomalyclaw.prompts import PromptSet
 
     vlm, secrets = _make_vlm(args)
     runner = Runner(vlm, out_dir=out_dir, config=_agent_config(args), registry=_registry(args),
                     prompts=PromptSet.load(args.prompts), save_images=args.save_images,
-                    progress=not args.no_progress, secrets=secrets)
-    summary = asyncio.run(runner.run(items, rejected=rejected, resume=args.resume,
-                                     retry_errors=args.retry_errors))
+                    progress=not args.no_progress, secrets=secrets, source=source)
+    summary = run_sync(runner, items, rejected=rejected, resume=args.resume, retry_errors=args.retry_errors)
     records = load_records(out_dir / RECORDS_FILE)
     result = evaluate(records, alpha=runner.config.alpha)
     per_item = summary.requests / summary.n_done if summary.n_done else 0.0
     print(f"\n{summary.n_done} items judged in {summary.elapsed_s:.1f} s ({summary.items_per_s:.2f} items/s), "
-          f"{summary.n_skipped} already done, {summary.n_errors} errors; backend {vlm.backend} ({vlm.model}); "
+          f"{summary.n_skipped} already done, {summary.n_errors} errors, {summary.n_partial} judged by one "
+          f"branch only, {summary.n_duplicates} duplicate ids left out; backend {vlm.backend} ({vlm.model}); "
           f"{per_item:.2f} VLM requests per item; records: {out_dir / RECORDS_FILE}")
     if result["kept"]:
         print(format_table(result))
@@ -159,6 +157,7 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path) -> dict:
     out = {k: result[k] for k in ("rows", "kept", "macro_auroc", "per_domain")}
     out.update(n_items=len(records), n_errors=sum(1 for r in records if r.error),
                records=str(out_dir / RECORDS_FILE), items_per_s=summary.items_per_s,
+               n_partial=summary.n_partial, n_duplicates=summary.n_duplicates,
                requests_per_item=round(per_item, 3), backend=vlm.backend, fatal=summary.fatal)
     return out
 
@@ -176,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{len(contents.problems)} manifest problems; --strict refuses to start", file=sys.stderr)
             return 2
     rejected = {} if args.limit else contents.rejected
-    out = _run(args, items, rejected, Path(args.out))
+    out = _run(args, items, rejected, Path(args.out), source=str(Path(args.manifest).resolve()))
     if args.json:
         _print_json(out)
     return 3 if out["fatal"] else 0
@@ -195,10 +194,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for stale in [run_dir / RECORDS_FILE, *run_dir.glob("run_*.json")]:
         stale.unlink(missing_ok=True)  # the demo always starts fresh in its own folder
     contents = read_manifest(manifest, split="test")
-    out = _run(args, contents.items, contents.rejected, run_dir)
+    out = _run(args, contents.items, contents.rejected, run_dir, source=str(manifest.resolve()))
     if args.json:
         _print_json(out)
     return 3 if out["fatal"] else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.bench import format_bench, full_plan, quick_plan, run_bench
+
+    result = run_bench(quick_plan() if args.quick else full_plan())
+    print(format_bench(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        print(f"results: {args.out}")
+    if args.json:
+        _print_json(result)
+    return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -313,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--base-url", help="endpoint base URL (else ANOMALYCLAW_BASE_URL)")
         g.add_argument("--model", help="model name (else ANOMALYCLAW_MODEL)")
         g.add_argument("--timeout", type=float, help="seconds per request (default 120)")
+        g.add_argument("--client", choices=["langchain", "sdk"],
+                       help="openai backend's client: langchain (ChatOpenAI, default) or sdk (the openai SDK "
+                            "directly, less CPU per request); else ANOMALYCLAW_CLIENT")
         g.add_argument("--concurrency", type=int, default=8, help="VLM requests in flight (default 8)")
         a = p.add_argument_group("agent")
         a.add_argument("--max-turns", type=int, help="refutation turns before a forced commit (default 3)")
@@ -347,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     run_options(p)
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("bench", help="speed benchmarks: throughput against a fake endpoint, request bytes, "
+                                     "tool and expert latency, the demo's wall time")
+    p.add_argument("--quick", action="store_true", help="a smaller plan (about two minutes)")
+    p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("trace", help="print a finished item's trajectory turn by turn")
     p.add_argument("records", help="run folder or records file")

@@ -1,0 +1,382 @@
+"""Speed benchmarks of the runner path (``anomalyclaw bench``), each figure a ratio against a limit
+or a baseline measured in the same run.
+
+- **throughput**: the runner (``openai`` backend, default :class:`AgentConfig`) against the fake
+  endpoint run in its own process with a fixed latency per request, at several concurrencies;
+  ratio = items/s divided by the ideal ``concurrency / (requests per item x latency)``. Items are
+  copies (new ids) of the synthetic benchmark's items; the reference sets are calibrated once
+  beforehand (a warm-up pass), so the figure is the steady state of a long run, where reference
+  sets repeat. CPU per item (all threads) and event-loop CPU per item say where the ceiling is.
+- **request bytes**: requests, bytes and images per item with ``image_history="once"`` (the
+  default) against ``"all"``, and against a naive client (every image of the history each turn,
+  PNG, full size).
+- **tools**: latency of each tool (:func:`bench_tools.run_tool_benchmark`).
+- **experts**: fit time per reference set and score time per item of the fusion's expert on the
+  ``classic`` backbone, and the hit rates of the expert pool and the image encoder over one pass;
+  with the CrossDomainVAD-12 manifests at hand, how often reference sets and images repeat there.
+- **demo**: ``anomalyclaw demo`` end to end (generate + run + eval) in a fresh process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from anomalyclaw.config import AgentConfig, EndpointConfig
+from anomalyclaw.items import Item
+
+log = logging.getLogger(__name__)
+
+#: Requests per item with the fake endpoint's default replies: direct, propose, refute.
+NOMINAL_REQUESTS_PER_ITEM = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+    """What to measure and how much. :func:`quick_plan` and :func:`full_plan` are the two the
+    command line offers; tests use a tiny one."""
+
+    latencies_s: tuple[float, ...] = (0.1, 1.0)
+    concurrencies: tuple[int, ...] = (1, 8, 32, 128)
+    items_per_slot: int = 4
+    """Items per run = ``items_per_slot x concurrency`` (at least ``min_items``), so start-up
+    and the tail of the run do not dominate."""
+    min_items: int = 4
+    image_size: int = 512
+    """Side of the synthetic images in pixels (the agent's default work side)."""
+    n_test_per_domain: int = 4
+    """Distinct items per synthetic domain; throughput runs copy them."""
+    domains: tuple[str, ...] | None = None
+    """Synthetic domains to draw items from (None: all seven)."""
+    compare_sdk: tuple[float, int] | None = (0.1, 32)
+    """(latency, concurrency) at which to also run the ``sdk`` client (the default client is
+    ``langchain``: ``ChatOpenAI``), or None."""
+    tool_repeats: int = 10
+    """Warm calls per tool; 0 skips the tool section."""
+    demo: bool = True
+
+
+def quick_plan() -> BenchPlan:
+    """About two minutes on a 2-core machine: no concurrency 128, fewer tool calls."""
+    return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3)
+
+
+def full_plan() -> BenchPlan:
+    """Every concurrency, 8 items per slot; about seven minutes on a 2-core machine."""
+    return BenchPlan(items_per_slot=8)
+
+
+# ------------------------------------------------------------------------------ the endpoint
+@contextmanager
+def fake_endpoint_process(latency_s: float) -> Iterator[str]:
+    """The fake endpoint in a child process (so its CPU does not share this process's GIL);
+    yields its base URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "anomalyclaw.eval.fake_endpoint", "--port", "0",
+                             "--latency", str(latency_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"the fake endpoint did not start: {url!r} {proc.stderr.read()[-500:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _vlm(url: str, concurrency: int, client: str = "langchain"):
+    from anomalyclaw.graph.vlm import make_vlm
+
+    endpoint = EndpointConfig(base_url=url, model="fake-vlm", timeout_s=120.0, max_retries=2, client=client)
+    return make_vlm("openai", endpoint, max_concurrency=concurrency)
+
+
+def copies(items: Sequence[Item], n: int) -> list[Item]:
+    """``n`` items cycling through ``items``, each copy with a new id (``<id>~<k>``)."""
+    return [dataclasses.replace(items[i % len(items)], item_id=f"{items[i % len(items)].item_id}~{i // len(items)}")
+            for i in range(n)]
+
+
+def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any) -> dict[str, Any]:
+    """One runner pass; the summary plus the CPU it took (process and event-loop thread)."""
+    from anomalyclaw.eval.runner import Runner, run_sync
+
+    runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=False)
+    cpu, loop_cpu, wall = time.process_time(), time.thread_time(), time.perf_counter()
+    summary = run_sync(runner, items)  # asyncio.run's loop runs on this thread
+    wall, cpu, loop_cpu = (time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - loop_cpu)
+    done = max(1, summary.n_done)
+    return {"items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
+            "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(out_dir),
+            "requests_per_item": round(summary.requests / done, 3),
+            "request_kb_per_item": round(summary.request_bytes / done / 1024, 1),
+            "cpu_ms_per_item": round(cpu / done * 1000, 1), "loop_cpu_ms_per_item": round(loop_cpu / done * 1000, 1),
+            "summary": summary}
+
+
+def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
+    """Items per second while the run is in full swing: the least-squares slope of items
+    finished against time, over the items between the ``low`` and ``high`` quantiles of the
+    finish order. It leaves out the ramp-up of the first items and the tail of the last ones
+    (a fixed-size batch has both; a 1,418-item run barely does); the fit, rather than two end
+    points, averages over the bursts in which items finish. None below ``min_items`` items."""
+    from datetime import datetime
+
+    import numpy as np
+
+    from anomalyclaw.eval.records import RECORDS_FILE, iter_jsonl
+
+    times = sorted(datetime.fromisoformat(obj["finished_at"]).timestamp()
+                   for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE) if not problem and obj.get("finished_at"))
+    if len(times) < min_items:
+        return None
+    i, j = int(low * (len(times) - 1)), int(high * (len(times) - 1))
+    t = np.asarray(times[i:j + 1]) - times[i]
+    if t[-1] <= 0:
+        return None
+    slope = np.polyfit(t, np.arange(len(t), dtype=float), 1)[0]
+    return round(float(slope), 3)
+
+
+# ------------------------------------------------------------------------------ sections
+def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -> list[dict[str, Any]]:
+    """One row per (latency, concurrency) and client; see the module docstring."""
+    rows = []
+    config = AgentConfig()
+    runs = [(lat, c, "langchain") for lat in plan.latencies_s for c in plan.concurrencies]
+    if plan.compare_sdk:
+        runs.append((*plan.compare_sdk, "sdk"))
+    for latency in sorted({lat for lat, _, _ in runs}):
+        with fake_endpoint_process(latency) as url:
+            for lat, concurrency, client in runs:
+                if lat != latency:
+                    continue
+                n = max(plan.min_items, plan.items_per_slot * concurrency)
+                out = work / f"throughput_{latency:g}s_c{concurrency}_{client}"
+                row = _run(copies(items, n), _vlm(url, concurrency, client), out, config, pool)
+                row.pop("summary")
+                ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
+                steady = row["steady_items_per_s"]
+                rows.append({"latency_s": latency, "concurrency": concurrency, "client": client,
+                             "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
+                             "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
+                log.info("throughput %s", rows[-1])
+    return rows
+
+
+def bench_request_bytes(items: Sequence[Item], work: Path) -> list[dict[str, Any]]:
+    """Requests, KB and images per item under three image policies, on the same items."""
+    policies = {
+        "once (default)": AgentConfig(),
+        "all": AgentConfig(image_history="all"),
+        "naive: all, PNG, full size": AgentConfig(image_history="all", image_format="PNG",
+                                                   image_side=4096, reference_side=4096),
+    }
+    rows = []
+    with fake_endpoint_process(0.0) as url:
+        for k, (name, config) in enumerate(policies.items()):
+            out = work / f"bytes_{k}"
+            # No expert term: it does not change what is sent, only how long an item takes.
+            row = _run(items, _vlm(url, 8), out, dataclasses.replace(config, expert_score=False), None)
+            summary = row.pop("summary")
+            images = sum(_images_sent(out)) / max(1, summary.n_done)
+            rows.append({"policy": name, "requests_per_item": row["requests_per_item"],
+                         "request_kb_per_item": row["request_kb_per_item"], "images_per_item": round(images, 2),
+                         "errors": row["errors"]})
+    base = rows[0]["request_kb_per_item"] or 1.0
+    for row in rows:
+        row["bytes_vs_once"] = round(row["request_kb_per_item"] / base, 3)
+    return rows
+
+
+def _images_sent(run_dir: Path) -> Iterator[int]:
+    from anomalyclaw.eval.records import RECORDS_FILE, iter_jsonl
+
+    for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE):
+        if not problem:
+            yield int((obj.get("usage") or {}).get("images_sent") or 0)
+
+
+def bench_experts(items: Sequence[Item], work_side: int = 512) -> dict[str, Any]:
+    """The fusion's expert on the classic backbone, one cold pass over ``items``: fit time per
+    new reference set, score time per item, and how often the pool served a fitted set."""
+    from anomalyclaw.experts.pool import ExpertPool, default_params
+    from anomalyclaw.graph.pipeline import EXPERT
+    from anomalyclaw.tools.context import ItemContext
+
+    pool = ExpertPool("classic")
+    _ = pool.backbone  # loading the backbone is not a fit
+    fits, scores = [], []
+    for item in items:
+        ctx = ItemContext(item, work_side=work_side, expert_pool=pool).preload()
+        misses = pool.stats["misses"]
+        start = time.perf_counter()
+        expert = pool.expert(EXPERT, item.reference_set_key, lambda: ctx.references,
+                             **default_params(EXPERT, item.traits))
+        fitted = time.perf_counter() - start
+        if pool.stats["misses"] > misses:
+            fits.append(fitted)
+        start = time.perf_counter()
+        expert.score(ctx.query)
+        scores.append(time.perf_counter() - start)
+    unique_images = {str(p) for it in items for p in it.ref_paths}
+    slots = sum(len(it.ref_paths) for it in items)
+    return {"backbone": "classic", "expert": EXPERT, "items": len(items), "work_side": work_side,
+            "fit_ms_per_set": round(1000 * sum(fits) / max(1, len(fits)), 1), "sets_fitted": len(fits),
+            "score_ms_per_item": round(1000 * sum(scores) / max(1, len(scores)), 1),
+            "reference_slots": slots, "unique_reference_images": len(unique_images),
+            "pool": pool.stats}
+
+
+def reference_reuse(manifest: Path, split: str = "test") -> dict[str, Any] | None:
+    """How often reference sets and images repeat in a manifest (no image is read): the best
+    hit rates a per-set and a per-image feature cache can reach over one pass."""
+    try:
+        rows = json.loads(Path(manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rows = [r for r in rows if isinstance(r, dict) and r.get("split") == split and r.get("ref_paths")]
+    if not rows:
+        return None
+    sets = {tuple(r["ref_paths"]) for r in rows}
+    images = {p for r in rows for p in r["ref_paths"]}
+    slots = sum(len(r["ref_paths"]) for r in rows)
+    return {"manifest": str(manifest), "split": split, "items": len(rows), "unique_sets": len(sets),
+            "set_hit_rate": round(1 - len(sets) / len(rows), 3), "reference_slots": slots,
+            "unique_images": len(images), "image_hit_rate": round(1 - len(images) / slots, 3)}
+
+
+def bench_demo(work: Path) -> dict[str, Any]:
+    """``anomalyclaw demo`` in a fresh process (imports, generation, run, AUROC): wall seconds."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "anomalyclaw", "demo", "--out", str(work / "demo"),
+                           "--no-progress", "--json"], capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - start
+    out: dict[str, Any] = {"wall_s": round(wall, 1), "returncode": proc.returncode}
+    if proc.returncode == 0:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        out.update(items=result.get("n_items"), items_per_s=result.get("items_per_s"),
+                   macro_auroc=result.get("macro_auroc"))
+    else:
+        out["error"] = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+    return out
+
+
+# ------------------------------------------------------------------------------ the whole bench
+def machine() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "load_avg_1m": round(load[0], 2) if load else None}
+
+
+def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | None = None,
+              reference_manifest: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run every section of ``plan`` (default: :func:`quick_plan`) and return the results."""
+    from anomalyclaw.eval.manifests import load_manifest
+    from anomalyclaw.eval.synth import generate_benchmark
+    from anomalyclaw.experts.pool import ExpertPool
+
+    plan = plan or quick_plan()
+    started = time.perf_counter()
+    result: dict[str, Any] = {"plan": dataclasses.asdict(plan), "machine_before": machine()}
+    with tempfile.TemporaryDirectory(prefix="anomalyclaw-bench-") as tmp:
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        manifest = generate_benchmark(work / "synth", seed=0, n_test_per_domain=plan.n_test_per_domain,
+                                      n_calibration=0, n_dev=0, size=plan.image_size,
+                                      domains=list(plan.domains) if plan.domains else None)
+        items = load_manifest(manifest, split="test")
+        # Warm-up: every reference set calibrated once (tools' caches, the expert pool), so the
+        # throughput runs measure the steady state of a long run; its own cost is reported too.
+        pool = ExpertPool("classic")
+        with fake_endpoint_process(0.0) as url:
+            warm = _run(items, _vlm(url, 8), work / "warmup", AgentConfig(), pool)
+        summary = warm.pop("summary")
+        result["warmup"] = {**warm, "pool": dict(summary.cache.get("experts", {})),
+                            "encoder": dict(summary.cache.get("images", {}))}
+        result["throughput"] = bench_throughput(items, plan, pool, work)
+        result["request_bytes"] = bench_request_bytes(items, work)
+        result["experts"] = bench_experts(items)
+        reference = Path(reference_manifest) if reference_manifest else _default_reference_manifest()
+        result["reference_reuse"] = reference_reuse(reference) if reference is not None else None
+        if plan.tool_repeats:
+            from anomalyclaw.eval.bench_tools import run_tool_benchmark
+
+            result["tools"] = run_tool_benchmark(plan.image_size, plan.tool_repeats)
+        if plan.demo:
+            result["demo"] = bench_demo(work)
+    result["machine_after"] = machine()
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _default_reference_manifest() -> Path | None:
+    """The CrossDomainVAD-12 manifest beside the repository (``../shared``), when present."""
+    path = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "crossdomainvad12" / "manifests"
+            / "full_manifest.json")
+    return path if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------ the table
+def format_bench(result: dict[str, Any]) -> str:
+    """The bench's results as the text table ``anomalyclaw bench`` prints."""
+    m = result["machine_before"]
+    lines = [f"machine: {m['cpus']} CPUs, Python {m['python']}, load {m['load_avg_1m']} -> "
+             f"{result['machine_after']['load_avg_1m']}; bench took {result['elapsed_s']} s",
+             "", "Runner throughput against the fake endpoint (openai backend, default AgentConfig, "
+             f"{result['plan']['image_size']} px synthetic items, reference sets warm)",
+             f"{'latency':>8} {'conc':>5} {'client':>9} {'items':>6} {'items/s':>8} {'ideal':>8} {'ratio':>6} "
+             f"{'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'loop ms/item':>12} {'errors':>6}"]
+    for r in result["throughput"]:
+        steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
+        lines.append(f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['client']:>9} {r['items']:>6} "
+                     f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
+                     f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {r['loop_cpu_ms_per_item']:>12.1f} "
+                     f"{r['errors']:>6}")
+    lines.append("ratio = items/s / ideal, ideal = concurrency / (requests per item x latency); steady = the "
+                 "same for the rate fitted between the 20th and 80th percentile finishes (a long run's rate)")
+    w = result["warmup"]
+    lines += [f"cold pass (warm-up, {w['items']} items, concurrency 8, no latency): {w['items_per_s']:.2f} items/s, "
+              f"{w['cpu_ms_per_item']:.0f} ms CPU per item; expert pool {w['pool']}; "
+              f"image encoder {w['encoder']}"]
+    lines += ["", "Request size per item (same items, no latency)",
+              f"{'image policy':<28} {'req/item':>8} {'KB/item':>9} {'images/item':>11} {'vs once':>8}"]
+    for r in result["request_bytes"]:
+        lines.append(f"{r['policy']:<28} {r['requests_per_item']:>8.2f} {r['request_kb_per_item']:>9.1f} "
+                     f"{r['images_per_item']:>11.2f} {r['bytes_vs_once']:>7.2f}x")
+    e = result["experts"]
+    lines += ["", f"Expert {e['expert']} ({e['backbone']} backbone, {e['work_side']} px): "
+              f"fit {e['fit_ms_per_set']:.0f} ms "
+              f"per reference set ({e['sets_fitted']} sets), score {e['score_ms_per_item']:.0f} ms per item; "
+              f"{e['unique_reference_images']} distinct reference images in {e['reference_slots']} slots"]
+    reuse = result.get("reference_reuse")
+    if reuse:
+        lines.append(f"CrossDomainVAD-12 {reuse['split']} ({reuse['items']} items): {reuse['unique_sets']} distinct "
+                     f"reference sets (a per-set cache hits {reuse['set_hit_rate']:.0%}), {reuse['unique_images']} "
+                     f"distinct images in {reuse['reference_slots']} slots (a per-image cache hits "
+                     f"{reuse['image_hit_rate']:.0%})")
+    if result.get("tools"):
+        lines += ["", f"Tool latency at {result['plan']['image_size']} px (warm calls)",
+                  f"{'tool':<22} {'median ms':>10} {'p95 ms':>8} {'first ms':>9}"]
+        for r in result["tools"]:
+            if "median_ms" in r:
+                lines.append(f"{r['tool']:<22} {r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['first_ms']:>9.1f}")
+            else:
+                lines.append(f"{r['tool']:<22} {r.get('error')}")
+    if result.get("demo"):
+        d = result["demo"]
+        lines += ["", f"demo end to end (generate + run + eval, fresh process): {d['wall_s']} s"
+                  + (f", {d.get('items')} items" if d.get("items") else f", FAILED: {d.get('error')}")]
+    return "\n".join(lines)

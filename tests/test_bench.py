@@ -1,0 +1,64 @@
+"""The speed benchmark's smallest configuration, end to end, so that it cannot rot (no timing is
+asserted: this machine's speed is not the test's business)."""
+from __future__ import annotations
+
+import json
+
+from anomalyclaw.cli import build_parser, cmd_bench
+from anomalyclaw.eval.bench import BenchPlan, copies, format_bench, reference_reuse, run_bench
+
+
+def test_smallest_bench_measures_every_section(tmp_path):
+    plan = BenchPlan(latencies_s=(0.02,), concurrencies=(2,), items_per_slot=2, min_items=2, image_size=64,
+                     n_test_per_domain=2, domains=("S1", "S3"), compare_sdk=(0.02, 2), tool_repeats=1,
+                     demo=False)
+    result = run_bench(plan, work_dir=tmp_path)
+    json.dumps(result)  # the --json and --out forms
+
+    rows = result["throughput"]
+    assert [(r["client"], r["concurrency"], r["items"]) for r in rows] == [("langchain", 2, 4), ("sdk", 2, 4)]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests_per_item"] == 3.0  # direct, propose, refute
+        assert row["ideal_items_per_s"] == round(2 / (3 * 0.02), 3) and row["ratio"] > 0
+        assert row["cpu_ms_per_item"] > 0 and row["request_kb_per_item"] > 0
+
+    by_policy = {r["policy"]: r for r in result["request_bytes"]}
+    once, every, naive = (by_policy[k] for k in ("once (default)", "all", "naive: all, PNG, full size"))
+    assert once["errors"] == every["errors"] == 0
+    # The refute turn resends the first message's images under "all", not under "once".
+    assert once["images_per_item"] < every["images_per_item"] == naive["images_per_item"]
+    assert once["request_kb_per_item"] < every["request_kb_per_item"] < naive["request_kb_per_item"]
+    assert every["bytes_vs_once"] > 1.0
+
+    experts = result["experts"]
+    assert experts["items"] == 4 and experts["sets_fitted"] >= 1 and experts["score_ms_per_item"] > 0
+    assert experts["pool"]["misses"] == experts["sets_fitted"]
+    warm = result["warmup"]
+    assert warm["items"] == 4 and warm["pool"]["misses"] >= 1
+    assert {r["tool"] for r in result["tools"]} >= {"side_by_side_compare", "region_zoom"}
+
+    text = format_bench(result)
+    for heading in ("Runner throughput", "Request size per item", "Expert anomaly_vfm", "Tool latency"):
+        assert heading in text
+
+
+def test_copies_get_new_ids_and_keep_everything_else(small_items):
+    made = copies(small_items[:3], 7)
+    assert len({c.item_id for c in made}) == 7
+    assert made[4].item_id == f"{small_items[1].item_id}~1"
+    assert made[4].query_path == small_items[1].query_path and made[4].ref_paths == small_items[1].ref_paths
+
+
+def test_reference_reuse_counts_sets_and_images(tmp_path):
+    rows = [{"split": "test", "ref_paths": ["a", "b"]}, {"split": "test", "ref_paths": ["a", "b"]},
+            {"split": "test", "ref_paths": ["b", "c"]}, {"split": "dev", "ref_paths": ["z"]}]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(rows))
+    reuse = reference_reuse(path)
+    assert reuse["items"] == 3 and reuse["unique_sets"] == 2 and reuse["unique_images"] == 3
+    assert reuse["set_hit_rate"] == round(1 - 2 / 3, 3) and reuse["image_hit_rate"] == 0.5
+
+
+def test_bench_command_is_wired():
+    args = build_parser().parse_args(["bench", "--quick", "--json", "--out", "bench.json"])
+    assert args.handler is cmd_bench and args.quick and args.json and args.out == "bench.json"
