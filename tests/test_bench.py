@@ -33,6 +33,11 @@ def test_smallest_bench_measures_every_section(tmp_path):
     experts = result["experts"]
     assert experts["items"] == 4 and experts["sets_fitted"] >= 1 and experts["score_ms_per_item"] > 0
     assert experts["pool"]["misses"] == experts["sets_fitted"]
+    assert experts["fit_ms_per_set_without_image_cache"] > 0 and experts["fit_speedup_from_image_cache"] > 0
+    pool = experts["pool"]
+    # each distinct reference image encoded at most once over the pass
+    assert 1 <= pool["image_misses"] <= experts["unique_reference_images"]
+    assert pool["image_hits"] + pool["image_misses"] <= experts["reference_slots"]
     warm = result["warmup"]
     assert warm["items"] == 4 and warm["pool"]["misses"] >= 1
     assert {r["tool"] for r in result["tools"]} >= {"side_by_side_compare", "region_zoom"}

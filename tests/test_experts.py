@@ -273,11 +273,13 @@ class CountingBackbone:
     def __init__(self):
         self.inner = ClassicBackbone()
         self.calls = 0
+        self.encoded = 0
         self.lock = threading.Lock()
 
     def patch_features(self, images):
         with self.lock:
             self.calls += 1
+            self.encoded += len(images)
         return self.inner.patch_features(images)
 
     def embed(self, images):
@@ -351,6 +353,35 @@ def test_pool_evicts_the_least_recently_used_set(references):
     assert backbone.calls == calls
     pool.expert("anomaly_vfm", ("2",), loader)
     assert backbone.calls == calls + 1
+
+
+def test_pool_encodes_an_image_shared_by_two_sets_once(references):
+    backbone = CountingBackbone()
+    pool = ExpertPool(backbone)
+    a, b, c, d = references[:4]
+    first = pool.expert("subspace_ad", ("a.png", "b.png", "c.png"), lambda: [a, b, c])
+    second = pool.expert("subspace_ad", ("b.png", "c.png", "d.png"), lambda: [b, c, d])
+    assert backbone.encoded == 4  # b and c once each
+    stats = pool.stats
+    assert (stats["image_hits"], stats["image_misses"], stats["images"]) == (2, 4, 4)
+    # The second set's features are exactly what encoding it afresh gives.
+    fresh = ExpertPool(ClassicBackbone()).expert("subspace_ad", ("b.png", "c.png", "d.png"), lambda: [b, c, d])
+    query = normal_image(9)
+    assert second.score(query).score == pytest.approx(fresh.score(query).score, rel=1e-6)
+    assert first is not second
+    # The same path at another size is another image.
+    small = [im[::2, ::2].copy() for im in (a, b)]
+    before = backbone.encoded
+    pool.expert("subspace_ad", ("a.png", "b.png"), lambda: small)
+    assert backbone.encoded == before + 2
+
+
+def test_pool_feature_budget_evicts_old_images(references):
+    one = ClassicBackbone().patch_features(references[:1]).nbytes
+    pool = ExpertPool(CountingBackbone(), max_feature_mb=2.5 * one / 2**20)
+    pool.expert("subspace_ad", ("a", "b"), lambda: references[:2])
+    pool.expert("subspace_ad", ("c", "d"), lambda: references[2:4])
+    assert pool.stats["images"] == 2 and pool._image_bytes <= pool.max_feature_bytes
 
 
 def test_default_params_make_patch_knn_positional_on_aligned_domains():
