@@ -57,9 +57,9 @@ class BenchPlan:
     """Distinct items per synthetic domain; throughput runs copy them."""
     domains: tuple[str, ...] | None = None
     """Synthetic domains to draw items from (None: all seven)."""
-    compare_sdk: tuple[float, int] | None = (0.1, 32)
-    """(latency, concurrency) at which to also run the ``sdk`` client (the default client is
-    ``langchain``: ``ChatOpenAI``), or None."""
+    compare_sdk: tuple[tuple[float, int], ...] = ((0.1, 32), (1.0, 32))
+    """(latency, concurrency) points at which to also run the ``sdk`` client (the default
+    client is ``langchain``: ``ChatOpenAI``)."""
     tool_repeats: int = 10
     """Warm calls per tool; 0 skips the tool section."""
     demo: bool = True
@@ -157,8 +157,7 @@ def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Pa
     rows = []
     config = AgentConfig()
     runs = [(lat, c, "langchain") for lat in plan.latencies_s for c in plan.concurrencies]
-    if plan.compare_sdk:
-        runs.append((*plan.compare_sdk, "sdk"))
+    runs += [(lat, c, "sdk") for lat, c in plan.compare_sdk]
     for latency in sorted({lat for lat, _, _ in runs}):
         with fake_endpoint_process(latency) as url:
             for lat, concurrency, client in runs:
