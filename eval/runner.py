@@ -254,7 +254,7 @@ class Runner:
                              n_duplicates=n_duplicates)
         todo = [it for it in unique.values() if it.item_id not in done]
         summary.n_skipped = len(unique) - len(todo)
-        info_path = self._write_run_info(len(unique) + len(rejected))
+        info_path = self._write_run_info(summary.n_items)
         start = time.perf_counter()
         with RecordWriter(self.out_dir, secrets=self.secrets) as writer:
             for rid, reasons in rejected.items():
@@ -273,7 +273,7 @@ class Runner:
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}),
                          "images": {"hits": self.encoder.hits, "misses": self.encoder.misses}}
-        self._write_run_info(len(unique) + len(rejected), summary=summary, path=info_path)
+        self._write_run_info(summary.n_items, summary=summary, path=info_path)
         return summary
 
     def _write(self, writer: RecordWriter, record: Record) -> None:

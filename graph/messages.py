@@ -6,10 +6,8 @@ from typing import Any, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from anomalyclaw.imaging import encode_image, to_data_url
-
 from .context import RunContext
-from .images import image_block, text_block
+from .images import ImageEncoder, image_block, text_block
 
 #: What replaces an image already sent earlier in the conversation (``image_history="once"``).
 IMAGE_STUB = "[image sent earlier in this conversation]"
@@ -42,14 +40,12 @@ def image_blocks(run: RunContext) -> list[dict[str, Any]]:
         blocks.append(image_block(run.encoder.data_url(("ref", str(path)), lambda i=i: ctx.reference(i),
                                                        max_side=cfg.reference_side, fmt=cfg.image_format)))
     blocks.append(text_block("QUERY:"))
-    # The query is shown once per branch and never again after this item: keeping its URL on
-    # the item leaves the shared cache to the references, which other items reuse.
-    key = (cfg.image_side, cfg.image_format.upper())
-    cached = run.extras.get("query_url")
-    if cached is None or cached[0] != key:
-        cached = run.extras["query_url"] = (key, to_data_url(
-            encode_image(ctx.query_full, cfg.image_format, max_side=cfg.image_side)))
-    blocks.append(image_block(cached[1]))
+    # The query is shown once per branch and never again after this item: an encoder of the
+    # item's own keeps its URL and leaves the shared cache to the references, which other
+    # items reuse.
+    item_encoder = run.extras.setdefault("item_encoder", ImageEncoder(capacity=4))
+    blocks.append(image_block(item_encoder.data_url("query", lambda: ctx.query_full, max_side=cfg.image_side,
+                                                    fmt=cfg.image_format)))
     return blocks
 
 

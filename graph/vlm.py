@@ -233,9 +233,8 @@ class OpenAIVLM(_EndpointVLM):
     """
 
     endpoint: EndpointConfig | None = field(default=None, repr=False)
-    """Base URL, key and timeout of the ``openai.AsyncOpenAI`` clients (one per event loop)."""
-    temperature: float = 0.0
-    max_tokens: int = 1024
+    """Base URL, key and timeout of the ``openai.AsyncOpenAI`` clients (one per event loop), and
+    the sampling settings of every request."""
 
     def _connect(self) -> openai.AsyncOpenAI:
         return make_openai_client(self.endpoint)
@@ -245,8 +244,8 @@ class OpenAIVLM(_EndpointVLM):
 
     def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[bytes, int, int]:
         payload = convert_to_openai_messages(list(messages))
-        body: dict[str, Any] = {"model": self.model, "messages": payload, "temperature": self.temperature,
-                                "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {"model": self.model, "messages": payload, "temperature": self.endpoint.temperature,
+                                "max_tokens": self.endpoint.max_tokens}
         if logprobs:
             body.update(logprobs=True, top_logprobs=5)
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
@@ -254,8 +253,15 @@ class OpenAIVLM(_EndpointVLM):
 
     async def _send(self, client: openai.AsyncOpenAI, request: bytes, logprobs: bool) -> _Answer:
         raw = await client.post("/chat/completions", content=request, cast_to=bytes,
-                                     options={"headers": {"Content-Type": "application/json"}})
+                                options={"headers": {"Content-Type": "application/json"}})
         return _read_completion(raw, logprobs)
+
+
+def _text_of(content: Any) -> str:
+    """A reply's text, whether the server gave one string or a list of content parts."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
@@ -264,9 +270,7 @@ def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
     try:
         body = json.loads(raw)
         choice = body["choices"][0]
-        content = choice["message"].get("content")
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        text = _text_of(choice["message"].get("content"))
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         top = None
         if logprobs and isinstance(choice.get("logprobs"), dict):
@@ -276,7 +280,7 @@ def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         preview = raw[:120].decode("utf-8", "replace").replace("\n", " ")
         raise BadResponseError(f"the reply is not a chat completion: {preview!r}") from None
-    return _Answer(text=content if isinstance(content, str) else "", prompt_tokens=usage.get("prompt_tokens"),
+    return _Answer(text=text, prompt_tokens=usage.get("prompt_tokens"),
                    completion_tokens=usage.get("completion_tokens"), top_logprobs=top)
 
 
@@ -321,9 +325,7 @@ class ChatVLM(_EndpointVLM):
         content = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
         if content:
             top = content[0].get("top_logprobs")
-        text = message.content if isinstance(message.content, str) else "".join(
-            part.get("text", "") for part in message.content if isinstance(part, dict))
-        return _Answer(text=text, prompt_tokens=usage.get("input_tokens"),
+        return _Answer(text=_text_of(message.content), prompt_tokens=usage.get("input_tokens"),
                        completion_tokens=usage.get("output_tokens"), top_logprobs=top)
 
 
@@ -373,7 +375,6 @@ def make_vlm(backend: str = "offline", endpoint: EndpointConfig | None = None, *
                       backoff_max_s=endpoint.backoff_max_s, max_concurrency=max_concurrency,
                       secrets=endpoint.secret_values())
         if endpoint.client == "sdk":
-            return OpenAIVLM(endpoint=endpoint, temperature=endpoint.temperature, max_tokens=endpoint.max_tokens,
-                             **policy)
+            return OpenAIVLM(endpoint=endpoint, **policy)
         return ChatVLM(chat_model=make_chat_model(endpoint), endpoint=endpoint, **policy)
     raise AnomalyClawError(f"unknown backend {backend!r}: choose offline or openai")
