@@ -33,7 +33,7 @@ _EXPORTS = {
     "new_state": "anomalyclaw.graph.state",
     "make_vlm": "anomalyclaw.graph.vlm",
     "ToolRegistry": "anomalyclaw.tools.registry",
-    "ItemContext": "anomalyclaw.tools.context",
+    "ItemContext": "anomalyclaw.tools.item_context",
     "PromptSet": "anomalyclaw.prompts",
     "ExpertPool": "anomalyclaw.experts.pool",
     "load_backbone": "anomalyclaw.experts.backbones",

@@ -80,7 +80,7 @@ def full_plan() -> BenchPlan:
 def fake_endpoint_process(latency_s: float) -> Iterator[str]:
     """The fake endpoint in a child process (so its CPU does not share this process's GIL);
     yields its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "anomalyclaw.eval.fake_endpoint", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "anomalyclaw.graph.vlm.fake_server", "--port", "0",
                              "--latency", str(latency_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -214,8 +214,8 @@ def bench_experts(items: Sequence[Item], work_side: int = 512) -> dict[str, Any]
     new reference set, score time per item, and how often the pool served a fitted set; the
     same pass with the per-image feature cache off is the baseline for its fit time."""
     from anomalyclaw.experts.pool import ExpertPool, default_params
-    from anomalyclaw.graph.pipeline import EXPERT
-    from anomalyclaw.tools.context import ItemContext
+    from anomalyclaw.experts.pool import DEFAULT_EXPERT as EXPERT
+    from anomalyclaw.tools.item_context import ItemContext
 
     contexts = [ItemContext(item, work_side=work_side).preload() for item in items]  # decoding is not a fit
 

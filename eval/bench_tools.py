@@ -23,7 +23,7 @@ from anomalyclaw.eval.manifests import load_manifest
 from anomalyclaw.imaging import load_mask
 from anomalyclaw.items import Item
 from anomalyclaw.tools import TOOL_NAMES, ItemContext, ToolRegistry
-from anomalyclaw.tools.context import clear_caches
+from anomalyclaw.cache import clear_caches
 
 #: Synthetic domains the latency benchmark draws items from: together every tool applies.
 BENCH_DOMAINS = ("S2", "S1", "S7", "S6")

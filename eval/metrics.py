@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from anomalyclaw.fusion import fuse
+from anomalyclaw.scores import fuse
 
 from .records import Record
 

@@ -21,18 +21,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
+from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
 from anomalyclaw.threads import limit_compute_threads
-from anomalyclaw.graph.context import RunContext
+from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
 from anomalyclaw.graph.messages import warm_images
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
-from anomalyclaw.graph.vlm import VLM
+from anomalyclaw.graph.vlm.seam import VLM
 from anomalyclaw.prompts import PromptSet
-from anomalyclaw.tools.context import ItemContext
 from anomalyclaw.tools.registry import ToolRegistry
 
 from .records import RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records, finished_ids
@@ -115,7 +116,7 @@ def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend
         backend=backend, model=model, run_id=run_id, finished_at=_now(),
         timings={"total_s": round(elapsed_s, 4),
                  "vlm_s": round(sum(c.get("latency_s") or 0.0 for c in calls), 4),
-                 "tools_s": round(sum(getattr(o, "elapsed_s", 0.0) for o in observations), 4)},
+                 "tools_s": round(sum(o.get("elapsed_s") or 0.0 for o in observations), 4)},
         usage={"requests": len(calls),
                "prompt_tokens": sum(c.get("prompt_tokens") or 0 for c in calls),
                "completion_tokens": sum(c.get("completion_tokens") or 0 for c in calls),
@@ -138,11 +139,11 @@ def _save_observation_images(out_dir: Path, item: Item, state: dict[str, Any]) -
     turn_rows = [h for h in state.get("history", []) if h.get("stage") == "refute"]
     for k, obs in enumerate(state.get("observations", [])):
         paths = []
-        for im in getattr(obs, "images", []):
-            ext = "png" if im.data[:4] == b"\x89PNG" else "jpg"
-            p = folder / _file_name(f"obs{k + 1}_{obs.tool}_{im.name}.{ext}")
+        for im in obs.get("images", []):
+            ext = "png" if im["data"][:4] == b"\x89PNG" else "jpg"
+            p = folder / _file_name(f"obs{k + 1}_{obs['tool']}_{im['name']}.{ext}")
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(im.data)
+            p.write_bytes(im["data"])
             paths.append(str(p.relative_to(out_dir)))
         if k < len(turn_rows):
             turn_rows[k]["images"] = paths
@@ -163,11 +164,8 @@ class Runner:
         self.config = config or AgentConfig()
         self.registry = registry or ToolRegistry.default()
         self.prompts = prompts or PromptSet.load()
-        if expert_pool is None:
-            from anomalyclaw.experts.pool import ExpertPool
-            expert_pool = ExpertPool(self.config.backbone, backbone_path=self.config.backbone_path,
-                                     device=self.config.device)
-        self.expert_pool = expert_pool
+        self.expert_pool = expert_pool or default_pool(self.config.backbone, self.config.backbone_path,
+                                                       self.config.device)
         self.score_cache = score_cache
         # Items in flight: enough to keep every VLM slot busy while some items run tools.
         vlm_slots = getattr(vlm, "max_concurrency", 2)
@@ -192,10 +190,9 @@ class Runner:
         if not item.ref_paths:
             return failed("no reference images: the item needs at least one normal reference (ref_paths is empty)")
         try:
-            ctx = ItemContext(item, work_side=self.config.work_side, expert_pool=self.expert_pool,
-                              score_cache=self.score_cache)
-            run = RunContext(item=ctx, vlm=self.vlm, registry=self.registry, prompts=self.prompts,
-                             config=self.config, encoder=self.encoder)
+            run = make_context(item, self.vlm, registry=self.registry, prompts=self.prompts, config=self.config,
+                               expert_pool=self.expert_pool, score_cache=self.score_cache, encoder=self.encoder)
+            ctx = run.item_context
             # Decoding, ranking and encoding the first messages' images is CPU work: do it in a
             # worker thread so that the nodes on the event loop find it done.
             await asyncio.to_thread(lambda: (ctx.preload(), warm_images(run)))
@@ -271,8 +268,7 @@ class Runner:
                 await self._run_queue(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
-        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}),
-                         "images": {"hits": self.encoder.hits, "misses": self.encoder.misses}}
+        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
         self._write_run_info(summary.n_items, summary=summary, path=info_path)
         return summary
 

@@ -10,6 +10,7 @@ as a rank among normal images (``rank`` in [0, 1]) without knowing the scale.
 """
 from __future__ import annotations
 
+import math
 import time
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from anomalyclaw.scores import logistic
+
 from .backbones import Backbone, check_images, load_backbone
+
+#: The z-score's spread is at least this fraction of the references' mean score: with a few
+#: references that score alike, their standard deviation alone would blow small differences
+#: up into certainties.
+MIN_RELATIVE_SPREAD = 0.05
 
 
 @dataclass
@@ -49,6 +57,20 @@ class ExpertResult:
     def above_threshold(self) -> bool:
         """True when the query scores above every reference's leave-one-out score."""
         return self.score > self.threshold
+
+    def unit_score(self) -> float | None:
+        """The image score as a probability-like value in [0, 1]: a logistic of its z-score
+        against the references' own leave-one-out scores, so 0.5 is a typical reference and
+        values near 1 lie far above every reference. ``rank`` when there are no reference
+        scores; None when the score is not finite."""
+        refs = np.asarray(self.reference_scores, dtype=float)
+        if not math.isfinite(float(self.score)):
+            return None
+        if refs.size == 0:
+            return float(self.rank)
+        spread = float(refs.std()) if refs.size > 1 else 0.0
+        spread = max(spread, MIN_RELATIVE_SPREAD * abs(float(refs.mean())), 1e-6)
+        return logistic((float(self.score) - float(refs.mean())) / spread)
 
     def summary(self) -> dict[str, Any]:
         """The scalars, JSON-ready (no arrays), for records and tool observations."""

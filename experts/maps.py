@@ -30,17 +30,26 @@ def normalize_map(anomaly_map: np.ndarray, low: float | None = None, high: float
     return np.clip((finite - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def overlay_heatmap(image: np.ndarray, anomaly_map01: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """``image`` (H x W x 3 uint8 RGB) blended with the JET colouring of a [0, 1] map
-    (resized to the image when needed): H x W x 3 uint8 RGB; red = most anomalous."""
+def overlay_heatmap(image: np.ndarray, anomaly_map01: np.ndarray, alpha: float = 0.45, *,
+                    proportional: bool = False) -> np.ndarray:
+    """``image`` (H x W x 3 uint8 RGB) blended with the JET colouring of a [0, 1] map (resized
+    to the image when needed): H x W x 3 uint8 RGB; red = most anomalous.
+
+    ``proportional=False`` tints the whole image by ``alpha``; ``proportional=True`` blends each
+    pixel in proportion to its map value (full ``alpha`` from 0.4 up), so that unremarkable
+    pixels keep their own appearance, which is how the tools show evidence to a VLM.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W x 3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    heat = np.clip(np.asarray(anomaly_map01, dtype=np.float32), 0.0, 1.0)
+    heat = np.clip(np.nan_to_num(np.asarray(anomaly_map01, dtype=np.float32)), 0.0, 1.0)
     if heat.shape != image.shape[:2]:
         heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
     coloured = cv2.cvtColor(cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    if proportional:
+        weight = np.minimum(heat * (alpha / 0.4), alpha)
+        return cv2.blendLinear(coloured, image, weight, 1.0 - weight)
     return cv2.addWeighted(image, 1.0 - alpha, coloured, alpha, 0.0)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from anomalyclaw.cache import LRUCache
 
 from .backbones import Backbone, load_backbone
 from .base import Expert
@@ -17,6 +17,9 @@ from .subspace import SubspaceExpert
 
 #: Expert names as tools and records use them.
 EXPERTS: dict[str, type[Expert]] = {PatchKNNExpert.name: PatchKNNExpert, SubspaceExpert.name: SubspaceExpert}
+#: The expert whose score and map the agent reads by default (the direct branch's offline
+#: glance, the fused expert term, the map tools): patch nearest neighbours.
+DEFAULT_EXPERT = PatchKNNExpert.name
 #: Positional search radius (patch cells) for patch kNN on aligned domains.
 ALIGNED_RADIUS = 1
 
@@ -27,23 +30,25 @@ def default_params(name: str, traits: Iterable[str] = ()) -> dict[str, Any]:
     On aligned domains (fixed-pose objects, bi-temporal pairs) patch kNN compares a patch
     only with what the references hold within one cell of the same place: a missing or moved
     part leaves background that exists elsewhere in the references, so a free search cannot
-    see it. On the synthetic benchmark (seed 0, test split) this lifts image AUROC from 0.58
-    to 0.90 on the aligned coin tray and from 0.45 to 0.60 on aerial change, while it hurts
-    unaligned domains (retina 0.54 -> 0.41), hence only for ``aligned``.
+    see it. It hurts unaligned domains, hence only for ``aligned`` (the README's expert table
+    gives the figures; ``anomalyclaw bench experts --positional none`` measures them).
     """
     if name == PatchKNNExpert.name and "aligned" in set(traits):
         return {"positional_radius": ALIGNED_RADIUS}
     return {}
 
 
-@dataclass
-class _ReferenceSet:
-    """One reference set's features and the experts fitted on them; ``lock`` serialises the
-    work on this set only, so different sets are fitted concurrently."""
+class _FittedSet:
+    """One reference set's patch features ``[R, gh, gw, D]`` and the experts fitted on them."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    features: np.ndarray | None = None
-    experts: dict[tuple, Expert] = field(default_factory=dict)
+    def __init__(self, features: np.ndarray):
+        self.features = features
+        self.experts: dict[tuple, Expert] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:  # what the set holds, for the cache's byte count
+        return int(self.features.nbytes)
 
 
 class ExpertPool:
@@ -55,10 +60,9 @@ class ExpertPool:
     recently used first out. Two threads asking for the same set wait for one computation.
 
     Benchmarks draw reference sets from a small pool of normal images, so sets differ while
-    their images repeat (on CrossDomainVAD-12, 39% of items share a whole set with an earlier
-    item but 73% of reference images were seen before): each image's features are also kept,
-    keyed by its path and size, up to ``max_feature_mb`` (least recently used out), and a new
-    set only encodes the images it does not share.
+    their images repeat: each image's features are also kept, keyed by its path and size, up to
+    ``max_feature_mb`` (least recently used out), and a new set only encodes the images it does
+    not share (``anomalyclaw bench`` reports how often that happens on CrossDomainVAD-12).
     """
 
     def __init__(self, backbone: str | Backbone = "classic", *, max_sets: int = 64,
@@ -74,14 +78,14 @@ class ExpertPool:
         self._backbone_spec = backbone
         self._backbone: Backbone | None = None if isinstance(backbone, str) else backbone
         self._lock = threading.Lock()
-        self._sets: OrderedDict[tuple[str, ...], _ReferenceSet] = OrderedDict()
         self._hits = 0
         self._misses = 0
         self._fit_seconds = 0.0
-        self._images: OrderedDict[tuple[str, tuple[int, ...]], np.ndarray] = OrderedDict()
-        self._image_bytes = 0
-        self._image_hits = 0
-        self._image_misses = 0
+        #: One entry per reference set: its patch features and the experts fitted on them.
+        self._sets: LRUCache[tuple[str, ...], _FittedSet] = LRUCache("experts.reference_sets", max_items=max_sets)
+        #: Patch features of single reference images, by (path, image shape).
+        self._image_features: LRUCache[tuple[str, tuple[int, ...]], np.ndarray] = LRUCache(
+            "experts.image_features", max_bytes=self.max_feature_bytes)
 
     @property
     def backbone(self) -> Backbone:
@@ -90,17 +94,6 @@ class ExpertPool:
             if self._backbone is None:
                 self._backbone = load_backbone(str(self._backbone_spec), self.backbone_path, self.device)
             return self._backbone
-
-    def _entry(self, reference_key: tuple[str, ...]) -> _ReferenceSet:
-        with self._lock:
-            entry = self._sets.get(reference_key)
-            if entry is None:
-                entry = self._sets[reference_key] = _ReferenceSet()
-                while len(self._sets) > self.max_sets:
-                    self._sets.popitem(last=False)
-            else:
-                self._sets.move_to_end(reference_key)
-            return entry
 
     def expert(self, name: str, reference_key: Sequence[str],
                reference_images: Callable[[], Sequence[np.ndarray]], **params: Any) -> Expert:
@@ -116,20 +109,18 @@ class ExpertPool:
         key = tuple(str(k) for k in reference_key)
         if not key:
             raise ValueError("reference_key is empty: an expert needs at least one reference image")
-        expert_key = (name, tuple(sorted(params.items())))
         backbone = self.backbone
-        entry = self._entry(key)
-        with entry.lock:
-            cached = entry.experts.get(expert_key)
-            if cached is not None:
+        entry = self._sets.get_or_compute(key, lambda: _FittedSet(self._features(key, reference_images(), backbone)))
+        expert_key = (name, tuple(sorted(params.items())))
+        with entry.lock:  # fits on one set wait for each other; other sets fit meanwhile
+            fitted = entry.experts.get(expert_key)
+            if fitted is not None:
                 with self._lock:
                     self._hits += 1
-                return cached
+                return fitted
             start = time.perf_counter()
-            if entry.features is None:
-                entry.features = self._features(key, reference_images(), backbone)
-            fitted = expert_class(backbone, **params).fit_features(entry.features, backbone=backbone)
-            entry.experts[expert_key] = fitted
+            fitted = entry.experts[expert_key] = expert_class(backbone, **params).fit_features(
+                entry.features, backbone=backbone)
             with self._lock:
                 self._misses += 1
                 self._fit_seconds += time.perf_counter() - start
@@ -141,47 +132,36 @@ class ExpertPool:
         if len(images) != len(key):  # no way to tell which image is which: encode them all
             return backbone.patch_features(images)
         keys = [(k, tuple(np.shape(im))) for k, im in zip(key, images)]
-        with self._lock:
-            found = {k: self._images[k] for k in keys if k in self._images}
-            for k in found:
-                self._images.move_to_end(k)
+        found = {k: v for k in keys if (v := self._image_features.get(k)) is not None}
         missing = sorted({keys.index(k) for k in keys if k not in found})
         if missing:
             fresh = backbone.patch_features([images[i] for i in missing])
             for j, i in enumerate(missing):
-                found[keys[i]] = fresh[j]
-        with self._lock:
-            self._image_hits += len(keys) - len(missing)
-            self._image_misses += len(missing)
-            for i in missing:
-                self._keep(keys[i], np.ascontiguousarray(found[keys[i]]).copy())
+                found[keys[i]] = self._image_features.put(keys[i], np.ascontiguousarray(fresh[j]).copy())
         return np.stack([found[k] for k in keys])
-
-    def _keep(self, key: tuple[str, tuple[int, ...]], features: np.ndarray) -> None:
-        """Cache one image's features (under ``self._lock``), evicting the oldest over budget."""
-        if key in self._images or features.nbytes > self.max_feature_bytes:
-            return
-        self._images[key] = features
-        self._image_bytes += features.nbytes
-        while self._image_bytes > self.max_feature_bytes:
-            _, old = self._images.popitem(last=False)
-            self._image_bytes -= old.nbytes
 
     @property
     def stats(self) -> dict[str, Any]:
         """``{"hits", "misses", "fit_seconds", "sets", "image_hits", "image_misses", "images"}``:
-        lookups served from the set cache, fits done (features included), seconds spent fitting,
-        reference sets held now; reference images whose features were reused or computed, and
-        images held now."""
+        lookups served from the fitted-expert cache, fits done (features included), seconds
+        spent fitting, reference sets held now; reference images whose features were reused or
+        computed, and images held now."""
+        images = self._image_features.stats()
         with self._lock:
-            return {"hits": self._hits, "misses": self._misses,
-                    "fit_seconds": round(self._fit_seconds, 4), "sets": len(self._sets),
-                    "image_hits": self._image_hits, "image_misses": self._image_misses,
-                    "images": len(self._images)}
+            return {"hits": self._hits, "misses": self._misses, "fit_seconds": round(self._fit_seconds, 4),
+                    "sets": len(self._sets), "image_hits": images["hits"], "image_misses": images["misses"],
+                    "images": images["items"]}
 
-    def clear(self) -> None:
-        """Forget every cached set and image (the backbone stays loaded); counters are kept."""
-        with self._lock:
-            self._sets.clear()
-            self._images.clear()
-            self._image_bytes = 0
+
+_DEFAULT_POOLS: dict[tuple[str, str | None, str], ExpertPool] = {}
+_DEFAULT_POOLS_LOCK = threading.Lock()
+
+
+def default_pool(backbone: str = "classic", backbone_path: str | None = None, device: str = "auto") -> ExpertPool:
+    """The process-wide pool for a backbone (one per backbone, path and device), so that every
+    run, context and tool in a process shares its fits and features."""
+    key = (backbone, backbone_path, device)
+    with _DEFAULT_POOLS_LOCK:
+        if key not in _DEFAULT_POOLS:
+            _DEFAULT_POOLS[key] = ExpertPool(backbone, backbone_path=backbone_path, device=device)
+        return _DEFAULT_POOLS[key]

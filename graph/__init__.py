@@ -1,8 +1,19 @@
 """The agent: typed state, the refutation StateGraph, the one-node direct graph, the pipeline
-that runs both and fuses, the VLM seam (openai and offline backends) and reply parsing.
+that runs both and fuses, the run context, the VLM seam and its backends, and reply parsing.
 
-    from anomalyclaw.graph.pipeline import build_pipeline
-    from anomalyclaw.graph.context import make_context
-    from anomalyclaw.graph.state import new_state
-    from anomalyclaw.graph.vlm import make_vlm
+    from anomalyclaw.graph import build_pipeline, make_context, make_vlm, new_state
+
+Names are imported on first use, so importing one module of the package stays cheap.
 """
+import lazy_loader as _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
+    "pipeline": ["build_pipeline"],
+    "refutation": ["build_refutation_graph"],
+    "direct": ["build_direct_graph"],
+    "context": ["RunContext", "make_context"],
+    "state": ["DirectState", "PipelineState", "RefuteState", "new_state"],
+    "images": ["ImageEncoder"],
+    "replies": ["FORMATS", "ReplyError", "parse_reply"],
+    "vlm": ["VLM", "ChatVLM", "OfflineVLM", "OpenAIVLM", "RunView", "VLMError", "VLMReply", "make_vlm"],
+})

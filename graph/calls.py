@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from pydantic import BaseModel
@@ -12,7 +12,7 @@ from anomalyclaw.errors import EndpointFatalError
 from .context import RunContext
 from .messages import visible
 from .replies import FORMATS, ReplyError, parse_reply
-from .vlm import VLMError
+from .vlm.seam import VLMError
 
 
 @dataclass
@@ -26,19 +26,23 @@ class TurnResult:
     error: str | None = None
 
 
-async def ask(run: RunContext, messages: Sequence[BaseMessage], stage: str) -> TurnResult:
+async def ask(run: RunContext, messages: Sequence[BaseMessage], stage: str,
+              observations: Sequence[Mapping[str, Any]] = ()) -> TurnResult:
     """Send ``messages`` for ``stage``; on an unusable reply, tell the model why once and retry.
+
+    ``observations`` (this branch's so far) go into the run's view for number-reading backends.
 
     Endpoint failures after their retries become ``error``; an endpoint that refuses every
     request (:class:`EndpointFatalError`) propagates so the runner can stop.
     """
     out = TurnResult()
-    image_size = run.item.query.shape[1::-1]  # (W, H) to read pixel boxes
+    image_size = run.item_context.query.shape[1::-1]  # (W, H) to read pixel boxes
+    view = run.view(observations)
     convo = list(messages)
     problem = ""
     for attempt in range(2):
         try:
-            reply = await run.vlm.acall(visible(convo, run.config.image_history), stage=stage, context=run)
+            reply = await run.vlm.acall(visible(convo, run.config.image_history), stage=stage, view=view)
         except EndpointFatalError:
             raise
         except VLMError as exc:

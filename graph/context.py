@@ -2,41 +2,61 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from anomalyclaw.config import AgentConfig
+from anomalyclaw.experts.pool import DEFAULT_EXPERT, default_pool
 from anomalyclaw.items import Item
 from anomalyclaw.prompts import PromptSet
-from anomalyclaw.tools.context import ItemContext
+from anomalyclaw.tools.item_context import ItemContext
 from anomalyclaw.tools.registry import ToolRegistry
 
 from .images import ImageEncoder
-from .vlm import VLM
+from .vlm.seam import VLM, RunView
 
 
 @dataclass
 class RunContext:
     """What one item's run needs besides its state. Build it with :func:`make_context`."""
 
-    item: ItemContext
+    item_context: ItemContext
+    """The item as tools see it: its images, references and expert results."""
     vlm: VLM
     registry: ToolRegistry
     prompts: PromptSet
     config: AgentConfig = field(default_factory=AgentConfig)
     encoder: ImageEncoder = field(default_factory=ImageEncoder)
-    extras: dict[str, Any] = field(default_factory=dict)
+    """Data URLs of reference images, shared by the items of a run."""
+
+    @property
+    def item(self) -> Item:
+        """The manifest item under judgment."""
+        return self.item_context.item
+
+    def applicable_tools(self) -> tuple[str, ...]:
+        """Names of the registry's tools that apply to this item, in prompt order."""
+        return self.item_context.item_cached(
+            ("applicable_tools", id(self.registry)),
+            lambda: tuple(t.name for t, ok, _ in self.registry.applicable(self.item) if ok))
+
+    def view(self, observations: Sequence[Mapping[str, Any]] = ()) -> RunView:
+        """The typed view of this run a number-reading backend gets with each call."""
+        return RunView(item_id=self.item.item_id, traits=self.item_context.traits, tools=self.applicable_tools(),
+                       max_candidates=self.config.max_candidates,
+                       expert=lambda: self.item_context.expert_result(DEFAULT_EXPERT),
+                       observations=tuple(observations))
 
 
 def make_context(item: Item | ItemContext, vlm: VLM, *, registry: ToolRegistry | None = None,
                  prompts: PromptSet | None = None, config: AgentConfig | None = None,
                  expert_pool: Any = None, score_cache: Any = None,
                  encoder: ImageEncoder | None = None) -> RunContext:
-    """A :class:`RunContext` for one item, with the default catalog and prompts unless given."""
+    """A :class:`RunContext` for one item: the default catalog, prompts and settings unless
+    given, and the process-wide expert pool of the configured backbone."""
     config = config or AgentConfig()
     if isinstance(item, Item):
         if expert_pool is None:
-            from anomalyclaw.experts.pool import ExpertPool
-            expert_pool = ExpertPool(config.backbone, backbone_path=config.backbone_path, device=config.device)
+            expert_pool = default_pool(config.backbone, config.backbone_path, config.device)
         item = ItemContext(item, work_side=config.work_side, expert_pool=expert_pool, score_cache=score_cache)
-    return RunContext(item=item, vlm=vlm, registry=registry or ToolRegistry.default(),
+    return RunContext(item_context=item, vlm=vlm, registry=registry or ToolRegistry.default(),
                       prompts=prompts or PromptSet.load(), config=config, encoder=encoder or ImageEncoder())

@@ -18,13 +18,13 @@ from .context import RunContext
 from .messages import direct_messages, visible
 from .replies import DirectReply, parse_label_logprobs
 from .state import DirectState
-from .vlm import VLMError
+from .vlm.seam import VLMError
 
 
 async def _logprob_score(run: RunContext) -> tuple[float | None, dict[str, Any] | None, str | None]:
     messages = visible(direct_messages(run, logprob=True), run.config.image_history)
     try:
-        reply = await run.vlm.acall(messages, stage="direct_logprob", context=run, logprobs=True)
+        reply = await run.vlm.acall(messages, stage="direct_logprob", view=run.view(), logprobs=True)
     except EndpointFatalError:
         raise
     except VLMError as exc:

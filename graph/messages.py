@@ -2,12 +2,15 @@
 their images, and the image-history policy that keeps later requests small."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from anomalyclaw.imaging import encode_image, to_data_url
+
 from .context import RunContext
-from .images import ImageEncoder, image_block, text_block
+from .images import image_block, text_block
+from .replies import FORMATS
 
 #: What replaces an image already sent earlier in the conversation (``image_history="once"``).
 IMAGE_STUB = "[image sent earlier in this conversation]"
@@ -15,7 +18,7 @@ IMAGE_STUB = "[image sent earlier in this conversation]"
 
 def shown_reference_indices(run: RunContext) -> list[int]:
     """The references the VLM sees: the closest ones to the query first, ``n_refs_shown`` of them."""
-    ctx = run.item
+    ctx = run.item_context
     n = ctx.n_references
     if n == 0:
         return []
@@ -29,7 +32,7 @@ def shown_reference_indices(run: RunContext) -> list[int]:
 
 def image_blocks(run: RunContext) -> list[dict[str, Any]]:
     """Labelled reference images, then the query last (as the paper shows them)."""
-    ctx, cfg = run.item, run.config
+    ctx, cfg = run.item_context, run.config
     blocks: list[dict[str, Any]] = []
     shown = shown_reference_indices(run)
     for rank, i in enumerate(shown, 1):
@@ -40,12 +43,11 @@ def image_blocks(run: RunContext) -> list[dict[str, Any]]:
         blocks.append(image_block(run.encoder.data_url(("ref", str(path)), lambda i=i: ctx.reference(i),
                                                        max_side=cfg.reference_side, fmt=cfg.image_format)))
     blocks.append(text_block("QUERY:"))
-    # The query is shown once per branch and never again after this item: an encoder of the
-    # item's own keeps its URL and leaves the shared cache to the references, which other
-    # items reuse.
-    item_encoder = run.extras.setdefault("item_encoder", ImageEncoder(capacity=4))
-    blocks.append(image_block(item_encoder.data_url("query", lambda: ctx.query_full, max_side=cfg.image_side,
-                                                    fmt=cfg.image_format)))
+    # The query is shown once per branch and never again after this item: the item keeps its
+    # URL and leaves the shared cache to the references, which other items reuse.
+    url = ctx.item_cached(("query_url", cfg.image_side, cfg.image_format), lambda: to_data_url(
+        encode_image(ctx.query_full, cfg.image_format, max_side=cfg.image_side)))
+    blocks.append(image_block(url))
     return blocks
 
 
@@ -58,38 +60,39 @@ def warm_images(run: RunContext) -> int:
 
 def descriptor(run: RunContext) -> str:
     """The generic task descriptor of the direct branch, from the domain card."""
-    card = run.item.card
-    cat = run.item.item.category
+    card = run.item_context.card
+    cat = run.item.category
     what = f"{card.name}" + (f" ({cat})" if cat and cat not in card.name else "")
     return f"{card.modality} images of {what}. Normal: {card.normal}. Anomalous: {card.anomaly}."
 
 
 def first_refute_messages(run: RunContext) -> list[BaseMessage]:
     """System prompt and the propose turn's user message."""
-    p, cfg, ctx = run.prompts, run.config, run.item
+    p, cfg, ctx = run.prompts, run.config, run.item_context
     n_shown = len(shown_reference_indices(run))
     note = ""
     if ctx.n_references > n_shown:
         note = f" (the {n_shown} closest of {ctx.n_references}; tools use all of them)"
     text = p.render("propose", domain_card=ctx.card.describe(ctx.item.category), n_refs=n_shown,
                     reference_note=note, tools=run.registry.render(ctx.item), max_turns=cfg.max_turns,
-                    max_candidates=cfg.max_candidates)
+                    max_candidates=cfg.max_candidates, format=FORMATS["propose"])
     return [SystemMessage(p.render("refute_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
 
 
 def direct_messages(run: RunContext, *, logprob: bool = False) -> list[BaseMessage]:
     p = run.prompts
     text = p.render("direct_logprob" if logprob else "direct", descriptor=descriptor(run),
-                    n_refs=len(shown_reference_indices(run)))
+                    n_refs=len(shown_reference_indices(run)), format=FORMATS["direct"])
     return [SystemMessage(p.render("direct_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
 
 
-def observation_message(run: RunContext, text: str, images: Sequence[Any]) -> HumanMessage:
-    """A user message with the refute prompt and the tool's images (already encoded bytes)."""
+def observation_message(text: str, images: Sequence[Mapping[str, Any]]) -> HumanMessage:
+    """A user message with the refute prompt and the tool's images (``Observation.to_state()``
+    images: ``name``, ``caption`` and encoded ``data``)."""
     blocks: list[dict[str, Any]] = [text_block(text)]
     for im in images:
-        blocks.append(text_block(f"{im.name}: {im.caption}"))
-        blocks.append(image_block(run.encoder.bytes_url(im.data)))
+        blocks.append(text_block(f"{im['name']}: {im['caption']}"))
+        blocks.append(image_block(to_data_url(im["data"])))
     return HumanMessage(content=blocks)
 
 

@@ -8,36 +8,18 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
-import numpy as np
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from anomalyclaw.fusion import fuse as fuse_scores
+from anomalyclaw.experts.pool import DEFAULT_EXPERT
+from anomalyclaw.scores import fuse as fuse_scores
 
 from .context import RunContext
 from .direct import direct
 from .refutation import add_refutation_nodes
 from .state import PipelineState
-
-EXPERT = "anomaly_vfm"
-
-
-def expert_unit_score(result: Any) -> float | None:
-    """The expert's image score as a probability-like value in [0, 1]: a logistic of its
-    z-score against the references' own leave-one-out scores (0.5 = a typical reference)."""
-    refs = np.asarray(getattr(result, "reference_scores", []), dtype=float)
-    score = float(getattr(result, "score", float("nan")))
-    if not math.isfinite(score):
-        return None
-    if refs.size == 0:
-        return float(getattr(result, "rank", 0.5))
-    spread = float(refs.std()) if refs.size > 1 else 0.0
-    spread = max(spread, 0.05 * abs(float(refs.mean())), 1e-6)
-    z = (score - float(refs.mean())) / spread
-    return float(1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z)))))
 
 
 async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, Any]:
@@ -47,8 +29,8 @@ async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, 
     fallbacks: list[str] = []
     if cfg.expert_score or cfg.expert_weight > 0:
         try:
-            result = await asyncio.to_thread(run.item.expert_result, EXPERT)
-            expert = expert_unit_score(result)
+            result = await asyncio.to_thread(run.item_context.expert_result, DEFAULT_EXPERT)
+            expert = result.unit_score()
         except Exception as exc:  # the expert is optional: its failure must not lose the item
             fallbacks.append(f"expert score unavailable: {type(exc).__name__}: {exc}")
     score = fuse_scores(state.get("direct_score"), state.get("refute_score"), cfg.alpha, expert, cfg.expert_weight)

@@ -6,17 +6,19 @@ the final score and costs a VLM call only when the turn limit forces it.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from langchain_core.messages import HumanMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
-from pydantic import ValidationError
+
+from anomalyclaw.tools.guard import CheckedCall
+from anomalyclaw.tools.observation import Observation
 
 from .calls import ask
 from .context import RunContext
 from .messages import first_refute_messages, observation_message, reply_message
-from .replies import CommitReply, ProposeReply, RefuteReply
+from .replies import FORMATS, CommitReply, ProposeReply, RefuteReply
 from .state import RefuteState
 
 OPEN = ("open", "uncertain")
@@ -54,7 +56,9 @@ async def propose(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str,
 
 
 def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    """Route to ``observe`` or ``commit``; validate and repair the tool call (no VLM call)."""
+    """Route to ``observe`` or ``commit``; check the tool call with the registry's guard (name
+    repair, applicability, arguments) without a VLM call. A call that cannot run still goes to
+    ``observe``, as an observation that tells the model why."""
     run = runtime.context
     pending = state.get("pending") or {"commit": True}
     if pending.get("commit"):
@@ -65,35 +69,13 @@ def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, A
     if state.get("turn", 0) >= run.config.max_turns:
         return {"route": "commit", "forced": True, "call": None}
     asked = str(pending.get("tool") or "")
-    name, message = run.registry.resolve(asked)
-    if name is None:
-        return {"route": "observe", "call": {"tool": asked, "invalid": message, "candidate": pending.get("candidate")}}
-    applicable, why = run.registry.entry(name).applicability.check(run.item.item)
-    if not applicable:
-        usable = [t.name for t, ok, _ in run.registry.applicable(run.item.item) if ok]
-        return {"route": "observe", "call": {
-            "tool": name, "candidate": pending.get("candidate"),
-            "invalid": f"{name} does not apply to this item: {why}. Tools that apply: {', '.join(usable)}"}}
-    args = dict(pending.get("args") or {})
     candidate = _find(state.get("candidates", []), pending.get("candidate"))
-    model = run.registry.args_model(name)
-    fields = getattr(model, "model_fields", {})
-    if "bbox" in fields and "bbox" not in args and candidate and candidate.get("bbox"):
-        args["bbox"] = candidate["bbox"]  # the candidate's box is what the model means to test
-    if model is not None:
-        try:
-            model.model_validate(args)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "(arguments)"
-            return {"route": "observe", "call": {
-                "tool": name, "candidate": pending.get("candidate"),
-                "invalid": f"arguments for {name} rejected: {where}: {first.get('msg')}. "
-                           f"Arguments: {json.dumps(run.registry.compact_args(name))}"}}
-    call = {"tool": name, "args": args, "candidate": (candidate or {}).get("id") or pending.get("candidate")}
-    if name != asked:
-        call["repaired_from"] = asked
-    return {"route": "observe", "call": call}
+    cid = (candidate or {}).get("id") or pending.get("candidate")
+    checked = run.registry.check_call(asked, dict(pending.get("args") or {}), run.item,
+                                      default_bbox=(candidate or {}).get("bbox"))
+    if isinstance(checked, Observation):
+        return {"route": "observe", "call": {"tool": checked.tool, "candidate": cid, "rejected": checked.to_state()}}
+    return {"route": "observe", "call": {**checked.to_state(), "candidate": cid}}
 
 
 def _find(candidates: list[dict[str, Any]], cid: Any) -> dict[str, Any] | None:
@@ -105,26 +87,22 @@ def _find(candidates: list[dict[str, Any]], cid: Any) -> dict[str, Any] | None:
 
 
 async def observe(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    """Run the tool through the LangChain tool interface (or report why it could not run)."""
+    """Run the checked call through the LangChain tool (or report why it could not run)."""
     run = runtime.context
     call = state.get("call") or {}
-    from anomalyclaw.tools.base import Observation  # noqa: PLC0415 (keeps graph import light)
-
-    if "invalid" in call:
-        obs = Observation(tool=call.get("tool") or "?", ok=False, applicable=False, error=call["invalid"],
-                          text=f"No tool was run: {call['invalid']}")
-        run.item.observations.append(obs)
-        fallbacks = [f"turn {state.get('turn')}: {call['invalid'][:200]}"]
-    else:
-        obs = await run.registry.arun(call["tool"], call["args"], run.item)
-        fallbacks = [f"tool name {call['repaired_from']!r} repaired to {call['tool']!r}"] if "repaired_from" in call else []
-    return {"observations": [obs], "tools_used": [obs.tool] if "invalid" not in call else [],
-            "fallbacks": fallbacks}
+    if "rejected" in call:
+        obs = call["rejected"]
+        return {"observations": [obs], "fallbacks": [f"turn {state.get('turn')}: {obs['error'][:200]}"]}
+    checked = CheckedCall.from_state(call, run.registry.args_model(call["tool"]))
+    obs = (await run.registry.arun_checked(checked, run.item_context)).to_state()
+    fallbacks = [f"tool name {checked.repaired_from!r} repaired to {checked.tool!r}"] if checked.repaired_from else []
+    return {"observations": [obs], "tools_used": [obs["tool"]], "fallbacks": fallbacks}
 
 
 async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     run = runtime.context
-    obs = state["observations"][-1]
+    observations = state["observations"]
+    obs = observations[-1]
     call = state.get("call") or {}
     turn_no = state.get("turn", 1) + 1
     left = run.config.max_turns - turn_no
@@ -133,13 +111,15 @@ async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
                           for c in _open(candidates)) or "none"
     turns_note = (f"You have {left} more turn(s) after this one." if left > 0
                   else 'This is your last turn: set "action" to {"commit": true}.')
-    text = run.prompts.render("refute", tool=obs.tool, turn=turn_no - 1, candidate=call.get("candidate") or "-",
-                              observation=obs.text, open_candidates=open_list, turns_note=turns_note)
-    human = observation_message(run, text, obs.images)
-    turn = await ask(run, list(state["messages"]) + [human], "refute")
-    row: dict[str, Any] = {"turn": turn_no, "stage": "refute", "tool": obs.tool, "args": call.get("args"),
-                           "candidate": call.get("candidate"), "observation": obs.text, "obs_ok": obs.ok,
-                           "obs_error": obs.error, "obs_data": obs.to_json()["data"]}
+    text = run.prompts.render("refute", tool=obs["tool"], turn=turn_no - 1, candidate=call.get("candidate") or "-",
+                              observation=obs["text"], open_candidates=open_list, turns_note=turns_note,
+                              format=FORMATS["refute"])
+    human = observation_message(text, obs["images"])
+    turn = await ask(run, list(state["messages"]) + [human], "refute", observations)
+    row: dict[str, Any] = {"turn": turn_no, "stage": "refute", "tool": obs["tool"],
+                           "args": call.get("requested", call.get("args")),
+                           "candidate": call.get("candidate"), "observation": obs["text"], "obs_ok": obs["ok"],
+                           "obs_error": obs["error"], "obs_data": obs["data"]}
     if turn.parsed is None:
         row.update(error=turn.error, reply=turn.text[:2000])
         return {"messages": [human], "turn": turn_no, "calls": turn.calls, "history": [row],
@@ -151,7 +131,7 @@ async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
             if c["id"] == v.id:
                 c["status"], c["evidence"] = v.status, v.evidence
                 verdicts.append({"turn": turn_no, "id": v.id, "status": v.status, "evidence": v.evidence,
-                                 "tool": obs.tool})
+                                 "tool": obs["tool"]})
     pending = _action_dict(reply.action)
     row.update(anomaly_score=reply.updated_score, verdicts=verdicts, action=pending, rationale=reply.rationale)
     return {"messages": [human, reply_message(turn.text)], "turn": turn_no, "calls": turn.calls,
@@ -174,11 +154,8 @@ async def commit(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
     score = state.get("score")
     if not state.get("forced") and score is not None:
         return {"refute_score": score, "refute_rationale": (state.get("history") or [{}])[-1].get("rationale", "")}
-    human_text = run.prompts.render("commit", summary=_summary(state))
-    from langchain_core.messages import HumanMessage  # noqa: PLC0415
-
-    human = HumanMessage(content=human_text)
-    turn = await ask(run, list(state.get("messages", [])) + [human], "commit")
+    human = HumanMessage(content=run.prompts.render("commit", summary=_summary(state), format=FORMATS["commit"]))
+    turn = await ask(run, list(state.get("messages", [])) + [human], "commit", state.get("observations", []))
     row = {"turn": state.get("turn", 0) + 1, "stage": "commit", "forced": True}
     if turn.parsed is None:
         row.update(error=turn.error, reply=turn.text[:2000])

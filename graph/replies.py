@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+#: Each stage's reply format as the prompts and the repair prompt spell it (``$format``).
 FORMATS = {
     "propose": '{"initial_score": <0..1>, "candidates": [{"id": "c1", "description": "...", "bbox": '
                '[x0, y0, x1, y1] or null}], "action": {"tool": "<tool name>", "args": {...}, '
@@ -23,9 +24,45 @@ FORMATS = {
               '"..."}], "updated_score": <0..1>, "action": {"tool": "<tool name>", "args": {...}, '
               '"candidate": "c1"} or {"commit": true}, "rationale": "..."}',
     "commit": '{"anomaly_score": <0..1>, "confidence": <0..100>, "rationale": "..."}',
-    "direct": '{"image_label": "normal" | "anomalous", "confidence": <0..1>, "anomaly_type": <string or null>, '
-              '"evidence": "...", "bbox": [x0, y0, x1, y1] or null}',
+    "direct": '{"image_label": "normal" | "anomalous", "confidence": <0..1, how sure you are of the label>, '
+              '"anomaly_type": <short string or null>, "evidence": "...", "bbox": [x0, y0, x1, y1] or null}',
 }
+
+
+# ------------------------------------------------------------------------ writing replies
+# The same shapes as JSON text, for backends that answer without a model (the offline policy,
+# the test server): one spelling of every key, beside the parser that reads them.
+
+#: The action that ends the refutation.
+COMMIT: dict[str, Any] = {"commit": True}
+
+
+def tool_action(tool: str, args: dict[str, Any], candidate: str | None) -> dict[str, Any]:
+    """The action that calls ``tool`` on ``candidate``."""
+    return {"tool": tool, "args": args, "candidate": candidate}
+
+
+def propose_reply(initial_score: float, candidates: list[dict[str, Any]], action: dict[str, Any],
+                  rationale: str) -> str:
+    """A propose reply; candidates are ``{"id", "description", "bbox"}``."""
+    return json.dumps({"initial_score": initial_score, "candidates": candidates, "action": action,
+                       "rationale": rationale})
+
+
+def refute_reply(verdicts: list[dict[str, Any]], updated_score: float, action: dict[str, Any], rationale: str) -> str:
+    """A refute reply; verdicts are ``{"id", "status", "evidence"}``."""
+    return json.dumps({"verdicts": verdicts, "updated_score": updated_score, "action": action, "rationale": rationale})
+
+
+def commit_reply(anomaly_score: float, confidence: float, rationale: str) -> str:
+    return json.dumps({"anomaly_score": anomaly_score, "confidence": confidence, "rationale": rationale})
+
+
+def direct_reply(image_label: str, confidence: float, anomaly_type: str | None, evidence: str,
+                 bbox: list[float] | None) -> str:
+    return json.dumps({"image_label": image_label, "confidence": confidence, "anomaly_type": anomaly_type,
+                       "evidence": evidence, "bbox": bbox})
+
 
 Stage = Literal["propose", "refute", "commit", "direct"]
 

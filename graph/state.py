@@ -35,11 +35,13 @@ class RefuteState(TypedDict, total=False):
     route: str
     """select_tool's decision: "observe" or "commit"."""
     call: dict[str, Any] | None
-    """The validated tool call observe will run, or {"invalid": message} when it cannot."""
+    """The checked tool call observe will run (``CheckedCall.to_state()`` plus ``candidate``), or
+    ``{"tool", "candidate", "rejected": observation}`` when it cannot run."""
     forced: bool
     tools_used: Annotated[list[str], operator.add]
-    observations: Annotated[list[Any], operator.add]
-    """Tool observations (``anomalyclaw.tools.base.Observation``: text, images, numbers)."""
+    observations: Annotated[list[dict[str, Any]], operator.add]
+    """Tool observations as plain data (``Observation.to_state()``: tool, text, images with
+    their bytes, numbers); the registry produces them, this list is where they are kept."""
     history: Annotated[list[dict[str, Any]], operator.add]
     """One row per turn: stage, reply, action, tool, observation text (for records and traces)."""
     calls: Annotated[list[dict[str, Any]], operator.add]

@@ -13,14 +13,16 @@ from string import Template
 
 from anomalyclaw.errors import ConfigError
 
+__all__ = ["PROMPT_NAMES", "PromptSet"]
+
 #: The templates the graphs use, and the placeholders each may contain.
 PROMPT_NAMES = {
     "refute_system": set(),
-    "propose": {"domain_card", "n_refs", "reference_note", "tools", "max_turns", "max_candidates"},
-    "refute": {"tool", "turn", "candidate", "observation", "open_candidates", "turns_note"},
-    "commit": {"summary"},
+    "propose": {"domain_card", "n_refs", "reference_note", "tools", "max_turns", "max_candidates", "format"},
+    "refute": {"tool", "turn", "candidate", "observation", "open_candidates", "turns_note", "format"},
+    "commit": {"summary", "format"},
     "direct_system": set(),
-    "direct": {"descriptor", "n_refs"},
+    "direct": {"descriptor", "n_refs", "format"},
     "direct_logprob": {"descriptor", "n_refs"},
     "repair": {"problem", "format"},
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyclaw.experts.caches import ReleasedScoreCache, RetrievalIndex
+from anomalyclaw.experts.released import ReleasedScoreCache, RetrievalIndex
 from anomalyclaw.items import Item
 
 SHARED = Path(__file__).parents[2] / "shared"

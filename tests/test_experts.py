@@ -381,7 +381,8 @@ def test_pool_feature_budget_evicts_old_images(references):
     pool = ExpertPool(CountingBackbone(), max_feature_mb=2.5 * one / 2**20)
     pool.expert("subspace_ad", ("a", "b"), lambda: references[:2])
     pool.expert("subspace_ad", ("c", "d"), lambda: references[2:4])
-    assert pool.stats["images"] == 2 and pool._image_bytes <= pool.max_feature_bytes
+    assert pool.stats["images"] == 2
+    assert pool._image_features.stats()["bytes"] <= pool.max_feature_bytes
 
 
 def test_default_params_make_patch_knn_positional_on_aligned_domains():

@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_notebook
 
-from anomalyclaw.eval.fake_endpoint import FakeVLMServer
+from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"

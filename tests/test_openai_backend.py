@@ -9,7 +9,7 @@ import pytest
 
 from anomalyclaw.config import AgentConfig, EndpointConfig
 from anomalyclaw.errors import EndpointFatalError
-from anomalyclaw.eval.fake_endpoint import FakeVLMServer, reply_stage
+from anomalyclaw.graph.vlm.fake_server import FakeVLMServer, reply_stage
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
@@ -116,7 +116,7 @@ async def test_unknown_tool_becomes_an_observation_listing_valid_names(item, cli
                        record_bodies=True) as server:
         state = await _judge(item, _vlm(server, client))
     obs = state["observations"][0]
-    assert not obs.ok and "unknown tool 'magic_detector'" in obs.text and "side_by_side_compare" in obs.text
+    assert not obs["ok"] and "unknown tool 'magic_detector'" in obs["text"] and "side_by_side_compare" in obs["text"]
     assert state.get("tools_used", []) == []
     assert state["refute_score"] == pytest.approx(0.2)
 

@@ -7,7 +7,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from anomalyclaw.config import AgentConfig, EndpointConfig
-from anomalyclaw.eval.fake_endpoint import FAULTS, FakeVLMServer
+from anomalyclaw.graph.vlm.fake_server import FAULTS, FakeVLMServer
 from anomalyclaw.eval.records import RECORDS_FILE, Record
 from anomalyclaw.eval.runner import Runner
 from anomalyclaw.graph.context import make_context
@@ -69,7 +69,7 @@ async def test_content_fault_is_repaired_or_named(small_items, fault):
     if fault in ("empty", "cut", "prose", "bad_score", "nan_score"):
         assert "repaired" in notes  # the model was told what was wrong and answered again
     if fault == "bad_tool":
-        assert "unknown tool 'tool_magic_detector'" in state["observations"][0].text
+        assert "unknown tool 'tool_magic_detector'" in state["observations"][0]["text"]
 
 
 async def test_run_through_a_20_percent_faulty_endpoint(small_items, tmp_path):
@@ -99,15 +99,15 @@ async def test_endpoint_down_gives_error_records_that_say_why(small_items, tmp_p
 
 
 async def test_an_unexpected_exception_costs_one_item_not_the_run(small_items, tmp_path):
-    from anomalyclaw.graph.offline import OfflineVLM
+    from anomalyclaw.graph.vlm.offline import OfflineVLM
 
     doomed = small_items[1].item_id
 
     class BuggyVLM(OfflineVLM):
-        async def acall(self, messages, *, stage, context=None, logprobs=False):
-            if context.item.item.item_id == doomed:
+        async def acall(self, messages, *, stage, view=None, logprobs=False):
+            if view.item_id == doomed:
                 raise RuntimeError("a bug in a custom backend")
-            return await super().acall(messages, stage=stage, context=context, logprobs=logprobs)
+            return await super().acall(messages, stage=stage, view=view, logprobs=logprobs)
 
     summary = await Runner(BuggyVLM(), out_dir=tmp_path, progress=False).run(small_items[:4])
     records = {r.item_id: r for r in _records(tmp_path)}

@@ -237,7 +237,7 @@ async def test_item_ids_cannot_steer_saved_images_out_of_the_run_folder(small_it
     from dataclasses import replace
 
     from anomalyclaw.config import AgentConfig, EndpointConfig
-    from anomalyclaw.eval.fake_endpoint import FakeVLMServer
+    from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
 
     item = replace(small_items[0], item_id="../../outside")
     out = tmp_path / "deep" / "run"

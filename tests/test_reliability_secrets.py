@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from anomalyclaw.cli import main as cli_main
-from anomalyclaw.eval.fake_endpoint import FakeVLMServer
+from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
 from anomalyclaw.eval.manifests import write_manifest
 from anomalyclaw.eval.records import RECORDS_FILE, Record
 

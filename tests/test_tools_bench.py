@@ -37,7 +37,7 @@ def test_main_prints_a_table_and_writes_json(tmp_path, small_synth, capsys):
 def test_probe_reports_the_released_score_when_the_ids_match(reference_dir, small_items):
     """A synthetic image given a released test id shows that id's cached score, and only the
     score fields: never the cached label or prediction."""
-    from anomalyclaw.experts.caches import ReleasedScoreCache
+    from anomalyclaw.experts.released import ReleasedScoreCache
 
     cache = ReleasedScoreCache.load(reference_dir / "expert_cache")
     item_id = next(i for i in sorted(cache.ids("anomalyvfm")) if i.startswith("D1_"))

@@ -22,8 +22,10 @@ from anomalyclaw.imaging import decode_image, save_image
 from anomalyclaw.items import Item
 from anomalyclaw.tools import (CONTEXT_KEY, TOOL_NAMES, Applicability, ItemContext, Observation, ToolArgumentError,
                                ToolRegistry, run_tool_on_item)
-from anomalyclaw.tools.base import MAX_IMAGE_SIDE, make_tool, ramp, resolve_bbox
-from anomalyclaw.tools.context import clear_caches
+from anomalyclaw.tools.factory import make_tool
+from anomalyclaw.tools.observation import MAX_IMAGE_SIDE, ramp
+from anomalyclaw.tools.regions import resolve_bbox
+from anomalyclaw.cache import clear_caches
 from anomalyclaw.tools.imageops import box_iou, register, tolerant_delta_e, to_lab
 
 PLATE_CARD = DomainCard("T1", "disc plate", traits=frozenset({"object", "aligned", "counting"}))
@@ -275,7 +277,7 @@ def test_custom_tools_can_be_added_dropped_and_run(tmp_path, registry):
     assert registry.run("echo", {"word": "yo"}, ItemContext(texture_item)).text == "yo from tex"
     assert "echo" not in registry.render(make_item(tmp_path, "plate"))
     blocked = registry.run("echo", {}, ItemContext(make_item(tmp_path, "plate")))
-    assert blocked.ok and not blocked.applicable and "texture" in blocked.text
+    assert not blocked.ok and not blocked.applicable and "texture" in blocked.text
     registry.drop("echo")
     assert "echo" not in registry
     with pytest.raises(KeyError, match="no tool 'echo'"):
@@ -326,20 +328,39 @@ def test_tools_take_the_item_only_from_the_config(tmp_path, registry):
     orphan = tool.invoke(call)  # no context: a clear failure, not an exception
     assert not orphan.artifact.ok and CONTEXT_KEY in orphan.artifact.error
     plain = tool.invoke({"bbox": "nonsense"}, config={"configurable": {CONTEXT_KEY: ItemContext(make_item(tmp_path, "c2"))}})
-    assert isinstance(plain, str) and "failed" in plain
+    assert isinstance(plain, str) and plain.startswith("No tool was run: invalid arguments for side_by_side_compare")
 
 
-def test_context_records_every_observation(tmp_path, registry):
+def test_every_call_returns_one_observation_and_rejections_say_why(tmp_path, registry):
     ctx = ItemContext(make_item(tmp_path, "trace"))
-    registry.run("reference_profile", {}, ctx)
-    registry.run("region_zoom", {"bbox": [0.2, 0.2, 0.4, 0.4]}, ctx)
-    registry.run("region_zoom", {}, ctx)
-    registry.run("tool_no_such_thing", {}, ctx)
-    registry.run("fft_spectrum_viz", {}, ctx)
-    assert [o.tool for o in ctx.observations] == ["reference_profile", "region_zoom", "region_zoom",
-                                                  "tool_no_such_thing", "fft_spectrum_viz"]
-    assert [o.ok for o in ctx.observations] == [True, True, False, False, True]
-    assert not ctx.observations[-1].applicable
+    calls = [("reference_profile", {}), ("region_zoom", {"bbox": [0.2, 0.2, 0.4, 0.4]}), ("region_zoom", {}),
+             ("tool_no_such_thing", {}), ("fft_spectrum_viz", {})]
+    observations = [registry.run(name, args, ctx) for name, args in calls]
+    assert [o.tool for o in observations] == ["reference_profile", "region_zoom", "region_zoom",
+                                              "tool_no_such_thing", "fft_spectrum_viz"]
+    assert [o.ok for o in observations] == [True, True, False, False, False]
+    unknown, not_applicable = observations[3], observations[4]
+    assert unknown.text.startswith("No tool was run: unknown tool 'tool_no_such_thing'")
+    assert not not_applicable.applicable
+    assert not_applicable.text.startswith("No tool was run: fft_spectrum_viz does not apply to this item")
+    assert "Tools that apply: " in not_applicable.text
+
+
+def test_the_guard_runs_once_per_call(tmp_path, registry, monkeypatch):
+    """The registry checks a call; the tool it hands the checked call to does not check again."""
+    from anomalyclaw.tools import factory, registry as registry_module
+
+    counted = []
+    real = factory.check_arguments
+
+    def counting(*args, **kwargs):
+        counted.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(factory, "check_arguments", counting)
+    monkeypatch.setattr(registry_module, "check_arguments", counting)
+    obs = registry.run("region_zoom", {"bbox": [0.2, 0.2, 0.4, 0.4]}, ItemContext(make_item(tmp_path, "once")))
+    assert obs.ok and counted == ["region_zoom"]
 
 
 # ---------------------------------------------------------------------------- observations

@@ -432,15 +432,3 @@ def vstack(rows: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
         if i < len(rows) - 1:
             parts.append(np.full((gap, w, 3), 255, np.uint8))
     return np.vstack(parts)
-
-
-def heat_overlay(image: np.ndarray, map01: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """``map01`` (H, W) in [0, 1] as a JET heatmap over ``image``, blended in proportion to the
-    map (up to ``alpha``), so that unremarkable pixels keep their own appearance (unlike
-    :func:`anomalyclaw.experts.maps.overlay_heatmap`, which tints the whole image)."""
-    map01 = np.clip(np.nan_to_num(map01.astype(np.float32)), 0.0, 1.0)
-    if map01.shape[:2] != image.shape[:2]:
-        map01 = cv2.resize(map01, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.cvtColor(cv2.applyColorMap((map01 * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    weight = np.minimum(map01 * (alpha / 0.4), alpha)
-    return cv2.blendLinear(heat, image, weight, 1.0 - weight)

@@ -12,14 +12,19 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .base import (BBOX_DESCRIPTION, Applicability, Observation, ToolArgumentError, clamp_arg, image_payload,
-                   make_tool, px_to_norm, ramp, resolve_bbox, with_notes)
-from .calibration import (MAP_FULL_LEVEL, MAP_REGION_LEVEL, REGION_EVIDENCE, REGION_EXCESS,
-                          UNCALIBRATED_BASELINE_DE, Z_EVIDENCE, analyse_diff, compare_statistics,
-                          describe_statistic, detail_statistics, diff_illumination, expert_excess_map,
-                          min_region_area, region_distances, search_margin)
-from .context import ItemContext
-from .imageops import CYAN, GREEN, RED, YELLOW, captioned, draw_box, excess_regions, heat_overlay, hstack, vstack
+from anomalyclaw.experts.maps import overlay_heatmap
+
+from .applicability import Applicability
+from .difference import (MAP_FULL_LEVEL, MAP_REGION_LEVEL, REGION_EXCESS, UNCALIBRATED_BASELINE_DE,
+                         analyse_diff, diff_illumination, expert_excess_map, min_region_area)
+from .factory import make_tool
+from .guard import ToolArgumentError, clamp_arg
+from .item_context import ItemContext
+from .observation import Observation, image_payload, ramp, with_notes
+from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
+from .statistics import (REGION_EVIDENCE, Z_EVIDENCE, compare_statistics, describe_statistic,
+                         detail_statistics, region_distances, search_margin)
+from .imageops import CYAN, GREEN, RED, YELLOW, captioned, draw_box, excess_regions, hstack, vstack
 
 MAX_SHOWN_REFS = 4
 
@@ -212,7 +217,8 @@ def segment_anomaly(ctx: ItemContext, args: SegmentAnomalyArgs) -> Observation:
         r["bbox"] = px_to_norm(r["px"], query.shape)
         r["area_frac"] = round(r["area"] / mask.size, 5)
 
-    overlay = heat_overlay(query, np.clip((excess - 0.5) / max(hi - 0.5, 1e-6), 0, 1) * valid, 0.35)
+    overlay = overlay_heatmap(query, np.clip((excess - 0.5) / max(hi - 0.5, 1e-6), 0, 1) * valid, 0.35,
+                              proportional=True)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(overlay, contours, -1, YELLOW, max(1, round(max(query.shape[:2]) / 256)))
     for k, r in enumerate(regions):

@@ -14,15 +14,19 @@ from pydantic import BaseModel, Field
 
 from anomalyclaw.experts.maps import suggest_bbox
 
-from .base import (BBOX_DESCRIPTION, Applicability, Observation, image_payload, make_tool, px_to_norm, ramp,
-                   resolve_bbox, with_notes)
-from .calibration import MAP_FULL_LEVEL, MAP_REGION_LEVEL, expert_excess_map, min_region_area
-from .context import ItemContext
-from .imageops import CYAN, GREEN, RED, captioned, draw_box, excess_regions, heat_overlay, hstack
+from anomalyclaw.experts.maps import overlay_heatmap
+
+from .applicability import Applicability
+from .difference import MAP_FULL_LEVEL, MAP_REGION_LEVEL, expert_excess_map, min_region_area
+from .factory import make_tool
+from .item_context import ItemContext
+from .observation import TOOL_OVERLAY_ALPHA, Observation, image_payload, ramp, with_notes
+from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
+from .imageops import CYAN, GREEN, RED, captioned, draw_box, excess_regions, hstack
 
 FAMILY = "frozen expert probes"
 SCALE_WORDS = "references' scale (0 = an ordinary normal patch, 1 = the most unusual normal reference)"
-#: Released-cache names of the experts (``experts.caches.ReleasedScoreCache``).
+#: Released-cache names of the experts (``experts.released.ReleasedScoreCache``).
 _RELEASED_NAMES = {"anomaly_vfm": "anomalyvfm", "subspace_ad": "subspacead"}
 def score_verdict(score: float, reference_scores: np.ndarray) -> tuple[str, float, float]:
     """(verdict words, margin, evidence) for an image score among the references' leave-one-out
@@ -131,7 +135,7 @@ def expert_heatmap(ctx: ItemContext, args: ExpertHeatmapArgs) -> Observation:
     # A fixed scale (0 to the full-evidence level) keeps normal images cool on the overlay.
     map01 = np.clip(excess / MAP_FULL_LEVEL, 0.0, 1.0)
     suggested = suggest_bbox(map01, min_peak=MAP_REGION_LEVEL / MAP_FULL_LEVEL)
-    overlay = heat_overlay(query, map01)
+    overlay = overlay_heatmap(query, map01, TOOL_OVERLAY_ALPHA, proportional=True)
     if suggested is not None:
         box_px = tuple(int(round(v * s)) for v, s in zip(suggested, (query.shape[1], query.shape[0]) * 2))
         draw_box(overlay, box_px, RED, "suggested")

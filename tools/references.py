@@ -10,14 +10,20 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .base import (BBOX_DESCRIPTION, Applicability, Observation, clamp_arg, image_payload, make_tool, px_to_norm,
-                   ramp, resolve_bbox, with_notes)
-from .calibration import (DIFF_REFS, REGION_EXCESS, UNCALIBRATED_BASELINE_DE, Z_EVIDENCE, analyse_diff,
-                          compare_statistics, count_deviation, crop_statistics, describe_statistic, diff_illumination, diff_view,
-                          min_region_area, region_distances)
-from .context import ItemContext
+from anomalyclaw.experts.maps import overlay_heatmap
+
+from .applicability import Applicability
+from .difference import (DIFF_REFS, REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff,
+                         diff_illumination, diff_view, min_region_area)
+from .factory import make_tool
+from .guard import clamp_arg
+from .item_context import ItemContext
+from .observation import TOOL_OVERLAY_ALPHA, Observation, image_payload, ramp, with_notes
+from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
+from .statistics import (Z_EVIDENCE, compare_statistics, count_deviation, crop_statistics,
+                         describe_statistic, region_distances)
 from .imageops import (CYAN, GREEN, RED, blur, captioned, delta_e, draw_box, excess_regions, find_blobs,
-                       foreground_mask, heat_overlay, hstack, match_illumination, register, to_gray, to_lab,
+                       foreground_mask, hstack, match_illumination, register, to_gray, to_lab,
                        warp_onto)
 
 FAMILY = "reference understanding"
@@ -109,7 +115,8 @@ def _variability(ctx: ItemContext, n: int) -> tuple[np.ndarray, np.ndarray, np.n
     lights = np.stack([ctx.lab(i)[:, :, 0] for i in range(n)])
     mean_l, std_l = lights.mean(axis=0), lights.std(axis=0)
     mean_rgb = np.mean([ctx.reference_aligned(i).astype(np.float32) for i in range(n)], axis=0).astype(np.uint8)
-    return mean_l, std_l, heat_overlay(mean_rgb, std_l / max(float(std_l.max()), 1e-3))
+    return mean_l, std_l, overlay_heatmap(mean_rgb, std_l / max(float(std_l.max()), 1e-3), TOOL_OVERLAY_ALPHA,
+                                          proportional=True)
 
 
 def reference_profile(ctx: ItemContext, args: ProfileArgs) -> Observation:
@@ -155,7 +162,8 @@ def reference_profile(ctx: ItemContext, args: ProfileArgs) -> Observation:
     if aligned and region.whole:
         mean_l, std_l, var_view = ctx.reference_cached("variability", lambda: _variability(ctx, n), shape=query.shape)
         deviation = np.abs(ctx.lab()[:, :, 0] - mean_l) / np.maximum(std_l, 3.0)
-        dev_view = heat_overlay(query, np.clip(deviation / 6.0, 0, 1))
+        dev_view = overlay_heatmap(query, np.clip(deviation / 6.0, 0, 1), TOOL_OVERLAY_ALPHA,
+                                   proportional=True)
         h = min(320, query.shape[0] * 2)
         images.append(image_payload("reference_profile", hstack([
             captioned(var_view, "where references vary (std of L*)", height=h),
@@ -218,7 +226,8 @@ def image_diff(ctx: ItemContext, args: ImageDiffArgs) -> Observation:
     region_excess = float(analysis.diff[sl].mean() / analysis.baseline[sl].mean())
 
     best = analysis.ref_indices[0]
-    heat = heat_overlay(query, np.clip((analysis.excess - 0.5) / 3.5, 0, 1))
+    heat = overlay_heatmap(query, np.clip((analysis.excess - 0.5) / 3.5, 0, 1), TOOL_OVERLAY_ALPHA,
+                           proportional=True)
     for k, r in enumerate(regions[:3]):
         draw_box(heat, r["px"], RED if k == 0 else CYAN, f"#{k + 1}")
     if not region.whole:
@@ -429,7 +438,8 @@ def rotate_align(ctx: ItemContext, args: RotateAlignArgs) -> Observation:
     for r in regions:
         r["bbox"] = px_to_norm(r["px"], query.shape)
     evidence = ramp(regions[0]["peak"], ROTATE_REGION_EXCESS, 3.0) if regions else 0.0
-    heat = heat_overlay(query, np.clip((excess - 0.5) / 2.5, 0, 1) * best_valid)
+    heat = overlay_heatmap(query, np.clip((excess - 0.5) / 2.5, 0, 1) * best_valid, TOOL_OVERLAY_ALPHA,
+                           proportional=True)
     for k, r in enumerate(regions[:3]):
         draw_box(heat, r["px"], RED if k == 0 else CYAN, f"#{k + 1}")
     if not region.whole:

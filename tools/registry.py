@@ -2,8 +2,9 @@
 
 The prompt's tool list comes from :meth:`ToolRegistry.render`, so adding, dropping or swapping
 a tool needs no prompt edit. :meth:`ToolRegistry.run` / :meth:`ToolRegistry.arun` are how the
-graph calls a tool: they repair near-miss names, check applicability, validate arguments and
-never raise.
+graph calls a tool: :meth:`ToolRegistry.check_call` (the guard: name repair, applicability,
+argument validation) runs once, then the LangChain tool; they never raise, and the observation
+they return is the only one a call produces.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import difflib
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,13 @@ from pydantic import BaseModel
 
 from anomalyclaw.items import Item
 
-from .base import BBOX_DESCRIPTION, Applicability, Observation
-from .context import CONTEXT_KEY, ItemContext
+from .applicability import Applicability
+from .item_context import CONTEXT_KEY, ItemContext
+from .factory import CHECKED_KEY, finish
+from .guard import CheckedCall, check_arguments
+from .observation import Observation
+from .regions import BBOX_DESCRIPTION
 
-__all__ = ["Applicability", "ToolRegistry", "ToolEntry", "run_tool_on_item", "TOOL_NAMES"]
 
 #: The 13 tools of the catalog, in prompt order.
 TOOL_NAMES = ("side_by_side_compare", "region_zoom", "segment_anomaly",
@@ -209,68 +214,81 @@ class ToolRegistry:
                 for e in self._entries.values()]
 
     # ------------------------------------------------------------------------------- running
-    def _prepare(self, name: Any, args: Any, context: ItemContext) -> tuple[str | None, Observation | None, list[str]]:
-        """(canonical name, an Observation that ends the call early, repair notes)."""
+    def check_call(self, name: Any, args: Any, item: Item, *,
+                   default_bbox: list[float] | None = None) -> CheckedCall | Observation:
+        """The guard: resolve the name (repairing near misses), check that the tool applies to
+        ``item`` and validate the arguments. ``default_bbox`` fills a missing ``bbox`` argument
+        (the box of the candidate under test is what the model means). Returns the checked call,
+        or a rejected Observation that says why and what to do instead."""
         canonical, message = self.resolve(name)
         if canonical is None:
-            return None, Observation.failure(str(name), message, args=args if isinstance(args, dict) else {}), []
-        if not isinstance(args, (dict, type(None))):
-            return canonical, Observation.failure(
-                canonical, f"arguments must be a JSON object, got {type(args).__name__}"), []
-        ok, why = self._entries[canonical].applicability.check(context.item)
-        if not ok:
-            return canonical, Observation.not_applicable(canonical, why, args=args or {}), []
-        return canonical, None, [message] if message else []
+            return Observation.rejected(str(name), message, args=args if isinstance(args, dict) else {},
+                                        applicable=False)
+        entry = self._entries[canonical]
+        schema = (entry.tool.metadata or {}).get("args_model")
+        if isinstance(args, dict) and default_bbox and schema is not None and "bbox" in schema.model_fields \
+                and args.get("bbox") is None:
+            args = {**args, "bbox": default_bbox}
+        notes = (message,) if message else ()
+        checked = check_arguments(canonical, schema, entry.applicability, item, args, notes=notes)
+        if isinstance(checked, Observation):
+            if not checked.applicable:
+                usable = [t.name for t, ok, _ in self.applicable(item) if ok]
+                why = f"{checked.error}. Tools that apply: {', '.join(usable)}"
+                checked = Observation.rejected(canonical, why, args=checked.args, applicable=False)
+            return checked
+        return CheckedCall(checked.tool, checked.args, checked.notes,
+                           repaired_from=str(name) if canonical != name else None,
+                           requested=dict(args) if isinstance(args, dict) else None)
+
+    def _invocation(self, call: CheckedCall, context: ItemContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        tool_call = {"name": call.tool, "args": call.args_dict(), "id": f"call_{uuid.uuid4().hex[:12]}",
+                     "type": "tool_call"}
+        return tool_call, {"configurable": {CONTEXT_KEY: context, CHECKED_KEY: call}}
 
     @staticmethod
-    def _call(canonical: str, args: dict | None) -> dict[str, Any]:
-        return {"name": canonical, "args": args or {}, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
-
-    def _finish(self, canonical: str, message: Any, notes: list[str], args: dict | None) -> Observation:
+    def _observation(call: CheckedCall, message: Any, start: float) -> Observation:
         obs = getattr(message, "artifact", None)
-        if not isinstance(obs, Observation):  # a plain LangChain tool: its content is the text
-            content = getattr(message, "content", message)
-            obs = Observation(canonical, text=str(content), data={"evidence": None}, args=args or {})
-        if notes:
-            obs.text = f"Note: {'; '.join(notes)}. {obs.text}"
-            obs.data.setdefault("notes", []).extend(notes)
-        return obs
+        if isinstance(obs, Observation):  # a catalog tool: it ran the call as checked, notes included
+            return obs
+        content = getattr(message, "content", message)  # a plain LangChain tool: its content is the text
+        return finish(Observation(call.tool, text=str(content), data={"evidence": None}, args=call.args_dict()),
+                      call, start)
 
-    @staticmethod
-    def _record(context: ItemContext, obs: Observation) -> Observation:
-        """Keep every call in the item's trace (catalog tools record themselves)."""
-        if not context.observations or context.observations[-1] is not obs:
-            context.observations.append(obs)
-        return obs
-
-    def run(self, name: str, args: dict | None, context: ItemContext) -> Observation:
-        """Run tool ``name`` on the item in ``context``: the name is repaired or rejected, the
-        item's applicability checked, the arguments validated; every failure is an Observation."""
-        canonical, early, notes = self._prepare(name, args, context)
-        if early is not None:
-            return self._record(context, early)
+    def run(self, name: str, args: dict | None, context: ItemContext, *,
+            default_bbox: list[float] | None = None) -> Observation:
+        """Run tool ``name`` on the item in ``context`` (the guard, :meth:`check_call`, then the
+        tool); every failure is an Observation."""
+        start = time.perf_counter()
+        call = self.check_call(name, args, context.item, default_bbox=default_bbox)
+        if isinstance(call, Observation):
+            return finish(call, None, start)
         try:
-            message = self._entries[canonical].tool.invoke(self._call(canonical, args),
-                                                           config={"configurable": {CONTEXT_KEY: context}})
-            obs = self._finish(canonical, message, notes, args)
+            message = self._entries[call.tool].tool.invoke(*self._invocation(call, context))
+            return self._observation(call, message, start)
         except Exception as exc:  # plain tools may raise; the catalog's never do
-            obs = Observation.failure(canonical, f"{type(exc).__name__}: {exc}", args=args or {})
-        return self._record(context, obs)
+            return finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}", args=call.args_dict()),
+                          None, start)
 
-    async def arun(self, name: str, args: dict | None, context: ItemContext) -> Observation:
+    async def arun(self, name: str, args: dict | None, context: ItemContext, *,
+                   default_bbox: list[float] | None = None) -> Observation:
         """:meth:`run` for async callers: the image work runs in a worker thread."""
-        canonical, early, notes = self._prepare(name, args, context)
-        if early is not None:
-            return self._record(context, early)
+        call = self.check_call(name, args, context.item, default_bbox=default_bbox)
+        if isinstance(call, Observation):
+            return finish(call, None, time.perf_counter())
+        return await self.arun_checked(call, context)
+
+    async def arun_checked(self, call: CheckedCall, context: ItemContext) -> Observation:
+        """Run a call that passed :meth:`check_call` (the graph checks in ``select_tool``)."""
+        start = time.perf_counter()
         try:
-            message = await self._entries[canonical].tool.ainvoke(self._call(canonical, args),
-                                                                  config={"configurable": {CONTEXT_KEY: context}})
-            obs = self._finish(canonical, message, notes, args)
+            message = await self._entries[call.tool].tool.ainvoke(*self._invocation(call, context))
+            return self._observation(call, message, start)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            obs = Observation.failure(canonical, f"{type(exc).__name__}: {exc}", args=args or {})
-        return self._record(context, obs)
+            return finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}", args=call.args_dict()),
+                          None, start)
 
 
 def run_tool_on_item(name: str, item: Item, args: dict | None = None, *, out_dir: str | Path | None = None,

@@ -13,11 +13,16 @@ from pydantic import BaseModel, Field
 from scipy import fft as sfft
 from scipy.optimize import linear_sum_assignment
 
-from .base import (BBOX_DESCRIPTION, Applicability, Observation, image_payload, make_tool, px_to_norm, ramp,
-                   resolve_bbox, with_notes)
-from .calibration import REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff, count_deviation, min_region_area
-from .context import ItemContext
-from .imageops import (CYAN, GREEN, RED, YELLOW, captioned, draw_box, excess_regions, find_blobs, heat_overlay,
+from anomalyclaw.experts.maps import overlay_heatmap
+
+from .applicability import Applicability
+from .difference import REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff, min_region_area
+from .factory import make_tool
+from .item_context import ItemContext
+from .observation import TOOL_OVERLAY_ALPHA, Observation, image_payload, ramp, with_notes
+from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
+from .statistics import count_deviation
+from .imageops import (CYAN, GREEN, RED, YELLOW, captioned, draw_box, excess_regions, find_blobs,
                        hstack)
 
 FAMILY = "structure / texture"
@@ -204,7 +209,8 @@ def change_heatmap_viz(ctx: ItemContext, args: ChangeHeatmapArgs) -> Observation
         r["bbox"] = px_to_norm(r["px"], query.shape)
     change_fraction = float(mask[valid].mean()) if valid.any() else 0.0
     evidence = ramp(regions[0]["peak"], 1.5, 4.0) if regions else 0.0
-    heat = heat_overlay(query, np.clip((analysis.excess - 0.5) / 3.5, 0, 1))
+    heat = overlay_heatmap(query, np.clip((analysis.excess - 0.5) / 3.5, 0, 1), TOOL_OVERLAY_ALPHA,
+                           proportional=True)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(heat, contours, -1, YELLOW, max(1, round(max(query.shape[:2]) / 256)))
     for k, r in enumerate(regions[:3]):
@@ -414,7 +420,7 @@ def fft_spectrum_viz(ctx: ItemContext, args: FFTSpectrumArgs) -> Observation:
     q_spectrum = ctx.item_cached("spectrum", lambda: global_spectrum(ctx.gray()))
     r_spectrum = ctx.reference_file_cached(best, "spectrum", lambda: global_spectrum(ctx.gray(best)))
     q_period, r_period = dominant_period(*q_spectrum), dominant_period(*r_spectrum)
-    heat = heat_overlay(query, np.clip((excess - 0.6) / 1.9, 0, 1))
+    heat = overlay_heatmap(query, np.clip((excess - 0.6) / 1.9, 0, 1), TOOL_OVERLAY_ALPHA, proportional=True)
     for k, r in enumerate(regions):
         draw_box(heat, r["px"], RED if k == 0 else CYAN, f"#{k + 1}")
     if not region.whole:

@@ -7,8 +7,13 @@ prose replies, unknown tool names, scores out of range or NaN, 401, 404). Withou
 answers each stage of the AnomalyClaw protocol with a well-formed reply, so a whole run can go
 through it.
 
-Run it by hand: ``python -m anomalyclaw.eval.fake_endpoint --port 8011 --latency 0.1``; it
-prints its base URL as the first line of standard output (``--port 0`` picks a free port).
+Each request's stage comes from the ``X-AnomalyClaw-Stage`` header the project's clients send
+(:data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER`); a request without it (another client) is
+matched by the reply format its last user message asks for.
+
+Run it by hand (the benchmarks start it as a process this way):
+``python -m anomalyclaw.graph.vlm.fake_server --port 8011 --latency 0.1``; it prints its base URL
+as the first line of standard output (``--port 0`` picks a free port).
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
+from ..replies import COMMIT, commit_reply, direct_reply, propose_reply, refute_reply, tool_action
+from .seam import STAGE_HEADER, STAGES
+
 #: Fault kinds the server can inject, by name.
 FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "html", "empty", "cut", "prose",
           "bad_tool", "bad_score", "nan_score")
@@ -35,8 +43,11 @@ FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "html", "empty", 
 FATAL = ("401", "404")
 
 
-def reply_stage(body: dict[str, Any]) -> str:
-    """Which protocol stage a request asks for, from the format its last user message names."""
+def reply_stage(body: dict[str, Any], header: str | None = None) -> str:
+    """Which protocol stage a request is for: the stage header when the client sent one, else
+    the format its last user message names (``direct_logprob`` is reported as ``logprob``)."""
+    if header in STAGES:
+        return "logprob" if header == "direct_logprob" else header
     text = ""
     for msg in reversed(body.get("messages", [])):
         if msg.get("role") == "user":
@@ -65,25 +76,21 @@ def default_reply(body: dict[str, Any], *, stage: str | None = None, raw: bytes 
     u = digest[0] / 255.0
     stage = stage or reply_stage(body)
     if stage == "propose":
-        return json.dumps({
-            "initial_score": round(u, 3),
-            "candidates": [{"id": "c1", "description": "region that differs from the references",
-                            "bbox": [0.25, 0.25, 0.75, 0.75]}],
-            "action": {"tool": "side_by_side_compare", "args": {"bbox": [0.25, 0.25, 0.75, 0.75]},
-                       "candidate": "c1"},
-            "rationale": "check the central region against the closest reference"})
+        box = [0.25, 0.25, 0.75, 0.75]
+        return propose_reply(round(u, 3), [{"id": "c1", "description": "region that differs from the references",
+                                            "bbox": box}],
+                             tool_action("side_by_side_compare", {"bbox": box}, "c1"),
+                             "check the central region against the closest reference")
     if stage == "refute":
         status = "confirmed" if u > 0.5 else "refuted"
-        return json.dumps({"verdicts": [{"id": "c1", "status": status, "evidence": "compared with references"}],
-                           "updated_score": round(u, 3), "action": {"commit": True},
-                           "rationale": "evidence gathered"})
+        return refute_reply([{"id": "c1", "status": status, "evidence": "compared with references"}],
+                            round(u, 3), COMMIT, "evidence gathered")
     if stage == "commit":
-        return json.dumps({"anomaly_score": round(u, 3), "confidence": 70, "rationale": "final"})
+        return commit_reply(round(u, 3), 70, "final")
     if stage == "logprob":
         return "anomalous" if u > 0.5 else "normal"
     label = "anomalous" if u > 0.5 else "normal"
-    return json.dumps({"image_label": label, "confidence": round(0.5 + abs(u - 0.5), 3),
-                       "anomaly_type": None, "evidence": "overall comparison", "bbox": None})
+    return direct_reply(label, round(0.5 + abs(u - 0.5), 3), None, "overall comparison", None)
 
 
 def faulty_reply(kind: str, body: dict[str, Any], *, stage: str | None = None, raw: bytes | None = None) -> str:
@@ -276,7 +283,7 @@ class FakeVLMServer:
                 if server.record_bodies:
                     with server._lock:
                         server.bodies.append(body)
-                stage = reply_stage(body)
+                stage = reply_stage(body, self.headers.get(STAGE_HEADER))
                 fault, text = server._next_action(body, stage, raw)
                 with server._lock:
                     server.stats.stages[stage] += 1

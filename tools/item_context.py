@@ -2,20 +2,21 @@
 
 The runner builds one :class:`ItemContext` per item from the manifest and passes it in the tool
 call's config (``config["configurable"][CONTEXT_KEY]``); nothing a model writes can point a tool
-at a file. Everything is lazy and cached: per item on the context, and per reference set in small
-process-wide LRU caches (reference images, reference-set calibrations), because many items share
-one reference set and the references' own variation is what every tool calibrates against.
+at a file. Everything is lazy and cached: per item on the context, and per reference file, pair and set in
+process-wide :class:`~anomalyclaw.cache.LRUCache` instances (reference images, calibrations),
+because many items share references and the references' own variation is what every tool
+calibrates against.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import cv2
 import numpy as np
 
+from anomalyclaw.cache import LRUCache
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.imaging import load_image, resize_longest, resize_to
 from anomalyclaw.items import Item
@@ -24,7 +25,7 @@ from .imageops import blur, to_gray, to_lab
 
 if TYPE_CHECKING:
     from anomalyclaw.experts.base import ExpertResult
-    from anomalyclaw.experts.caches import ReleasedScoreCache
+    from anomalyclaw.experts.released import ReleasedScoreCache
     from anomalyclaw.experts.pool import ExpertPool
 
 CONTEXT_KEY = "item_context"
@@ -36,56 +37,18 @@ _THUMB_SIDE = 32
 T = TypeVar("T")
 
 
-class _LRU:
-    """A small thread-safe LRU map; values are computed outside the lock (a rare double compute
-    is cheaper than serialising every tool call behind one slow calibration)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_compute(self, key: Any, compute: Callable[[], T]) -> T:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        value = compute()
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
 #: Reference images at work size, keyed by (path, mtime, size, work_side): ~0.8 MB each at 512 px.
-_REFERENCE_IMAGES = _LRU(128)
+_REFERENCE_IMAGES = LRUCache("tools.reference_images", max_items=128)
 #: A few references at zoom resolution (up to 1536 px: ~7 MB each).
-_REFERENCE_FULL = _LRU(8)
+_REFERENCE_FULL = LRUCache("tools.reference_full", max_items=8)
 #: Values computed from one reference file (its Lab, grey, spectrum...), shared by every set that
 #: holds the file: up to ~3 MB each at 512 px.
-_REFERENCE_FILES = _LRU(192)
+_REFERENCE_FILES = LRUCache("tools.reference_files", max_items=192)
 #: Calibrations that depend on the whole reference set (baselines, tile banks, embeddings).
-_REFERENCE_SETS = _LRU(64)
+_REFERENCE_SETS = LRUCache("tools.reference_sets", max_items=64)
 #: Calibrations of one ordered pair of reference files (a registered difference map), so items
 #: that draw different subsets from one reference pool share them: float16, <= 200 KB each.
-_REFERENCE_PAIRS = _LRU(256)
-_shared_lock = threading.Lock()
-_shared: dict[str, Any] = {}
-
-
-def clear_caches() -> None:
-    """Forget cached reference images and calibrations (tests, or after editing files in place)."""
-    _REFERENCE_IMAGES.clear()
-    _REFERENCE_FULL.clear()
-    _REFERENCE_FILES.clear()
-    _REFERENCE_SETS.clear()
-    _REFERENCE_PAIRS.clear()
+_REFERENCE_PAIRS = LRUCache("tools.reference_pairs", max_items=256)
 
 
 def _file_key(path: Path) -> tuple[str, float, int]:
@@ -131,7 +94,6 @@ class ItemContext:
         self.expert_pool = expert_pool
         self.score_cache = score_cache
         self.backbone = backbone
-        self.observations: list[Any] = []
         self._query: np.ndarray | None = None
         self._query_full: np.ndarray | None = None
         self._references: dict[int, np.ndarray] = {}
@@ -273,24 +235,20 @@ class ItemContext:
 
     # --------------------------------------------------------------------------------- experts
     def get_expert_pool(self) -> "ExpertPool":
-        """The pool passed in, else one process-wide classic pool (fits shared across items)."""
+        """The pool passed in, else the process-wide classic pool (fits shared across items)."""
         if self.expert_pool is not None:
             return self.expert_pool
-        with _shared_lock:
-            if "pool" not in _shared:
-                from anomalyclaw.experts.pool import ExpertPool
-                _shared["pool"] = ExpertPool(backbone="classic")
-            return _shared["pool"]
+        from anomalyclaw.experts.pool import default_pool
+
+        return default_pool()
 
     def get_backbone(self) -> Any:
         """The backbone passed in, else the weight-free classic backbone (for embeddings)."""
         if self.backbone is not None:
             return self.backbone
-        with _shared_lock:
-            if "backbone" not in _shared:
-                from anomalyclaw.experts.backbones import load_backbone
-                _shared["backbone"] = load_backbone("classic")
-            return _shared["backbone"]
+        from anomalyclaw.experts.pool import default_pool
+
+        return default_pool().backbone
 
     def expert_result(self, name: str) -> "ExpertResult":
         """The query scored by expert ``name`` ("anomaly_vfm" or "subspace_ad"), fitted on this

@@ -1,18 +1,17 @@
-"""The VLM seam: one async call signature for a real chat model and for the offline policy.
+"""The endpoint clients: one request discipline for every real chat model.
 
-Two clients share one request discipline (:class:`_EndpointVLM`): a single semaphore bounds the
-requests in flight, 429, 5xx, timeouts, dropped connections and garbled replies are retried with
-exponential backoff and jitter (honouring Retry-After), 401/403/404 stop the run at once, and every
-call is measured (latency, tokens, request bytes, images, retries).
+:class:`_EndpointVLM` holds what both clients share: a single semaphore bounds the requests in
+flight, 429, 5xx, timeouts, dropped connections and garbled replies are retried with exponential
+backoff and jitter (honouring Retry-After), 401/403/404 stop the run at once, and every call is
+measured (latency, tokens, request bytes, images, retries). Each request names its protocol
+stage in the :data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER` header.
 
 - :class:`ChatVLM`: any LangChain chat model through ``ainvoke``; the ``openai`` backend's default
   client is ``ChatOpenAI`` (langchain-openai) against an OpenAI-compatible endpoint.
 - :class:`OpenAIVLM` (``EndpointConfig.client = "sdk"``): the LangChain messages the graphs build
   are turned into the OpenAI wire format once (``convert_to_openai_messages``), serialised once,
-  and posted with the ``openai`` SDK's async client. ``ChatOpenAI`` spends ~14 ms of event-loop CPU
-  per 170 KB request against ~5 ms here (LangChain re-derives its content-block types and the SDK
-  re-walks the request's TypedDicts for every image block); that matters only when the endpoint
-  is fast enough for the client's CPU to be the limit (``anomalyclaw bench`` measures both).
+  and posted with the ``openai`` SDK's async client, which skips LangChain's per-request content
+  conversion; ``anomalyclaw bench`` measures what that saves.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 import openai
 from langchain_core.language_models import BaseChatModel
@@ -30,59 +29,9 @@ from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from anomalyclaw.config import EndpointConfig, redact
-from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
+from anomalyclaw.errors import EndpointFatalError
 
-
-class VLMError(AnomalyClawError):
-    """A request that failed after its retries (or could never succeed, such as a 400)."""
-
-
-class BadResponseError(VLMError):
-    """The endpoint answered 200 with a body that is not a chat completion (a gateway's HTML
-    error page, a truncated body): worth another try, like a 5xx."""
-
-
-@dataclass
-class VLMReply:
-    """One VLM call's text and what it cost."""
-
-    text: str
-    stage: str
-    latency_s: float = 0.0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    request_bytes: int = 0
-    images_sent: int = 0
-    retries: int = 0
-    top_logprobs: list[dict[str, Any]] | None = None
-
-    def usage(self) -> dict[str, Any]:
-        return {"stage": self.stage, "latency_s": round(self.latency_s, 4), "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "request_bytes": self.request_bytes,
-                "images_sent": self.images_sent, "retries": self.retries}
-
-
-@runtime_checkable
-class VLM(Protocol):
-    """What the graphs call. ``context`` is the run context (the offline policy reads it; a
-    real model sees only ``messages``)."""
-
-    backend: str
-    model: str
-
-    async def acall(self, messages: Sequence[BaseMessage], *, stage: str, context: Any = None,
-                    logprobs: bool = False) -> VLMReply: ...
-
-
-def _count_images(payload: list[dict[str, Any]]) -> int:
-    return sum(1 for m in payload if isinstance(m.get("content"), list)
-               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
-
-
-def request_size(messages: Sequence[BaseMessage]) -> tuple[int, int]:
-    """(bytes of the messages as the OpenAI API receives them, number of images)."""
-    payload = convert_to_openai_messages(list(messages))
-    return len(json.dumps(payload, separators=(",", ":"))), _count_images(payload)
+from .seam import STAGE_HEADER, BadResponseError, VLMError, VLMReply, count_images, request_size
 
 
 _TRANSIENT = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
@@ -176,11 +125,14 @@ class _EndpointVLM(ABC):
         """(request, request bytes, images) for ``messages``; built once, sent on every attempt."""
 
     @abstractmethod
-    async def _send(self, client: Any, request: Any, logprobs: bool) -> _Answer:
-        """Post ``request`` once with ``client`` and read the reply."""
+    async def _send(self, client: Any, request: Any, logprobs: bool, stage: str) -> _Answer:
+        """Post ``request`` once with ``client`` and read the reply; the request names ``stage``
+        in the :data:`STAGE_HEADER` header."""
 
-    async def acall(self, messages: Sequence[BaseMessage], *, stage: str, context: Any = None,
+    async def acall(self, messages: Sequence[BaseMessage], *, stage: str, view: Any = None,
                     logprobs: bool = False) -> VLMReply:
+        """One request for ``stage``, retried as the class docstring says (``view`` is ignored:
+        a real model sees only the messages)."""
         request, nbytes, nimages = self._prepare(messages, logprobs)
         attempts = 0
         start = time.perf_counter()
@@ -192,7 +144,7 @@ class _EndpointVLM(ABC):
                     attempts += 1
                     slots, client = self._loop_state()
                     async with slots:
-                        answer = await self._send(client, request, logprobs)
+                        answer = await self._send(client, request, logprobs, stage)
         except _FATAL as exc:
             raise EndpointFatalError(self._describe(exc, fatal=True)) from None
         except (openai.OpenAIError, VLMError, asyncio.TimeoutError) as exc:
@@ -249,11 +201,11 @@ class OpenAIVLM(_EndpointVLM):
         if logprobs:
             body.update(logprobs=True, top_logprobs=5)
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        return data, len(data), _count_images(payload)
+        return data, len(data), count_images(payload)
 
-    async def _send(self, client: openai.AsyncOpenAI, request: bytes, logprobs: bool) -> _Answer:
+    async def _send(self, client: openai.AsyncOpenAI, request: bytes, logprobs: bool, stage: str) -> _Answer:
         raw = await client.post("/chat/completions", content=request, cast_to=bytes,
-                                options={"headers": {"Content-Type": "application/json"}})
+                                options={"headers": {"Content-Type": "application/json", STAGE_HEADER: stage}})
         return _read_completion(raw, logprobs)
 
 
@@ -313,10 +265,13 @@ class ChatVLM(_EndpointVLM):
         nbytes, nimages = request_size(messages)
         return list(messages), nbytes, nimages
 
-    async def _send(self, client: BaseChatModel, request: list[BaseMessage], logprobs: bool) -> _Answer:
+    async def _send(self, client: BaseChatModel, request: list[BaseMessage], logprobs: bool, stage: str) -> _Answer:
         model = client.bind(logprobs=True, top_logprobs=5) if logprobs else client
+        # Only the ChatOpenAI this object built is known to pass extra headers through; a
+        # caller's own chat model gets the messages alone.
+        headers = {"extra_headers": {STAGE_HEADER: stage}} if self.endpoint is not None else {}
         try:
-            message = await model.ainvoke(request)
+            message = await model.ainvoke(request, **headers)
         except (ValueError, KeyError, TypeError) as exc:  # a 200 whose body is not a completion
             raise BadResponseError(f"the reply is not a chat completion: {str(exc)[:200]}") from None
         usage = getattr(message, "usage_metadata", None) or {}
@@ -351,30 +306,3 @@ def make_openai_client(endpoint: EndpointConfig) -> openai.AsyncOpenAI:
     endpoint.require()
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
     return openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0)
-
-
-def make_vlm(backend: str = "offline", endpoint: EndpointConfig | None = None, *,
-             max_concurrency: int = 8, chat_model: BaseChatModel | None = None) -> VLM:
-    """The VLM for a backend: ``offline`` (the embedded rule-based stand-in) or ``openai``.
-
-    Pass ``chat_model`` to use any LangChain chat model behind the same seam; its retries,
-    concurrency bound and timeouts come from ``endpoint`` when given.
-    """
-    if chat_model is not None:
-        name = getattr(chat_model, "model_name", None) or getattr(chat_model, "model", None) or type(chat_model).__name__
-        policy = endpoint or EndpointConfig()
-        return ChatVLM(model=str(name), backend="langchain", chat_model=chat_model,
-                       max_retries=policy.max_retries, backoff_max_s=policy.backoff_max_s,
-                       max_concurrency=max_concurrency, secrets=policy.secret_values())
-    if backend == "offline":
-        from .offline import OfflineVLM
-        return OfflineVLM()
-    if backend == "openai":
-        endpoint = (endpoint or EndpointConfig.from_env()).require()
-        policy = dict(model=endpoint.model or "unknown", backend="openai", max_retries=endpoint.max_retries,
-                      backoff_max_s=endpoint.backoff_max_s, max_concurrency=max_concurrency,
-                      secrets=endpoint.secret_values())
-        if endpoint.client == "sdk":
-            return OpenAIVLM(endpoint=endpoint, **policy)
-        return ChatVLM(chat_model=make_chat_model(endpoint), endpoint=endpoint, **policy)
-    raise AnomalyClawError(f"unknown backend {backend!r}: choose offline or openai")

@@ -1,0 +1,208 @@
+"""The offline backend: a deterministic rule-based policy that speaks the VLM reply format.
+
+It is a stand-in for a real VLM, named as such in every record (``backend: offline``), so that
+the graph, the demo, the notebook and the tests run with no network and no weights. It does
+what the protocol asks a model to do, from numbers instead of pixels:
+
+* direct: a global glance, the patch-kNN expert's image score read against the references'
+  own leave-one-out scores (a logistic of its z-score);
+* propose: the same reading as the initial score; candidates are "a difference anywhere in the
+  image" (when the domain has a tool that compares whole images: a change map for bi-temporal
+  pairs, rotation-tolerant registration for rigid objects, a registered difference for aligned
+  scenes, a blob census for counting) and the expert map's hottest regions; the first tool is
+  the one the domain's traits make most telling;
+* refute: a verdict on the tested candidate from the tool's calibrated ``evidence`` (high:
+  confirmed, low: refuted, between: uncertain, which earns the next tool), a log-odds update
+  of the score, then the next open candidate or a commit;
+* commit (forced): the latest score.
+
+Its thresholds live in :class:`OfflinePolicy`; the defaults were chosen on a synthetic benchmark
+generated with seed 1, never on the seed-0 benchmark the demo reports.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from langchain_core.messages import BaseMessage
+
+from anomalyclaw.experts.maps import normalize_map, top_regions
+from anomalyclaw.scores import logistic, logit
+
+from ..replies import COMMIT, commit_reply, direct_reply, propose_reply, refute_reply, tool_action
+from .seam import RunView, VLMReply, request_size
+
+
+@dataclass(frozen=True)
+class OfflinePolicy:
+    """The rule set's numbers."""
+
+    confirm_at: float = 0.6
+    """Evidence at or above this confirms a candidate."""
+    refute_at: float = 0.3
+    """Evidence at or below this refutes it; between the two it is uncertain."""
+    whole_image_gain: float = 6.0
+    """Log-odds moved per unit of (evidence - 0.5) by a whole-image comparison."""
+    region_gain: float = 0.5
+    """... and by a test of one region."""
+    clearly_normal: float = 0.1
+    """Below this initial score, with no whole-image tool to consult, commit at once."""
+    hotspot_level: float = 0.6
+    """Expert-map level (0 = a normal patch, 1 = the worst reference) that makes a hotspot."""
+
+
+def whole_image_tools(traits: frozenset[str]) -> list[str]:
+    """Tools that compare the whole query with the references, most telling first."""
+    plan = []
+    if "bi_temporal" in traits:
+        plan.append("change_heatmap_viz")
+    if "rotating" in traits or "object" in traits:
+        plan.append("rotate_align")
+    if "aligned" in traits:
+        plan.append("image_diff")
+    if "counting" in traits:
+        plan.append("blob_layout_viz")
+    return plan
+
+
+def region_tools(traits: frozenset[str]) -> list[str]:
+    """Tools that test one region against the references, most telling first."""
+    plan = whole_image_tools(traits) + ["anomaly_vfm_score", "segment_anomaly"]
+    if "texture" in traits:
+        plan.append("fft_spectrum_viz")
+    return plan + ["side_by_side_compare"]
+
+
+def _unique_available(names: Sequence[str], available: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        if n in available and n not in out:
+            out.append(n)
+    return out
+
+
+def glance(view: RunView) -> float:
+    """P(anomalous) at a glance: the default expert's unit score (0.5 when it has none)."""
+    p = view.expert().unit_score()
+    return 0.5 if p is None else p
+
+
+class _Episode:
+    """One item's refutation as the policy plays it. The policy keeps no memory between calls:
+    every call replays the episode from the view (the expert's reading and the observations so
+    far), which is deterministic, so a resumed or re-run conversation gets the same replies."""
+
+    def __init__(self, policy: OfflinePolicy, view: RunView, score: float):
+        self.policy = policy
+        self.score = score
+        result = view.expert()
+        heat = normalize_map(result.anomaly_map, *result.normal_range)
+        self.whole = _unique_available(whole_image_tools(view.traits), view.tools)
+        regional = _unique_available(region_tools(view.traits), view.tools)
+        candidates: list[dict[str, Any]] = []
+        if self.whole:
+            candidates.append({"id": "c1", "description": "a difference from the references anywhere in the image",
+                               "bbox": None})
+        n_hot = max(0, view.max_candidates - len(candidates))
+        for r in top_regions(heat, k=n_hot, level=policy.hotspot_level) if n_hot else []:
+            candidates.append({"id": f"c{len(candidates) + 1}",
+                               "description": f"expert hotspot ({100 * r['area_frac']:.1f}% of the image, peak "
+                                              f"{r['peak']:.2f} of the worst reference)", "bbox": r["bbox"]})
+        self.listed = candidates
+        self.candidates = {c["id"]: dict(c) for c in candidates}
+        self.plans = {c["id"]: (self.whole if c["bbox"] is None else regional) for c in candidates}
+        self.tried: dict[str, list[str]] = {}
+        self.testing: str | None = None
+
+    def opening(self) -> str:
+        """The propose reply."""
+        if not self.listed or (not self.whole and self.score < self.policy.clearly_normal):
+            return propose_reply(round(self.score, 4), [], COMMIT,
+                                 f"nothing stands out against the references (P={self.score:.2f})")
+        action = self._next_action(self.listed[0]["id"])
+        return propose_reply(round(self.score, 4), self.listed, action,
+                             f"{len(self.listed)} candidate(s) to test against the references")
+
+    def _next_action(self, cid: str) -> dict[str, Any]:
+        tried = self.tried.setdefault(cid, [])
+        for name in self.plans[cid]:
+            if name not in tried:
+                tried.append(name)
+                cand = self.candidates[cid]
+                self.testing = cid
+                return tool_action(name, {"bbox": cand["bbox"]} if cand.get("bbox") else {}, cid)
+        return dict(COMMIT)
+
+    def step(self, obs: Mapping[str, Any]) -> str:
+        """The refute reply to one observation (which tested the candidate last acted on)."""
+        pol = self.policy
+        data = obs.get("data") or {}
+        evidence = data.get("evidence")
+        cid = self.testing or next(iter(self.candidates), "c1")
+        cand = self.candidates[cid]
+        if isinstance(evidence, (int, float)) and math.isfinite(evidence) and obs.get("ok"):
+            status = ("confirmed" if evidence >= pol.confirm_at else
+                      "refuted" if evidence <= pol.refute_at else "uncertain")
+            gain = pol.whole_image_gain if cand.get("bbox") is None else pol.region_gain
+            self.score = logistic(logit(self.score) + gain * 2.0 * (float(evidence) - 0.5))
+            found = "found" if data.get("found") else "nothing found"
+            note = f"{obs.get('tool')}: evidence {evidence:.2f} ({found})"
+        else:
+            status, note = "uncertain", f"{obs.get('tool', '?')}: {obs.get('error') or 'no measurement'}"
+        cand["status"] = status
+        action: dict[str, Any] = dict(COMMIT)
+        if status == "uncertain":
+            action = self._next_action(cid)
+        if action.get("commit") and status != "confirmed":
+            for other, c in self.candidates.items():
+                if "status" not in c:
+                    action = self._next_action(other)
+                    if not action.get("commit"):
+                        break
+        rationale = ("a candidate survived its test" if status == "confirmed" else
+                     "testing the next candidate" if not action.get("commit") else "every candidate tested")
+        return refute_reply([{"id": cid, "status": status, "evidence": note}], round(self.score, 4), action,
+                            rationale)
+
+
+class OfflineVLM:
+    """Deterministic rule-based stand-in for a VLM (see the module docstring)."""
+
+    backend = "offline"
+    model = "offline-rule-policy-v2"
+
+    def __init__(self, policy: OfflinePolicy | None = None):
+        self.policy = policy or OfflinePolicy()
+
+    async def acall(self, messages: Sequence[BaseMessage], *, stage: str, view: RunView | None = None,
+                    logprobs: bool = False) -> VLMReply:
+        if view is None:
+            raise ValueError("the offline backend needs the run's view (it reads tool and expert numbers)")
+        nbytes, nimages = request_size(messages)
+        # The expert's first reading fits it on the references: CPU work, off the event loop.
+        p = await asyncio.to_thread(glance, view)
+        if stage == "direct_logprob":
+            return VLMReply(text="anomalous" if p >= 0.5 else "normal", stage=stage, request_bytes=nbytes,
+                            images_sent=nimages, top_logprobs=[
+                                {"token": "anomalous", "logprob": math.log(max(p, 1e-6))},
+                                {"token": "normal", "logprob": math.log(max(1 - p, 1e-6))}])
+        if stage == "direct":
+            text = self._direct(p)
+        elif stage in ("propose", "refute", "commit"):
+            episode = _Episode(self.policy, view, p)
+            text = episode.opening()
+            for obs in view.observations:
+                text = episode.step(obs)
+            if stage == "commit":
+                text = commit_reply(round(episode.score, 4), 60, "turn limit reached; latest score kept")
+        else:
+            raise ValueError(f"the offline backend has no policy for stage {stage!r}")
+        return VLMReply(text=text, stage=stage, request_bytes=nbytes, images_sent=nimages)
+
+    @staticmethod
+    def _direct(p: float) -> str:
+        label = "anomalous" if p >= 0.5 else "normal"
+        return direct_reply(label, round(max(p, 1 - p), 4), "deviation from references" if label == "anomalous" else None,
+                            f"patch features read as P(anomalous)={p:.2f} against the references", None)
