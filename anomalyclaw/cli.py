@@ -19,20 +19,20 @@ log = logging.getLogger("anomalyclaw")
 
 
 def _print_json(obj: dict) -> None:
-    from anomalyclaw.eval.summary import rounded
+    from anomalyclaw.eval.scoring.tables import rounded
     print(json.dumps(rounded(obj), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.metrics import bootstrap_columns, evaluate
-    from anomalyclaw.eval.records import load_records
-    from anomalyclaw.eval.summary import format_table
+    from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate
+    from anomalyclaw.eval.running.records import load_records
+    from anomalyclaw.eval.scoring.tables import format_table
 
     records = load_records(args.path)
     weight = args.expert_weight or 0.0
     if args.calibration:
-        from anomalyclaw.eval.fusion import choose_expert_weight
+        from anomalyclaw.eval.scoring.weights import choose_expert_weight
 
         weight, tried = choose_expert_weight(load_records(args.calibration), alpha=args.alpha)
         print("expert weight chosen on calibration: " + f"{weight:.1f} (macro fused AUROC there: "
@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{b.a} - {b.b}: {b.diff:+.4f}  {int(b.level * 100)}% CI [{b.ci_low:+.4f}, {b.ci_high:+.4f}]"
               f"  P(diff<=0)={b.p_le_zero:.3f}  ({b.n_items} paired items, {b.n_boot} resamples)")
     if args.plots:
-        from anomalyclaw.eval.plots import plot_domain_bars, plot_roc_curves
+        from anomalyclaw.eval.reports.plots import plot_domain_bars, plot_roc_curves
         roc = plot_roc_curves(records, Path(args.plots) / "roc_curves.png", alpha=args.alpha)
         bars = plot_domain_bars(result, Path(args.plots) / "domain_auroc.png")
         print(f"plots: {roc} {bars}")
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     import time
 
-    from anomalyclaw.eval.synth import generate_benchmark
+    from anomalyclaw.eval.data.synth import generate_benchmark
 
     start = time.perf_counter()
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
@@ -90,7 +90,7 @@ def _count_items(manifest: Path) -> int:
 
 
 def cmd_import_folder(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.folders import import_mvtec_folder
+    from anomalyclaw.eval.data.folders import import_mvtec_folder
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     manifest = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed, categories=categories)
@@ -132,10 +132,10 @@ def _make_vlm(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str) -> dict:
     """Run items, print the summary and the evaluation; returns the --json object."""
-    from anomalyclaw.eval.metrics import evaluate
-    from anomalyclaw.eval.records import RECORDS_FILE, load_records
-    from anomalyclaw.eval.runner import Runner, run_sync
-    from anomalyclaw.eval.summary import format_table
+    from anomalyclaw.eval.scoring.metrics import evaluate
+    from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
+    from anomalyclaw.eval.running.runner import Runner, run_sync
+    from anomalyclaw.eval.scoring.tables import format_table
     from anomalyclaw.prompts import PromptSet
 
     vlm, secrets = _make_vlm(args)
@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.manifests import read_manifest
+    from anomalyclaw.eval.data.manifests import read_manifest
 
     domains = [d for d in (args.domains or "").split(",") if d.strip()] or None
     contents = read_manifest(args.manifest, split=args.split, domains=domains)
@@ -182,8 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.manifests import read_manifest
-    from anomalyclaw.eval.records import RECORDS_FILE
+    from anomalyclaw.eval.data.manifests import read_manifest
+    from anomalyclaw.eval.running.records import RECORDS_FILE
 
     root = Path(args.out)
     manifest = root / "synth" / "manifest.json"
@@ -201,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.bench import format_bench, full_plan, quick_plan, run_bench
+    from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench
 
     result = run_bench(quick_plan() if args.quick else full_plan())
     print(format_bench(result))
@@ -214,8 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.records import load_records
-    from anomalyclaw.eval.trace import format_trace
+    from anomalyclaw.eval.running.records import load_records
+    from anomalyclaw.eval.reports.trace import format_trace
 
     records = {r.item_id: r for r in load_records(args.records)}
     if args.item not in records:
@@ -230,7 +230,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.report import build_report
+    from anomalyclaw.eval.reports.html import build_report
 
     page = build_report(args.run, args.out, item_ids=args.item, manifest=args.manifest,
                         embed_images=not args.link_images, alpha=args.alpha)
@@ -254,7 +254,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 
 def _cmd_tools_run(args: argparse.Namespace, registry) -> int:
-    from anomalyclaw.eval.manifests import read_manifest
+    from anomalyclaw.eval.data.manifests import read_manifest
     from anomalyclaw.tools.registry import run_tool_on_item
 
     contents = read_manifest(args.manifest)

@@ -30,7 +30,7 @@ def _no_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def small_synth(tmp_path_factory) -> Path:
     """A small synthetic benchmark (every domain, 2 test items each); its manifest path."""
-    from anomalyclaw.eval.synth import generate_benchmark
+    from anomalyclaw.eval.data.synth import generate_benchmark
 
     return generate_benchmark(tmp_path_factory.mktemp("synth_small"), seed=0, n_test_per_domain=2,
                               n_calibration=0, n_dev=0)
@@ -38,6 +38,6 @@ def small_synth(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_items(small_synth):
-    from anomalyclaw.eval.manifests import load_manifest
+    from anomalyclaw.eval.data.manifests import load_manifest
 
     return load_manifest(small_synth, split="test")

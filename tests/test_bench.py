@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from anomalyclaw.cli import build_parser, cmd_bench
-from anomalyclaw.eval.bench import BenchPlan, copies, format_bench, reference_reuse, run_bench
+from anomalyclaw.eval.bench.throughput import BenchPlan, copies, format_bench, reference_reuse, run_bench
 
 
 def test_smallest_bench_measures_every_section(tmp_path):

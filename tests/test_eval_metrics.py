@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from anomalyclaw.eval.metrics import _auroc_rows, bootstrap_columns, evaluate, kept, paired_bootstrap
-from anomalyclaw.eval.records import Record, load_records
+from anomalyclaw.eval.scoring.metrics import _auroc_rows, bootstrap_columns, evaluate, kept, paired_bootstrap
+from anomalyclaw.eval.running.records import Record, load_records
 
 
 def test_released_records_reproduce_paper(reference_dir):
@@ -95,7 +95,7 @@ def test_compare_two_runs_pairs_by_item_id():
 
 
 def test_expert_weight_is_chosen_on_calibration_records():
-    from anomalyclaw.eval.fusion import choose_expert_weight
+    from anomalyclaw.eval.scoring.weights import choose_expert_weight
 
     # the expert ranks perfectly, the branches are noise: the smallest weight that lets it decide
     rows = [_rec(k, k % 2, 0.5 + 0.01 * (k % 3), 0.5 - 0.01 * (k % 5), expert_score=0.2 + 0.6 * (k % 2))

@@ -146,7 +146,7 @@ def test_released_cache_coverage_and_values():
 
 @needs_shared
 def test_released_cache_matches_687_test_ids_of_which_678_agree(tmp_path):
-    from anomalyclaw.eval.manifests import load_manifest
+    from anomalyclaw.eval.data.manifests import load_manifest
 
     cache = ReleasedScoreCache.load(RELEASE / "expert_cache")
     test_items = load_manifest(RELEASE / "manifests" / "full_manifest.json", split="test", data_root=tmp_path)

@@ -462,7 +462,7 @@ def test_expert_map_gives_a_box_on_the_defect(backbone, references):
 
 def _tiny_benchmark(tmp_path) -> Path:
     """Two domains (the surface and the dot tray), 4 references and 6 test items each."""
-    from anomalyclaw.eval.manifests import write_manifest
+    from anomalyclaw.eval.data.manifests import write_manifest
     from anomalyclaw.imaging import save_image
 
     rows = []
@@ -493,7 +493,7 @@ def _tiny_benchmark(tmp_path) -> Path:
 
 
 def test_expert_benchmark_reports_per_domain_aurocs_and_times(tmp_path, capsys):
-    from anomalyclaw.eval.bench_experts import format_table, main, run_expert_benchmark
+    from anomalyclaw.eval.bench.experts import format_table, main, run_expert_benchmark
 
     manifest = _tiny_benchmark(tmp_path)
     report = run_expert_benchmark(manifest, split="test")

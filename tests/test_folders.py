@@ -11,8 +11,8 @@ import pytest
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.cli import main
-from anomalyclaw.eval.folders import FolderLayoutError, import_mvtec_folder
-from anomalyclaw.eval.manifests import load_manifest
+from anomalyclaw.eval.data.folders import FolderLayoutError, import_mvtec_folder
+from anomalyclaw.eval.data.manifests import load_manifest
 from anomalyclaw.imaging import save_image
 
 

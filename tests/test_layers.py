@@ -186,7 +186,7 @@ def test_no_folder_holds_a_circle():
 
 
 @pytest.mark.parametrize("source", [
-    "from anomalyclaw.eval.records import Record\n",
+    "from anomalyclaw.eval.running.records import Record\n",
     "def f():\n    from anomalyclaw.graph import pipeline\n",
     "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from anomalyclaw.cli import main\n",
 ])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from anomalyclaw.errors import ManifestError
-from anomalyclaw.eval.manifests import load_manifest, read_manifest, write_manifest
+from anomalyclaw.eval.data.manifests import load_manifest, read_manifest, write_manifest
 
 
 def test_released_full_manifest_by_split(reference_dir, monkeypatch, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from anomalyclaw.eval.records import (RECORDS_FILE, Record, RecordWriter, drop_error_records, finished_ids,
+from anomalyclaw.eval.running.records import (RECORDS_FILE, Record, RecordWriter, drop_error_records, finished_ids,
                                       load_records)
 
 

@@ -8,8 +8,8 @@ from langchain_core.messages import HumanMessage
 
 from anomalyclaw.config import AgentConfig, EndpointConfig
 from anomalyclaw.graph.vlm.fake_server import FAULTS, FakeVLMServer
-from anomalyclaw.eval.records import RECORDS_FILE, Record
-from anomalyclaw.eval.runner import Runner
+from anomalyclaw.eval.running.records import RECORDS_FILE, Record
+from anomalyclaw.eval.running.runner import Runner
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from anomalyclaw.errors import ImageLoadError
-from anomalyclaw.eval.manifests import read_manifest
-from anomalyclaw.eval.records import RECORDS_FILE, Record
-from anomalyclaw.eval.runner import Runner
+from anomalyclaw.eval.data.manifests import read_manifest
+from anomalyclaw.eval.running.records import RECORDS_FILE, Record
+from anomalyclaw.eval.running.runner import Runner
 from anomalyclaw.graph.vlm import make_vlm
 from anomalyclaw.imaging import MIN_SIDE, load_image
 

@@ -16,9 +16,9 @@ import pytest
 
 from anomalyclaw.cli import main as cli_main
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.eval.manifests import write_manifest
-from anomalyclaw.eval.records import RECORDS_FILE, Record, RecordWriter, RunFolderBusyError, RunLock
-from anomalyclaw.eval.runner import Runner
+from anomalyclaw.eval.data.manifests import write_manifest
+from anomalyclaw.eval.running.records import RECORDS_FILE, Record, RecordWriter, RunFolderBusyError, RunLock
+from anomalyclaw.eval.running.runner import Runner
 from anomalyclaw.graph.vlm import make_vlm
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")

@@ -13,8 +13,8 @@ import pytest
 
 from anomalyclaw.cli import main as cli_main
 from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
-from anomalyclaw.eval.manifests import write_manifest
-from anomalyclaw.eval.records import RECORDS_FILE, Record
+from anomalyclaw.eval.data.manifests import write_manifest
+from anomalyclaw.eval.running.records import RECORDS_FILE, Record
 
 KEY = "sk-anomalyclaw-test-5f2b9c1d7e3a"
 
@@ -52,7 +52,7 @@ def test_key_stays_out_of_every_output(small_items, tmp_path, capsys):
     for rec in records:
         assert cli_main(["trace", str(out), "--item", rec.item_id]) == 0
         assert cli_main(["trace", str(out), "--item", rec.item_id, "--json"]) == 0
-    if importlib.util.find_spec("anomalyclaw.eval.report") is not None:
+    if importlib.util.find_spec("anomalyclaw.eval.reports.html") is not None:
         assert cli_main(["report", str(out), "--manifest", str(manifest)]) == 0
     printed = capsys.readouterr()
     assert KEY not in printed.out and KEY not in printed.err

@@ -12,11 +12,11 @@ import pytest
 
 from anomalyclaw.cli import main
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.eval.manifests import load_manifest
-from anomalyclaw.eval.metrics import evaluate
-from anomalyclaw.eval.records import RECORDS_FILE, Record, load_records, write_records
-from anomalyclaw.eval.report import build_report
-from anomalyclaw.eval.runner import Runner
+from anomalyclaw.eval.data.manifests import load_manifest
+from anomalyclaw.eval.scoring.metrics import evaluate
+from anomalyclaw.eval.running.records import RECORDS_FILE, Record, load_records, write_records
+from anomalyclaw.eval.reports.html import build_report
+from anomalyclaw.eval.running.runner import Runner
 from anomalyclaw.graph.vlm import make_vlm
 from anomalyclaw.imaging import decode_image
 

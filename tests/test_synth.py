@@ -13,9 +13,9 @@ import pytest
 
 from anomalyclaw.domains import TRAITS, DomainCard
 from anomalyclaw.errors import ConfigError
-from anomalyclaw.eval.manifests import load_manifest
+from anomalyclaw.eval.data.manifests import load_manifest
 from anomalyclaw.cli import main
-from anomalyclaw.eval.synth import DEFECT_FAMILIES, DOMAINS, N_REFERENCES, generate_benchmark
+from anomalyclaw.eval.data.synth import DEFECT_FAMILIES, DOMAINS, N_REFERENCES, generate_benchmark
 from anomalyclaw.imaging import load_image, load_mask
 
 SPLIT_SIZES = {"calibration": 8, "dev": 8, "test": 24}

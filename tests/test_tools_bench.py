@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from anomalyclaw.eval.bench_tools import evaluate_tools, main, run_tool_benchmark
+from anomalyclaw.eval.bench.tools import evaluate_tools, main, run_tool_benchmark
 from anomalyclaw.tools import ItemContext, ToolRegistry
 
 

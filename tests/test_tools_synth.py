@@ -9,8 +9,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from anomalyclaw.eval.manifests import load_manifest
-from anomalyclaw.eval.synth import DOMAINS, generate_benchmark
+from anomalyclaw.eval.data.manifests import load_manifest
+from anomalyclaw.eval.data.synth import DOMAINS, generate_benchmark
 from anomalyclaw.experts.pool import ExpertPool
 from anomalyclaw.imaging import load_mask
 from anomalyclaw.tools import ItemContext, ToolRegistry

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Sequence
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.imaging import encode_image, load_image, to_data_url
 
-from .metrics import domain_order, evaluate
-from .records import Record, load_records
+from anomalyclaw.eval.scoring.metrics import domain_order, evaluate
+from anomalyclaw.eval.running.records import Record, load_records
 
 REPORT_FILE = "report.html"
 #: Longest side of the query and reference thumbnails embedded from the manifest (pixels).
@@ -224,7 +224,7 @@ def _metrics_section(records: Sequence[Record], alpha: float) -> str:
 
 
 def _plots(records: Sequence[Record], result: dict, alpha: float) -> str:
-    from .plots import plot_domain_bars, plot_roc_curves  # matplotlib only when a page has plots
+    from anomalyclaw.eval.reports.plots import plot_domain_bars, plot_roc_curves  # matplotlib only when a page has plots
 
     with tempfile.TemporaryDirectory(prefix="anomalyclaw-report-") as tmp:
         roc = plot_roc_curves(records, Path(tmp) / "roc_curves.png", alpha=alpha)
@@ -512,7 +512,7 @@ def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None, 
         records = sorted(records, key=_sort_key)
     manifest_items = None
     if manifest is not None:
-        from .manifests import read_manifest
+        from anomalyclaw.eval.data.manifests import read_manifest
 
         manifest_items = {it.item_id: it for it in read_manifest(manifest).items}
     page = Path(out) if out is not None else run_dir / REPORT_FILE

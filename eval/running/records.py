@@ -3,7 +3,8 @@
 Field names follow the released CrossDomainVAD-12 records (``v9_score`` is the refutation
 branch's score there) so that both this project's JSON-lines runs and the released ``D*.json``
 arrays load into the same :class:`Record`. Writing is append-only JSON lines, flushed and
-fsync'ed per item, so a run killed at any moment loses nothing it finished.
+fsync'ed per item, so a run killed at any moment loses nothing it finished. The mapping from a
+finished graph state to a record (:func:`record_from_state`) lives here too, beside the schema.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticSerializationError
 
 from anomalyclaw.errors import AnomalyClawError
+from anomalyclaw.items import Item
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,66 @@ def _plain(value: Any) -> Any:
         return value
     return str(value)
 
+
+# ------------------------------------------------------------------ from a run to a record
+
+def now() -> str:
+    """The time as records write it (UTC, ISO 8601)."""
+    # Milliseconds: enough to order the records of a fast run (the bench reads its rate from them).
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def error_record(item: Item, error: str, *, run_id: str, backend: str, model: str,
+                 elapsed_s: float = 0.0) -> Record:
+    return Record(item_id=item.item_id, domain_code=item.domain_code, domain=item.domain, category=item.category,
+                  split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type, error=error,
+                  backend=backend, model=model, run_id=run_id, finished_at=now(),
+                  timings={"total_s": round(elapsed_s, 4)})
+
+
+def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend: str, model: str,
+                      elapsed_s: float) -> Record:
+    """The record of one finished pipeline run (field names as in the released records)."""
+    calls = list(state.get("calls", [])) + [dict(c, branch="direct") for c in state.get("direct_calls", [])]
+    history = list(state.get("history", []))
+    observations = state.get("observations", [])
+    refute_score, direct_score = state.get("refute_score"), state.get("direct_score")
+    error = None
+    if refute_score is None and direct_score is None:
+        error = "both branches failed: " + "; ".join(
+            e for e in (state.get("direct_error"), state.get("refute_error")) if e)
+    candidates = [c for c in (history[0].get("candidates", []) if history else [])]
+    weights = state.get("weights") or {}
+    updates = [h.get("anomaly_score") for h in history[1:] if h.get("stage") == "refute"]
+    return Record(
+        item_id=item.item_id, domain_code=item.domain_code, domain=item.domain, category=item.category,
+        split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type,
+        anomaly_score=state.get("anomaly_score"), direct_score=direct_score, refute_score=refute_score,
+        v9_initial_score=state.get("initial_score"), v9_updated_score=updates[-1] if updates else None,
+        expert_score=state.get("expert_score"),
+        w_direct=weights.get("direct", 0.5), w_v9=weights.get("refute", 0.5), w_expert=weights.get("expert", 0.0),
+        rationale=state.get("refute_rationale") or "", confidence=state.get("refute_confidence"),
+        n_turns=len({h.get("turn") for h in history}), tools_used=list(state.get("tools_used", [])),
+        candidate_features=candidates,
+        remaining_features=[c for c in state.get("candidates", []) if c.get("status") != "refuted"],
+        refutation_verdicts=list(state.get("verdicts", [])), history=history,
+        direct_rationale=json.dumps(state.get("direct_reply"), ensure_ascii=False) if state.get("direct_reply") else None,
+        error=error, direct_error=state.get("direct_error"), refute_error=state.get("refute_error"),
+        fallbacks=list(state.get("fallbacks", [])) + list(state.get("direct_fallbacks", [])),
+        backend=backend, model=model, run_id=run_id, finished_at=now(),
+        timings={"total_s": round(elapsed_s, 4),
+                 "vlm_s": round(sum(c.get("latency_s") or 0.0 for c in calls), 4),
+                 "tools_s": round(sum(o.get("elapsed_s") or 0.0 for o in observations), 4)},
+        usage={"requests": len(calls),
+               "prompt_tokens": sum(c.get("prompt_tokens") or 0 for c in calls),
+               "completion_tokens": sum(c.get("completion_tokens") or 0 for c in calls),
+               "request_bytes": sum(c.get("request_bytes") or 0 for c in calls),
+               "images_sent": sum(c.get("images_sent") or 0 for c in calls),
+               "retries": sum(c.get("retries") or 0 for c in calls), "calls": calls},
+    )
+
+
+# ------------------------------------------------------------------------------- writing
 
 class RecordWriter:
     """Appends records to ``OUT/records.jsonl``, one line each, durable before it returns.

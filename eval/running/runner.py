@@ -36,7 +36,8 @@ from anomalyclaw.graph.vlm.seam import VLM
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.tools.registry import ToolRegistry
 
-from .records import RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records, finished_ids
+from anomalyclaw.eval.running.records import (RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records,
+                                              error_record, finished_ids, now, record_from_state)
 
 log = logging.getLogger(__name__)
 
@@ -69,61 +70,6 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _now() -> str:
-    # Milliseconds: enough to order the records of a fast run (the bench reads its rate from them).
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def error_record(item: Item, error: str, *, run_id: str, backend: str, model: str,
-                 elapsed_s: float = 0.0) -> Record:
-    return Record(item_id=item.item_id, domain_code=item.domain_code, domain=item.domain, category=item.category,
-                  split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type, error=error,
-                  backend=backend, model=model, run_id=run_id, finished_at=_now(),
-                  timings={"total_s": round(elapsed_s, 4)})
-
-
-def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend: str, model: str,
-                      elapsed_s: float) -> Record:
-    """The record of one finished pipeline run (field names as in the released records)."""
-    calls = list(state.get("calls", [])) + [dict(c, branch="direct") for c in state.get("direct_calls", [])]
-    history = list(state.get("history", []))
-    observations = state.get("observations", [])
-    refute_score, direct_score = state.get("refute_score"), state.get("direct_score")
-    error = None
-    if refute_score is None and direct_score is None:
-        error = "both branches failed: " + "; ".join(
-            e for e in (state.get("direct_error"), state.get("refute_error")) if e)
-    candidates = [c for c in (history[0].get("candidates", []) if history else [])]
-    weights = state.get("weights") or {}
-    updates = [h.get("anomaly_score") for h in history[1:] if h.get("stage") == "refute"]
-    return Record(
-        item_id=item.item_id, domain_code=item.domain_code, domain=item.domain, category=item.category,
-        split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type,
-        anomaly_score=state.get("anomaly_score"), direct_score=direct_score, refute_score=refute_score,
-        v9_initial_score=state.get("initial_score"), v9_updated_score=updates[-1] if updates else None,
-        expert_score=state.get("expert_score"),
-        w_direct=weights.get("direct", 0.5), w_v9=weights.get("refute", 0.5), w_expert=weights.get("expert", 0.0),
-        rationale=state.get("refute_rationale") or "", confidence=state.get("refute_confidence"),
-        n_turns=len({h.get("turn") for h in history}), tools_used=list(state.get("tools_used", [])),
-        candidate_features=candidates,
-        remaining_features=[c for c in state.get("candidates", []) if c.get("status") != "refuted"],
-        refutation_verdicts=list(state.get("verdicts", [])), history=history,
-        direct_rationale=json.dumps(state.get("direct_reply"), ensure_ascii=False) if state.get("direct_reply") else None,
-        error=error, direct_error=state.get("direct_error"), refute_error=state.get("refute_error"),
-        fallbacks=list(state.get("fallbacks", [])) + list(state.get("direct_fallbacks", [])),
-        backend=backend, model=model, run_id=run_id, finished_at=_now(),
-        timings={"total_s": round(elapsed_s, 4),
-                 "vlm_s": round(sum(c.get("latency_s") or 0.0 for c in calls), 4),
-                 "tools_s": round(sum(o.get("elapsed_s") or 0.0 for o in observations), 4)},
-        usage={"requests": len(calls),
-               "prompt_tokens": sum(c.get("prompt_tokens") or 0 for c in calls),
-               "completion_tokens": sum(c.get("completion_tokens") or 0 for c in calls),
-               "request_bytes": sum(c.get("request_bytes") or 0 for c in calls),
-               "images_sent": sum(c.get("images_sent") or 0 for c in calls),
-               "retries": sum(c.get("retries") or 0 for c in calls), "calls": calls},
-    )
 
 
 def _file_name(text: str) -> str:
@@ -177,7 +123,7 @@ class Runner:
         self.encoder = ImageEncoder()
         self.graph = build_pipeline()
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.started_at = _now()
+        self.started_at = now()
 
     async def judge(self, item: Item) -> Record:
         """One item to one record; only :class:`EndpointFatalError` escapes."""
@@ -259,7 +205,7 @@ class Runner:
                     summary.n_skipped += 1
                     continue
                 record = Record(item_id=rid, error="manifest: " + "; ".join(reasons), run_id=self.run_id,
-                                backend=self.vlm.backend, model=self.vlm.model, finished_at=_now())
+                                backend=self.vlm.backend, model=self.vlm.model, finished_at=now())
                 self._write(writer, record)
                 summary.n_rejected += 1
                 summary.n_errors += 1
@@ -335,7 +281,7 @@ class Runner:
                 "config": asdict(self.config), "prompts": self.prompts.source,
                 "tools": self.registry.names()}
         if summary is not None:
-            info.update(finished_at=_now(), summary=summary.to_json())
+            info.update(finished_at=now(), summary=summary.to_json())
         text = redact(json.dumps(info, indent=1, default=str), self.secrets)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(text, encoding="utf-8")

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomalyclaw.scores import fuse
 
-from .records import Record
+from anomalyclaw.eval.running.records import Record
 
 COLUMNS = ("direct", "refute", "fused")
 

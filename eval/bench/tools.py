@@ -1,6 +1,6 @@
 """Benchmarks of the 13 tools: latency per call at a given image size, and evidence quality.
 
-``python -m anomalyclaw.eval.bench_tools`` prints each tool's median and 95th-percentile latency
+``python -m anomalyclaw.eval.bench.tools`` prints each tool's median and 95th-percentile latency
 on synthetic items (the first, cold call shown apart: it includes one-time reference-set work
 such as the experts' fit); ``--manifest M`` instead measures, per tool and domain, how well the
 tool's ``evidence`` separates anomalous from normal items (AUROC) and how often its main bbox
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anomalyclaw.eval.manifests import load_manifest
+from anomalyclaw.eval.data.manifests import load_manifest
 from anomalyclaw.imaging import load_mask
 from anomalyclaw.items import Item
 from anomalyclaw.tools import TOOL_NAMES, ItemContext, ToolRegistry
@@ -63,7 +63,7 @@ def run_tool_benchmark(size: int = 512, repeats: int = 30, *, work_side: int | N
     the same calls (all threads): a check on wall times taken on a busy machine. Returns one
     dict per tool.
     """
-    from anomalyclaw.eval.synth import generate_benchmark
+    from anomalyclaw.eval.data.synth import generate_benchmark
     from anomalyclaw.experts.pool import ExpertPool
 
     registry = ToolRegistry.default()
@@ -162,7 +162,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomalyclaw.eval.bench_tools", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m anomalyclaw.eval.bench.tools", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512, help="synthetic image side in px (latency mode)")
     parser.add_argument("--repeats", type=int, default=30, help="warm calls per tool (latency mode)")
     parser.add_argument("--tools", nargs="*", help=f"subset of {list(TOOL_NAMES)}")

@@ -112,7 +112,7 @@ def copies(items: Sequence[Item], n: int) -> list[Item]:
 
 def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any) -> dict[str, Any]:
     """One runner pass; the summary plus the CPU it took (process and event-loop thread)."""
-    from anomalyclaw.eval.runner import Runner, run_sync
+    from anomalyclaw.eval.running.runner import Runner, run_sync
 
     runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=False)
     cpu, loop_cpu, wall = time.process_time(), time.thread_time(), time.perf_counter()
@@ -137,7 +137,7 @@ def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: i
 
     import numpy as np
 
-    from anomalyclaw.eval.records import RECORDS_FILE, iter_jsonl
+    from anomalyclaw.eval.running.records import RECORDS_FILE, iter_jsonl
 
     times = sorted(datetime.fromisoformat(obj["finished_at"]).timestamp()
                    for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE) if not problem and obj.get("finished_at"))
@@ -202,7 +202,7 @@ def bench_request_bytes(items: Sequence[Item], work: Path) -> list[dict[str, Any
 
 
 def _images_sent(run_dir: Path) -> Iterator[int]:
-    from anomalyclaw.eval.records import RECORDS_FILE, iter_jsonl
+    from anomalyclaw.eval.running.records import RECORDS_FILE, iter_jsonl
 
     for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE):
         if not problem:
@@ -296,8 +296,8 @@ def machine() -> dict[str, Any]:
 def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | None = None,
               reference_manifest: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run every section of ``plan`` (default: :func:`quick_plan`) and return the results."""
-    from anomalyclaw.eval.manifests import load_manifest
-    from anomalyclaw.eval.synth import generate_benchmark
+    from anomalyclaw.eval.data.manifests import load_manifest
+    from anomalyclaw.eval.data.synth import generate_benchmark
     from anomalyclaw.experts.pool import ExpertPool
 
     plan = plan or quick_plan()
@@ -323,7 +323,7 @@ def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | No
         reference = Path(reference_manifest) if reference_manifest else _default_reference_manifest()
         result["reference_reuse"] = reference_reuse(reference) if reference is not None else None
         if plan.tool_repeats:
-            from anomalyclaw.eval.bench_tools import run_tool_benchmark
+            from anomalyclaw.eval.bench.tools import run_tool_benchmark
 
             result["tools"] = run_tool_benchmark(plan.image_size, plan.tool_repeats)
         if plan.demo:

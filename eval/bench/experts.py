@@ -1,6 +1,6 @@
 """Benchmark the frozen experts alone: image and pixel AUROC per domain, fit and score times.
 
-    python -m anomalyclaw.eval.bench_experts --manifest synth/manifest.json [--split test]
+    python -m anomalyclaw.eval.bench.experts --manifest synth/manifest.json [--split test]
 
 Each item's query is scored by each expert fitted on the item's own references (through an
 :class:`~anomalyclaw.experts.pool.ExpertPool`, so a reference set shared by many items is
@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.eval.manifests import load_manifest
-from anomalyclaw.eval.metrics import auroc
+from anomalyclaw.eval.data.manifests import load_manifest
+from anomalyclaw.eval.scoring.metrics import auroc
 from anomalyclaw.experts.pool import EXPERTS, ExpertPool, default_params
 from anomalyclaw.imaging import load_image, load_mask
 
@@ -159,7 +159,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomalyclaw.eval.bench_experts",
+    parser = argparse.ArgumentParser(prog="python -m anomalyclaw.eval.bench.experts",
                                      description="Image and pixel AUROC of the frozen experts per domain.")
     parser.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     parser.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")

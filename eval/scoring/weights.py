@@ -5,8 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import evaluate
-from .records import Record
+from anomalyclaw.eval.scoring.metrics import evaluate
+from anomalyclaw.eval.running.records import Record
 
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
 

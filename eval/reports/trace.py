@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import textwrap
 
-from .records import Record
+from anomalyclaw.eval.running.records import Record
 
 
 def _fmt(x: object) -> str:

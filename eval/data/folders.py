@@ -29,7 +29,7 @@ import numpy as np
 
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.eval.manifests import PLACEHOLDER, data_root_from_env, write_manifest
+from anomalyclaw.eval.data.manifests import PLACEHOLDER, data_root_from_env, write_manifest
 from anomalyclaw.items import Item
 
 log = logging.getLogger(__name__)

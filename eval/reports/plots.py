@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .metrics import by_domain, column, kept  # noqa: E402
-from .records import Record  # noqa: E402
+from anomalyclaw.eval.scoring.metrics import by_domain, column, kept  # noqa: E402
+from anomalyclaw.eval.running.records import Record  # noqa: E402
 
 COLOURS = {"direct": "#1f77b4", "refute": "#d62728", "fused": "#2ca02c", "expert": "#9467bd"}
 
