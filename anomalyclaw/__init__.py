@@ -1,51 +1,43 @@
 """AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.
 
-The façade: the names a notebook needs, imported lazily so that ``import anomalyclaw`` is cheap
-and nothing cycles (parts import downwards only: eval -> graph -> tools -> experts -> core).
+The façade: the names a notebook or script needs, imported on first use so that
+``import anomalyclaw`` is cheap and nothing cycles (parts import downwards only:
+eval -> graph -> tools -> experts, prompts -> core)::
+
+    from anomalyclaw import build_pipeline, load_manifest, make_context, make_vlm, new_state
 """
-from __future__ import annotations
+import lazy_loader as _lazy
 
-import importlib
-from typing import Any
+from .version import __version__
 
-__version__ = "0.1.0"
-
-# name -> module that defines it
-_EXPORTS = {
-    "Item": "anomalyclaw.items",
-    "DomainCard": "anomalyclaw.domains",
-    "EndpointConfig": "anomalyclaw.config",
-    "AgentConfig": "anomalyclaw.config",
-    "load_image": "anomalyclaw.imaging",
-    "load_manifest": "anomalyclaw.eval.data.manifests",
-    "read_manifest": "anomalyclaw.eval.data.manifests",
-    "write_manifest": "anomalyclaw.eval.data.manifests",
-    "Record": "anomalyclaw.eval.running.records",
-    "load_records": "anomalyclaw.eval.running.records",
-    "evaluate": "anomalyclaw.eval.scoring.metrics",
-    "Runner": "anomalyclaw.eval.running.runner",
-    "generate_benchmark": "anomalyclaw.eval.data.synth",
-    "import_mvtec_folder": "anomalyclaw.eval.data.folders",
-    "build_pipeline": "anomalyclaw.graph.pipeline",
-    "build_refutation_graph": "anomalyclaw.graph.refutation",
-    "build_direct_graph": "anomalyclaw.graph.direct",
-    "make_context": "anomalyclaw.graph.context",
-    "new_state": "anomalyclaw.graph.state",
-    "make_vlm": "anomalyclaw.graph.vlm",
-    "ToolRegistry": "anomalyclaw.tools.registry",
-    "ItemContext": "anomalyclaw.tools.item_context",
-    "PromptSet": "anomalyclaw.prompts",
-    "ExpertPool": "anomalyclaw.experts.pool",
-    "load_backbone": "anomalyclaw.experts.backbones",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'anomalyclaw' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__, _names = _lazy.attach(__name__, submod_attrs={
+    "items": ["Item"],
+    "domains": ["DomainCard"],
+    "config": ["AgentConfig", "EndpointConfig"],
+    "imaging": ["encode_image", "load_image"],
+    "cache": ["cache_stats", "clear_caches"],
+    "eval.data.manifests": ["load_manifest", "read_manifest", "write_manifest"],
+    "eval.data.folders": ["import_mvtec_folder"],
+    "eval.data.synth": ["generate_benchmark"],
+    "eval.running.records": ["Record", "load_records"],
+    "eval.running.runner": ["Runner", "run_items"],
+    "eval.scoring.metrics": ["evaluate"],
+    "eval.scoring.tables": ["format_table"],
+    "eval.reports.html": ["build_report"],
+    "eval.reports.plots": ["plot_roc_curves"],
+    "graph.pipeline": ["build_pipeline"],
+    "graph.refutation": ["build_refutation_graph"],
+    "graph.direct": ["build_direct_graph"],
+    "graph.context": ["make_context"],
+    "graph.messages": ["direct_messages"],
+    "graph.state": ["new_state"],
+    "graph.vlm.factory": ["make_vlm"],
+    "tools.registry": ["ToolRegistry"],
+    "tools.item_context": ["ItemContext"],
+    "tools.factory": ["make_tool"],
+    "tools.observation": ["Observation"],
+    "prompts": ["PromptSet"],
+    "experts.pool": ["ExpertPool", "default_pool"],
+    "experts.backbones": ["load_backbone"],
+})
+__all__ = ["__version__", *_names]

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -71,8 +72,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- data sets
 def cmd_synth(args: argparse.Namespace) -> int:
-    import time
-
     from anomalyclaw.eval.data.synth import generate_benchmark
 
     start = time.perf_counter()
@@ -83,6 +82,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     items = _count_items(manifest)
     print(f"wrote {items} items to {manifest} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated flag value as a list (None when not given)."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
 def _count_items(manifest: Path) -> int:
@@ -201,12 +205,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench
+    if args.bench_command == "experts":
+        from anomalyclaw.eval.bench.experts import format_table as format_experts
+        from anomalyclaw.eval.bench.experts import positional_params, run_expert_benchmark
 
-    result = run_bench(quick_plan() if args.quick else full_plan())
-    print(format_bench(result))
+        started = time.perf_counter()
+        result = run_expert_benchmark(args.manifest, None if args.split == "all" else args.split, args.backbone,
+                                      backbone_path=args.backbone_path, device=args.device,
+                                      domains=_names(args.domains), expert_params=positional_params(args.positional))
+        print(format_experts(result))
+        print(f"{result['items']} items, backbone {args.backbone}, pool {result['pool']}, "
+              f"{time.perf_counter() - started:.1f} s")
+    elif args.bench_command == "tools":
+        from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
+
+        tools = _names(args.tools)
+        if args.manifest:
+            result = evaluate_tools(args.manifest, tools=tools, split=args.split, domains=_names(args.domains))
+            print(format_quality(result))
+        else:
+            result = run_tool_benchmark(args.size, args.repeats, tools=tools)
+            print(format_latency(result, args.size, args.repeats))
+    else:
+        from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench
+
+        result = run_bench(quick_plan() if args.quick else full_plan())
+        print(format_bench(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        Path(args.out).write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
         print(f"results: {args.out}")
     if args.json:
         _print_json(result)
@@ -363,12 +389,35 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
     p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("bench", help="speed benchmarks: throughput against a fake endpoint, request bytes, "
-                                     "tool and expert latency, the demo's wall time")
+    p = sub.add_parser("bench", help="benchmarks: throughput against a fake endpoint, request bytes, tool and "
+                                     "expert latency, the demo's wall time; `bench experts`, `bench tools`")
     p.add_argument("--quick", action="store_true", help="a smaller plan (about two minutes)")
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.set_defaults(handler=cmd_bench)
+    p.set_defaults(handler=cmd_bench, bench_command=None)
+    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools")
+    b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
+    b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
+    b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
+    b.add_argument("--backbone", default="classic", help="classic (no weights), dinov2 or clip")
+    b.add_argument("--backbone-path", help="local folder with the backbone's weights")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--domains", help="comma-separated domain codes, e.g. S1,S2")
+    b.add_argument("--positional", default="traits",
+                   help="anomaly_vfm search: 'traits' (positional, radius 1, on aligned domains only; the "
+                        "default), 'off' (free search everywhere) or a radius N in cells for every item")
+    b.add_argument("--out", metavar="FILE", help="also write the full report (with per-item scores) here")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b = bsub.add_parser("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
+                                      "localization per tool and domain")
+    b.add_argument("--size", type=int, default=512, help="synthetic image side in px (latency)")
+    b.add_argument("--repeats", type=int, default=30, help="warm calls per tool (latency)")
+    b.add_argument("--tools", help="comma-separated tool names (default: all)")
+    b.add_argument("--manifest", help="measure evidence quality on this manifest instead of latency")
+    b.add_argument("--split", help="manifest split (quality)")
+    b.add_argument("--domains", help="comma-separated domain codes (quality)")
+    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = sub.add_parser("trace", help="print a finished item's trajectory turn by turn")
     p.add_argument("records", help="run folder or records file")

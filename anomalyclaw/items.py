@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .domains import DomainCard, find_card
+from .paths import portable_path
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,7 @@ class Item:
         """The manifest form of the item; paths under ``data_root`` become ``{DATA_ROOT}/...``."""
 
         def portable(p: Path | None) -> str | None:
-            if p is None:
-                return None
-            if data_root is not None:
-                try:
-                    return "{DATA_ROOT}/" + Path(p).resolve().relative_to(Path(data_root).resolve()).as_posix()
-                except ValueError:
-                    pass
-            return str(p)
+            return None if p is None else portable_path(p, data_root=data_root)
 
         out: dict[str, Any] = {
             "item_id": self.item_id, "domain": self.domain, "domain_code": self.domain_code,

@@ -1,9 +1,9 @@
 """One knob for intra-operation threads (BLAS, OpenMP, torch) while items run in parallel.
 
 The runner parallelises across items (threads for tools and experts); letting every small
-matrix product also fan out over all cores oversubscribes the machine. On the 2-core reference
-machine under load, a 4-reference PCA fit took 420 ms with default BLAS threads and 46 ms with
-one (``eval/bench.py`` measures the runner with this setting).
+matrix product also fan out over all cores oversubscribes the machine: under load a small PCA
+fit becomes several times slower with the default BLAS threads than with one
+(``anomalyclaw bench`` measures the runner with this setting).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Two kinds sit behind one :class:`Backbone` protocol:
 
 * ``classic``: weight-free multi-scale descriptors per 8x8 cell (Lab colour, local contrast,
   gradient-orientation histograms and local binary patterns at two scales), aggregated over a
-  3x3 neighbourhood as PatchCore does. Runs anywhere, in about 10 ms per image on one CPU core.
+  3x3 neighbourhood as PatchCore does. Runs anywhere, on one CPU core (``anomalyclaw bench``
+  reports its cost).
 * ``dinov2`` and ``clip``: vision transformers through ``transformers``, loaded from a local
   folder or the local Hugging Face cache only (never downloaded), batched, in half precision on
   a GPU.
@@ -89,8 +90,8 @@ _LBP_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0,
 def _lbp_riu2(lightness: np.ndarray) -> np.ndarray:
     """Rotation-invariant uniform LBP labels (H x W uint8 in 0..9) on the 8 square neighbours.
 
-    skimage's interpolated circular LBP costs about 14 ms on a 256 px image, more than every
-    other descriptor together; on the 3x3 square ring the same labels cost about 1 ms.
+    skimage's interpolated circular LBP costs more than every other descriptor together; on the
+    3x3 square ring the same labels cost a small fraction of that.
     """
     h, w = lightness.shape
     padded = np.pad(lightness, 1, mode="edge")
@@ -150,7 +151,7 @@ def _lbp_histograms(lightness: np.ndarray, grid: int) -> np.ndarray:
 
 @dataclass
 class ClassicBackbone:
-    """Weight-free multi-scale patch descriptors: no download, no GPU, about 10 ms per image.
+    """Weight-free multi-scale patch descriptors: no download, no GPU.
 
     Each image is resized to ``work_size`` x ``work_size`` px and cut into ``cell`` x ``cell``
     px cells (256 / 8 = a 32 x 32 grid). Per cell, in this order:

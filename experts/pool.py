@@ -31,7 +31,7 @@ def default_params(name: str, traits: Iterable[str] = ()) -> dict[str, Any]:
     only with what the references hold within one cell of the same place: a missing or moved
     part leaves background that exists elsewhere in the references, so a free search cannot
     see it. It hurts unaligned domains, hence only for ``aligned`` (the README's expert table
-    gives the figures; ``anomalyclaw bench experts --positional none`` measures them).
+    gives the figures; ``anomalyclaw bench experts --positional off`` measures them).
     """
     if name == PatchKNNExpert.name and "aligned" in set(traits):
         return {"positional_radius": ALIGNED_RADIUS}

@@ -213,7 +213,7 @@ class ItemContext:
     def reference_ranking(self) -> list[tuple[int, float]]:
         """References ordered from most to least similar to the query, as (index, similarity):
         normalized cross-correlation in [-1, 1] of blurred 32x32 Lab thumbnails (coarse layout
-        and colour; about 1 ms per image)."""
+        and colour; cheap next to any tool)."""
         if self._ranking is None:
             if self.n_references == 0:
                 self._ranking = []

@@ -1,6 +1,6 @@
 """Benchmark the frozen experts alone: image and pixel AUROC per domain, fit and score times.
 
-    python -m anomalyclaw.eval.bench.experts --manifest synth/manifest.json [--split test]
+    anomalyclaw bench experts --manifest synth/manifest.json [--split test]
 
 Each item's query is scored by each expert fitted on the item's own references (through an
 :class:`~anomalyclaw.experts.pool.ExpertPool`, so a reference set shared by many items is
@@ -12,10 +12,7 @@ masks; anomalous items without a mask are left out of it.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -158,44 +155,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomalyclaw.eval.bench.experts",
-                                     description="Image and pixel AUROC of the frozen experts per domain.")
-    parser.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
-    parser.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
-    parser.add_argument("--backbone", default="classic", help="classic (no weights), dinov2 or clip")
-    parser.add_argument("--backbone-path", default=None, help="local folder with the backbone's weights")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--domains", default=None, help="comma-separated domain codes, e.g. S1,S2")
-    parser.add_argument("--positional", default="traits",
-                        help="anomaly_vfm search: 'traits' (positional, radius 1, on aligned domains only; "
-                             "the default), 'off' (free search everywhere) or a radius N in cells for every item")
-    parser.add_argument("--json", default=None, help="also write the full report (with per-item scores) here")
-    args = parser.parse_args(argv)
-    if args.positional == "traits":
-        params: dict[str, dict[str, Any]] = {}
-    elif args.positional == "off":
-        params = {"anomaly_vfm": {"positional_radius": None}}
-    elif args.positional.isdigit():
-        params = {"anomaly_vfm": {"positional_radius": int(args.positional)}}
-    else:
-        parser.error(f"--positional must be 'traits', 'off' or a number of cells, got {args.positional!r}")
-    started = time.perf_counter()
-    try:
-        report = run_expert_benchmark(args.manifest, None if args.split == "all" else args.split, args.backbone,
-                                      backbone_path=args.backbone_path, device=args.device,
-                                      domains=args.domains.split(",") if args.domains else None,
-                                      expert_params=params)
-    except (AnomalyClawError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    print(f"{report['items']} items, backbone {args.backbone}, pool {report['pool']}, "
-          f"{time.perf_counter() - started:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def positional_params(value: str) -> dict[str, dict[str, Any]]:
+    """Expert parameters for ``--positional``: ``traits`` (the default: positional search, radius
+    1, on aligned domains only), ``off`` (free search everywhere) or a radius in patch cells for
+    every item."""
+    if value == "traits":
+        return {}
+    if value == "off":
+        return {"anomaly_vfm": {"positional_radius": None}}
+    if value.isdigit():
+        return {"anomaly_vfm": {"positional_radius": int(value)}}
+    raise ValueError(f"--positional must be 'traits', 'off' or a number of cells, got {value!r}")

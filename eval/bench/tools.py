@@ -1,16 +1,13 @@
 """Benchmarks of the 13 tools: latency per call at a given image size, and evidence quality.
 
-``python -m anomalyclaw.eval.bench.tools`` prints each tool's median and 95th-percentile latency
+``anomalyclaw bench tools`` prints each tool's median and 95th-percentile latency
 on synthetic items (the first, cold call shown apart: it includes one-time reference-set work
-such as the experts' fit); ``--manifest M`` instead measures, per tool and domain, how well the
+such as the experts' fit); ``anomalyclaw bench tools --manifest M`` instead measures, per tool and domain, how well the
 tool's ``evidence`` separates anomalous from normal items (AUROC) and how often its main bbox
 lands on the ground-truth mask.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -22,7 +19,7 @@ import numpy as np
 from anomalyclaw.eval.data.manifests import load_manifest
 from anomalyclaw.imaging import load_mask
 from anomalyclaw.items import Item
-from anomalyclaw.tools import TOOL_NAMES, ItemContext, ToolRegistry
+from anomalyclaw.tools import ItemContext, ToolRegistry
 from anomalyclaw.cache import clear_caches
 
 #: Synthetic domains the latency benchmark draws items from: together every tool applies.
@@ -161,41 +158,28 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomalyclaw.eval.bench.tools", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=512, help="synthetic image side in px (latency mode)")
-    parser.add_argument("--repeats", type=int, default=30, help="warm calls per tool (latency mode)")
-    parser.add_argument("--tools", nargs="*", help=f"subset of {list(TOOL_NAMES)}")
-    parser.add_argument("--manifest", help="evaluate evidence quality on this manifest instead")
-    parser.add_argument("--split", help="manifest split to evaluate (quality mode)")
-    parser.add_argument("--domains", nargs="*", help="domain codes to evaluate (quality mode)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    if args.manifest:
-        result = evaluate_tools(args.manifest, tools=args.tools, split=args.split, domains=args.domains)
-        print(f"{'tool':22s} {'domain':6s} {'n':>4s} {'AUROC':>6s} {'ev(0)':>6s} {'ev(1)':>6s} "
-              f"{'loc@1':>6s} {'loc@any':>7s} {'ms':>7s}")
-        for name, per_domain in result.items():
-            for domain, s in per_domain.items():
-                print(f"{name:22s} {domain:6s} {s['n']:4d} {_fmt(s['auroc']):>6s} {_fmt(s['evidence_normal'], '.2f'):>6s} "
-                      f"{_fmt(s['evidence_anomalous'], '.2f'):>6s} {_fmt(s['loc_top1'], '.2f'):>6s} "
-                      f"{_fmt(s['loc_any'], '.2f'):>7s} {s['median_ms']:7.1f}")
-    else:
-        result = run_tool_benchmark(args.size, args.repeats, tools=args.tools)
-        print(f"tool latency at {args.size} px ({args.repeats} warm calls; 'first' is one cold call, "
-              "including one-time reference-set work such as an expert's fit)")
-        print(f"{'tool':22s} {'median ms':>10s} {'p95 ms':>8s} {'cpu ms':>7s} {'first ms':>9s}")
-        for row in result:
-            if "median_ms" not in row:
-                print(f"{row['tool']:22s} {row.get('error')}")
-                continue
-            print(f"{row['tool']:22s} {row['median_ms']:10.1f} {row['p95_ms']:8.1f} {row['median_cpu_ms']:7.1f} "
-                  f"{row['first_ms']:9.1f}"
-                  + ("  (expert)" if row["expert"] else "") + ("" if row["ok"] else f"  FAILED: {row['error']}"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
-    return 0
+def format_quality(result: dict[str, dict[str, dict]]) -> str:
+    """:func:`evaluate_tools`'s result as a table."""
+    lines = [f"{'tool':22s} {'domain':6s} {'n':>4s} {'AUROC':>6s} {'ev(0)':>6s} {'ev(1)':>6s} "
+             f"{'loc@1':>6s} {'loc@any':>7s} {'ms':>7s}"]
+    for name, per_domain in result.items():
+        for domain, s in per_domain.items():
+            lines.append(f"{name:22s} {domain:6s} {s['n']:4d} {_fmt(s['auroc']):>6s} "
+                         f"{_fmt(s['evidence_normal'], '.2f'):>6s} {_fmt(s['evidence_anomalous'], '.2f'):>6s} "
+                         f"{_fmt(s['loc_top1'], '.2f'):>6s} {_fmt(s['loc_any'], '.2f'):>7s} {s['median_ms']:7.1f}")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def format_latency(rows: list[dict], size: int, repeats: int) -> str:
+    """:func:`run_tool_benchmark`'s rows as a table."""
+    lines = [f"tool latency at {size} px ({repeats} warm calls; 'first' is one cold call, including one-time "
+             "reference-set work such as an expert's fit)",
+             f"{'tool':22s} {'median ms':>10s} {'p95 ms':>8s} {'cpu ms':>7s} {'first ms':>9s}"]
+    for row in rows:
+        if "median_ms" not in row:
+            lines.append(f"{row['tool']:22s} {row.get('error')}")
+            continue
+        lines.append(f"{row['tool']:22s} {row['median_ms']:10.1f} {row['p95_ms']:8.1f} {row['median_cpu_ms']:7.1f} "
+                     f"{row['first_ms']:9.1f}" + ("  (expert)" if row["expert"] else "")
+                     + ("" if row["ok"] else f"  FAILED: {row['error']}"))
+    return "\n".join(lines)

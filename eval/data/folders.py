@@ -29,7 +29,7 @@ import numpy as np
 
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.eval.data.manifests import PLACEHOLDER, data_root_from_env, write_manifest
+from anomalyclaw.eval.data.manifests import data_root_from_env, write_manifest
 from anomalyclaw.items import Item
 
 log = logging.getLogger(__name__)
@@ -163,20 +163,6 @@ def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[I
     return items
 
 
-def _portable(value: str | None, manifest_dir: Path, data_root: Path | None) -> str | None:
-    """Absolute path -> kept absolute when under the manifest folder (the manifest writer makes
-    it relative), ``{DATA_ROOT}/...`` when under ANOMALYCLAW_DATA, else absolute."""
-    if value is None:
-        return None
-    path = Path(value)
-    if manifest_dir in path.parents or data_root is None:
-        return str(path)
-    try:
-        return f"{PLACEHOLDER}/" + path.relative_to(data_root).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_refs: int = 5, seed: int = 0,
                         categories: Iterable[str] | str | None = None) -> Path:
     """Write a manifest for an MVTec-style folder and return its path.
@@ -215,12 +201,4 @@ def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_re
     target = target.resolve()
     data_root = data_root_from_env()
     data_root = data_root.resolve() if data_root is not None else None
-    rows = []
-    for item in items:
-        row = item.to_json()
-        for key in ("query_path", "mask_path"):
-            if key in row:
-                row[key] = _portable(row[key], target.parent, data_root)
-        row["ref_paths"] = [_portable(p, target.parent, data_root) for p in row["ref_paths"]]
-        rows.append(row)
-    return write_manifest(rows, target)
+    return write_manifest(items, target, data_root=data_root)

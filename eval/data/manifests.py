@@ -15,8 +15,9 @@ from typing import Any, Iterable, Sequence
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.errors import ManifestError
 from anomalyclaw.items import Item
+from anomalyclaw.paths import DATA_ROOT_PLACEHOLDER, portable_path
 
-PLACEHOLDER = "{DATA_ROOT}"
+PLACEHOLDER = DATA_ROOT_PLACEHOLDER
 REQUIRED = ("item_id", "query_path", "ref_paths", "label")
 KNOWN = set(REQUIRED) | {"domain", "domain_code", "anomaly_type", "source_dataset", "category",
                          "split", "mask_path", "domain_card"}
@@ -213,9 +214,11 @@ def load_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
 
 
 def write_manifest(items: Iterable[Item | dict[str, Any]], path: str | os.PathLike,
-                   *, relative_to: str | os.PathLike | None = None) -> Path:
-    """Write items as a manifest; paths under ``relative_to`` (default: the manifest's folder)
-    are written relative to it so the folder can be moved as a whole."""
+                   *, relative_to: str | os.PathLike | None = None,
+                   data_root: str | os.PathLike | None = None) -> Path:
+    """Write items as a manifest (:func:`~anomalyclaw.paths.portable_path`): paths under
+    ``relative_to`` (default: the manifest's folder) are written relative to it so the folder
+    can be moved as a whole, paths under ``data_root`` as ``{DATA_ROOT}/...``."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = Path(relative_to or out.parent).resolve()
@@ -224,19 +227,10 @@ def write_manifest(items: Iterable[Item | dict[str, Any]], path: str | os.PathLi
         row = it.to_json() if isinstance(it, Item) else dict(it)
         for key in ("query_path", "mask_path"):
             if row.get(key):
-                row[key] = _relative(row[key], base)
-        row["ref_paths"] = [_relative(p, base) for p in row.get("ref_paths", [])]
+                row[key] = portable_path(row[key], base=base, data_root=data_root)
+        row["ref_paths"] = [portable_path(p, base=base, data_root=data_root) for p in row.get("ref_paths", [])]
         rows.append(row)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     os.replace(tmp, out)
     return out
-
-
-def _relative(value: str, base: Path) -> str:
-    if value.startswith(PLACEHOLDER):
-        return value
-    try:
-        return Path(value).resolve().relative_to(base).as_posix()
-    except ValueError:
-        return str(value)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from anomalyclaw.eval.bench.tools import evaluate_tools, main, run_tool_benchmark
+from anomalyclaw.cli import main
+from anomalyclaw.eval.bench.tools import evaluate_tools, run_tool_benchmark
 from anomalyclaw.tools import ItemContext, ToolRegistry
 
 
@@ -29,7 +30,8 @@ def test_quality_evaluation_gives_auroc_and_localisation(small_synth):
 
 def test_main_prints_a_table_and_writes_json(tmp_path, small_synth, capsys):
     out = tmp_path / "quality.json"
-    assert main(["--manifest", str(small_synth), "--tools", "image_diff", "--domains", "S6", "--json", str(out)]) == 0
+    assert main(["bench", "tools", "--manifest", str(small_synth), "--tools", "image_diff", "--domains", "S6",
+                 "--out", str(out)]) == 0
     assert "image_diff" in capsys.readouterr().out
     assert json.loads(out.read_text())["image_diff"]["S6"]["n"] == 2
 

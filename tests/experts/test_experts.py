@@ -493,7 +493,8 @@ def _tiny_benchmark(tmp_path) -> Path:
 
 
 def test_expert_benchmark_reports_per_domain_aurocs_and_times(tmp_path, capsys):
-    from anomalyclaw.eval.bench.experts import format_table, main, run_expert_benchmark
+    from anomalyclaw.cli import main
+    from anomalyclaw.eval.bench.experts import format_table, run_expert_benchmark
 
     manifest = _tiny_benchmark(tmp_path)
     report = run_expert_benchmark(manifest, split="test")
@@ -511,11 +512,11 @@ def test_expert_benchmark_reports_per_domain_aurocs_and_times(tmp_path, capsys):
     table = format_table(report)
     assert "T1" in table and "macro" in table and "anomaly_vfm img" in table
 
-    assert main(["--manifest", str(manifest), "--split", "all", "--positional", "1",
-                 "--json", str(tmp_path / "report.json")]) == 0
+    assert main(["bench", "experts", "--manifest", str(manifest), "--split", "all", "--positional", "1",
+                 "--out", str(tmp_path / "report.json")]) == 0
     out = capsys.readouterr().out
     assert "12 items" in out
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["expert_params"] == {"anomaly_vfm": {"positional_radius": 1}}
-    assert main(["--manifest", str(manifest), "--domains", "T9"]) == 2
+    assert main(["bench", "experts", "--manifest", str(manifest), "--domains", "T9"]) == 2
     assert "no items" in capsys.readouterr().err

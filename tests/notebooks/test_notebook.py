@@ -11,7 +11,7 @@ from nbformat.v4 import new_notebook
 
 from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 KEY = "sk-notebook-test-4f9a21c7"
 

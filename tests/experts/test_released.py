@@ -11,7 +11,7 @@ import pytest
 from anomalyclaw.experts.released import ReleasedScoreCache, RetrievalIndex
 from anomalyclaw.items import Item
 
-SHARED = Path(__file__).parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 RELEASE = SHARED / "reference" / "crossdomainvad12"
 needs_shared = pytest.mark.skipif(not RELEASE.is_dir(), reason="reference data (../shared) not present")
 

@@ -1,0 +1,101 @@
+"""The core's shared pieces: the one LRU cache, score arithmetic, portable paths."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from anomalyclaw.cache import LRUCache, approx_nbytes, cache_stats, clear_caches
+from anomalyclaw.paths import portable_path
+from anomalyclaw.scores import clamp01, fuse, logistic, logit
+
+
+def test_lru_evicts_the_least_recently_used_entry():
+    cache = LRUCache("test.items", max_items=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1          # a is now the most recent
+    cache.put("c", 3)                   # evicts b
+    assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3
+    stats = cache.stats()
+    assert (stats["items"], stats["evictions"], stats["hits"]) == (2, 1, 3)
+    assert cache.get("b", "gone") == "gone" and cache.stats()["misses"] == 1
+
+
+def test_lru_bounds_bytes_and_skips_values_larger_than_the_budget():
+    block = np.zeros(1000, np.uint8)
+    cache = LRUCache("test.bytes", max_bytes=2500)
+    for key in "abc":
+        cache.put(key, block.copy())
+    assert len(cache) == 2 and cache.stats()["bytes"] == 2000
+    cache.put("huge", np.zeros(5000, np.uint8))
+    assert "huge" not in cache and len(cache) == 2
+    assert approx_nbytes((block, [block, b"xy"], {"k": "abc"})) == 2005
+
+
+def test_get_or_compute_computes_once_for_concurrent_callers():
+    cache = LRUCache("test.flight", max_items=4)
+    calls = []
+
+    def slow() -> str:
+        calls.append(threading.get_ident())
+        time.sleep(0.05)
+        return "value"
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_compute("k", slow))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["value"] * 8 and len(calls) == 1
+    assert cache.stats()["misses"] == 1 and cache.stats()["hits"] == 7
+
+
+def test_a_failed_computation_lets_the_next_caller_compute():
+    cache = LRUCache("test.fail", max_items=4)
+
+    def broken() -> int:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute("k", broken)
+    assert cache.get_or_compute("k", lambda: 5) == 5
+
+
+def test_a_nested_request_for_the_same_key_does_not_deadlock():
+    cache = LRUCache("test.nested", max_items=4)
+    assert cache.get_or_compute("k", lambda: cache.get_or_compute("k", lambda: 1) + 1) == 2
+
+
+def test_every_cache_reports_and_clears_by_name():
+    a = LRUCache("test.shared", max_items=4)
+    b = LRUCache("test.shared", max_items=4)
+    a.put(1, "x")
+    b.put(2, "y")
+    assert cache_stats()["test.shared"]["items"] == 2
+    clear_caches()
+    assert len(a) == len(b) == 0
+
+
+def test_scores():
+    assert clamp01(1.5) == 1.0 and clamp01(float("nan")) is None and clamp01(None) is None
+    assert logistic(0.0) == 0.5 and logistic(1e9) == pytest.approx(1.0) and logistic(-1e9) >= 0.0
+    assert logistic(logit(0.3)) == pytest.approx(0.3)
+    assert math.isfinite(logit(0.0)) and math.isfinite(logit(1.0))
+    assert fuse(0.2, 0.6) == pytest.approx(0.4)
+    assert fuse(None, 0.6) == 0.6 and fuse(None, None) is None
+    assert fuse(0.2, 0.6, expert=1.0, expert_weight=0.5) == pytest.approx(0.7)
+
+
+def test_portable_path(tmp_path):
+    data = tmp_path / "data"
+    manifest_dir = tmp_path / "m"
+    assert portable_path(manifest_dir / "a" / "b.png", base=manifest_dir) == "a/b.png"
+    assert portable_path(data / "x.png", base=manifest_dir, data_root=data) == "{DATA_ROOT}/x.png"
+    assert portable_path("{DATA_ROOT}/y.png", base=manifest_dir) == "{DATA_ROOT}/y.png"
+    elsewhere = tmp_path / "other.png"
+    assert portable_path(elsewhere, base=manifest_dir, data_root=data) == str(elsewhere)
