@@ -1,7 +1,10 @@
-"""Portable paths: how a manifest writes a file's path so the folder (or the data) can move."""
+"""Paths: how a manifest writes a file's path so the folder (or the data) can move, and how any
+text (an item id) becomes one safe file name."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 #: What a manifest path starts with when it lies under the data root (``ANOMALYCLAW_DATA``).
@@ -29,3 +32,32 @@ def portable_path(value: str | os.PathLike, *, base: str | os.PathLike | None = 
         except ValueError:
             pass
     return text
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,16})*")
+#: Characters of the readable part of a :func:`safe_file_name`.
+SLUG_CHARS = 60
+#: Hex digits of the hash part: 48 bits, so a collision among a million names has odds of about
+#: 0.2 % (birthday bound n^2 / 2^49), and among ten thousand of about 2e-7.
+HASH_CHARS = 12
+
+
+def safe_file_name(text: str, *, suffix: str = "") -> str:
+    """``text`` (an item id from a manifest, a tool image's name) as one file name that is safe
+    and distinct: a readable slug (letters, digits, ``._-``; at most :data:`SLUG_CHARS`, no
+    leading or trailing dot, dash or underscore) plus ``-`` and the first :data:`HASH_CHARS` hex
+    digits of the SHA-256 of the whole text, then ``suffix`` (``".png"``).
+
+    Safe: never a path separator, ``..``, a dot file, a control character, or a name longer than
+    any file system allows (at most 73 characters plus the suffix). Distinct: two texts that
+    differ anywhere (``a/b`` and ``a_b``, ``x y`` and ``x?y``, ids equal in their first hundred
+    characters, ``A`` and ``a`` on a case-blind file system) get different names, since the hash
+    is of the text itself, not of the slug. The same text always gets the same name.
+    """
+    if not _SUFFIX.fullmatch(suffix):
+        raise ValueError(f"suffix {suffix!r} must be like '.png' (a dot, then letters or digits)")
+    # surrogatepass: a manifest read with errors="surrogateescape" still hashes, never raises.
+    digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    slug = _UNSAFE.sub("_", str(text))[:SLUG_CHARS].strip("._-")
+    return (f"{slug}-{digest}" if slug else digest) + suffix
