@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from anomalyclaw.config import AgentConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
+from anomalyclaw.paths import safe_file_name
 from anomalyclaw.threads import limit_compute_threads
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
@@ -72,22 +72,19 @@ class RunSummary:
         return asdict(self)
 
 
-def _file_name(text: str) -> str:
-    """``text`` as one safe path component: an item id from a manifest must not be able to
-    write outside OUT (``../x``) or hide as a dot file."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip(".")
-    return name[:120] or "_"
-
-
 def _save_observation_images(out_dir: Path, item: Item, state: dict[str, Any]) -> None:
-    """Write each observation's images under OUT/images/<item>/ and list them in the history."""
-    folder = out_dir / "images" / _file_name(item.item_id)
+    """Write each observation's images under OUT/images/<item>/ and list them in the history.
+
+    Folder and file names are :func:`~anomalyclaw.paths.safe_file_name`: an item id from a
+    manifest can neither write outside OUT (``../x``) nor share another item's folder (``a/b``
+    beside ``a_b``)."""
+    folder = out_dir / "images" / safe_file_name(item.item_id)
     turn_rows = [h for h in state.get("history", []) if h.get("stage") == "refute"]
     for k, obs in enumerate(state.get("observations", [])):
         paths = []
         for im in obs.get("images", []):
             ext = "png" if im["data"][:4] == b"\x89PNG" else "jpg"
-            p = folder / _file_name(f"obs{k + 1}_{obs['tool']}_{im['name']}.{ext}")
+            p = folder / safe_file_name(f"obs{k + 1}_{obs['tool']}_{im['name']}", suffix=f".{ext}")
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(im["data"])
             paths.append(str(p.relative_to(out_dir)))

@@ -248,3 +248,29 @@ async def test_item_ids_cannot_steer_saved_images_out_of_the_run_folder(small_it
     saved = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg")]
     assert saved and all((out / "images") in p.parents for p in saved)
     assert _by_id(out)["../../outside"].error is None
+
+
+async def test_saved_images_of_ids_that_slug_alike_stay_apart(small_items, tmp_path):
+    """Issue 17 item 5: ``a/b`` and ``a_b``, ``x y`` and ``x?y``, ids equal in their first 120
+    characters each get their own image folder; none overwrites another's evidence."""
+    from dataclasses import replace
+
+    from anomalyclaw.config import AgentConfig, EndpointConfig
+    from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
+
+    ids = ["a/b", "a_b", "x y", "x?y", "k" * 120 + "1", "k" * 120 + "2"]
+    items = [replace(small_items[k % 2], item_id=i) for k, i in enumerate(ids)]
+    out = tmp_path / "run"
+    with FakeVLMServer() as server:
+        vlm = make_vlm("openai", EndpointConfig(base_url=server.base_url, model="fake-vlm"))
+        await Runner(vlm, out_dir=out, progress=False, save_images=True,
+                     config=AgentConfig(expert_score=False)).run(items)
+    records = _by_id(out)
+    listed = {i: [p for row in records[i].history for p in row.get("images", [])] for i in ids}
+    folders = {i: {Path(p).parent for p in paths} for i, paths in listed.items()}
+    assert all(len(f) == 1 for f in folders.values()), folders
+    assert len({next(iter(f)) for f in folders.values()}) == len(ids)   # one folder per item
+    every = [p for paths in listed.values() for p in paths]
+    assert len(every) == len(set(every)) and all((out / p).is_file() for p in every)
+    on_disk = [p for p in (out / "images").rglob("*") if p.is_file()]
+    assert len(on_disk) == len(every)                                   # nothing overwritten
