@@ -47,6 +47,7 @@ ALIASES = {
     "segment_and_count": "segment_anomaly",
     "anomalyvfm_score": "anomaly_vfm_score",
     "subspacead_score": "subspace_ad_score",
+    "texture_fft": "fft_spectrum_viz",
 }
 
 

@@ -235,6 +235,8 @@ def test_no_tool_schema_accepts_a_path(registry):
     ("image_dif", "image_diff"),
     ("fft_spectrum", "fft_spectrum_viz"),
     ("functions.region_zoom", "region_zoom"),
+    ("texture_fft", "fft_spectrum_viz"),
+    ("tool_texture_fft", "fft_spectrum_viz"),
 ])
 def test_resolve_repairs_near_misses(registry, given, expected):
     name, message = registry.resolve(given)
@@ -246,6 +248,40 @@ def test_resolve_repairs_near_misses(registry, given, expected):
 def test_resolve_rejects_unknown_names_listing_the_valid_ones(registry, given):
     name, message = registry.resolve(given)
     assert name is None and "valid tools" in message and "side_by_side_compare" in message
+
+
+#: Catalog names for the released trajectories' tool names that have a counterpart; the others
+#: (``tool_domain_knowledge``, ``tool_patch_grid``) have none and must get the valid-names message.
+RELEASED_COUNTERPARTS = {
+    "tool_side_by_side": "side_by_side_compare", "tool_expert_score": "anomaly_vfm_score",
+    "tool_reference_profiler": "reference_profile", "tool_segment_and_count": "segment_anomaly",
+    "tool_zoom_bbox": "region_zoom", "tool_reference_retriever": "reference_retriever",
+    "texture_fft": "fft_spectrum_viz", "tool_texture_fft": "fft_spectrum_viz",
+}
+
+
+def _released_tool_names(reference_dir) -> set[str]:
+    names: set[str] = set()
+    for path in sorted((reference_dir / "results" / "released_qwen35vl27b").glob("D*.json")):
+        for row in json.loads(path.read_text(encoding="utf-8")):
+            names.update(t for t in row.get("tools_used") or [] if isinstance(t, str))
+            names.update(h["tool"] for h in row.get("history") or []
+                         if isinstance(h, dict) and isinstance(h.get("tool"), str))
+    return names
+
+
+def test_every_tool_name_in_the_released_trajectories_resolves(reference_dir, registry, tmp_path):
+    names = _released_tool_names(reference_dir)
+    assert {"tool_side_by_side", "tool_expert_score", "tool_domain_knowledge"} <= names
+    ctx = ItemContext(make_item(tmp_path, "released"))
+    for given in sorted(names | {"texture_fft", "tool_texture_fft"}):
+        name, message = registry.resolve(given)
+        if given in RELEASED_COUNTERPARTS:
+            assert name == RELEASED_COUNTERPARTS[given], given
+        else:  # no counterpart in the catalog: the observation lists the valid names
+            assert name is None, given
+            obs = registry.run(given, {}, ctx)
+            assert not obs.ok and "valid tools" in obs.error and "side_by_side_compare" in obs.error
 
 
 def test_render_lists_only_applicable_tools_with_compact_args(tmp_path, registry):
