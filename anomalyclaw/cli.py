@@ -25,23 +25,45 @@ def _print_json(obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- eval
+def _read_for_eval(path: str, merge: bool, what: str = "") -> tuple[list, "RecordsRead"]:
+    """Records under ``path`` for eval: says what was read, and every problem on stderr."""
+    from anomalyclaw.eval.running.records import read_records
+
+    read = read_records(path, merge=merge)
+    files = read.files
+    shown = ", ".join(f.name for f, _ in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    print(f"read{what} {path}: {len(files)} file{'s' if len(files) != 1 else ''} ({shown}), {read.rows} rows")
+    for line in read.messages():
+        print(line, file=sys.stderr)
+    return read.records, read
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate
-    from anomalyclaw.eval.running.records import load_records
     from anomalyclaw.eval.scoring.tables import format_table
 
-    records = load_records(args.path)
+    records, read = _read_for_eval(args.path, args.merge)
+    problems = [] if read.clean else [f"{args.path}: " + "; ".join(read.messages())]
     weight = args.expert_weight or 0.0
     if args.calibration:
         from anomalyclaw.eval.scoring.weights import choose_expert_weight
 
-        weight, tried = choose_expert_weight(load_records(args.calibration), alpha=args.alpha)
+        calibration, cal_read = _read_for_eval(args.calibration, args.merge, " calibration")
+        problems += [] if cal_read.clean else [f"{args.calibration}: " + "; ".join(cal_read.messages())]
+        weight, tried = choose_expert_weight(calibration, alpha=args.alpha)
         print("expert weight chosen on calibration: " + f"{weight:.1f} (macro fused AUROC there: "
               + ", ".join(f"{w:.1f}: {a:.4f}" for w, a in tried.items()) + ")")
     result = evaluate(records, alpha=args.alpha, expert_weight=weight)
+    # Account for every row of the files: rows = kept + everything left out, with the reason.
+    if read.unreadable:
+        result["left_out"]["unreadable"] = len(read.unreadable)
+    if read.duplicates:
+        result["left_out"]["replaced by a later record of the same item"] = len(read.duplicates)
+    result["rows"] = read.rows
     boots = []
     if args.compare:
-        other = load_records(args.compare)
+        other, other_read = _read_for_eval(args.compare, args.merge, " compare")
+        problems += [] if other_read.clean else [f"{args.compare}: " + "; ".join(other_read.messages())]
         for col in result["macro_auroc"]:
             if col == "expert":
                 continue
@@ -51,6 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for a, b in (("fused", "direct"), ("fused", "refute"), ("direct", "refute")):
             boots.append(bootstrap_columns(records, a, b, alpha=args.alpha, n_boot=args.bootstrap,
                                            seed=args.seed))
+    print(f"rows {result['rows']}, kept {result['kept']}")
     print(format_table(result))
     for b in boots:
         print(f"{b.a} - {b.b}: {b.diff:+.4f}  {int(b.level * 100)}% CI [{b.ci_low:+.4f}, {b.ci_high:+.4f}]"
@@ -61,12 +84,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bars = plot_domain_bars(result, Path(args.plots) / "domain_auroc.png")
         print(f"plots: {roc} {bars}")
     if args.json:
-        out = {k: result[k] for k in ("rows", "kept", "macro_auroc", "per_domain")}
+        out = {k: result[k] for k in ("rows", "kept", "left_out", "macro_auroc", "per_domain")}
+        out.update(read.to_json())
         if weight:
             out["expert_weight"] = weight
         if boots:
             out["bootstrap"] = [b.to_json() for b in boots]
         _print_json(out)
+    if args.strict and problems:
+        print(f"anomalyclaw eval: --strict: not every row was read as written ({'; '.join(problems)})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -320,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="RUN",
                    help="records of a calibration-split run: choose the expert weight there, apply it here")
     p.add_argument("--plots", metavar="DIR", help="write ROC curves and per-domain bars as PNG here")
+    p.add_argument("--merge", action="store_true",
+                   help="read a folder that mixes records.jsonl, D*.json and other *.jsonl files (refused otherwise)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when a row is unreadable, a label or score is not in an accepted "
+                        "form, or a record is replaced by a later one of the same item")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_eval)
 

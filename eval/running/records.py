@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticSerializationError
 
 from anomalyclaw.errors import AnomalyClawError
@@ -27,6 +30,50 @@ log = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
 SCHEMA_VERSION = 1
+
+#: Fields that hold a score. Accepted: finite numbers and strings that read as one ("0.8");
+#: anything else (booleans, "NaN", "inf", "high", lists) is not a score.
+SCORE_FIELDS = ("anomaly_score", "direct_score", "refute_score", "v9_score", "v9_initial_score",
+                "v9_updated_score", "expert_score", "confidence")
+#: Label strings accepted (case and surrounding blanks ignored), besides the numbers 0 and 1 and
+#: the JSON booleans false and true.
+LABEL_WORDS = {"0": 0, "1": 1, "normal": 0, "anomalous": 1}
+ACCEPTED_LABELS = '0/1, true/false, "0"/"1", "normal"/"anomalous"'
+ACCEPTED_SCORES = 'finite numbers or numeric strings such as "0.8"'
+
+
+def parse_label(value: Any) -> int | None:
+    """A label in one of the accepted forms as 0 or 1 (None for None); ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise ValueError(f"label {_show(value)} is not one of {ACCEPTED_LABELS}")
+
+
+def parse_score(value: Any) -> float | None:
+    """A score in one of the accepted forms as a finite float (None for None); ValueError
+    otherwise, NaN and infinities included."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ValueError(f"score {_show(value)} is not a number")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError(f"score {_show(value)} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"score {_show(value)} is not finite")
+    return number
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Record(BaseModel):
@@ -84,13 +131,35 @@ class Record(BaseModel):
     finished_at: str | None = None
     schema_version: int = SCHEMA_VERSION
 
-    @field_validator("anomaly_score", "direct_score", "refute_score", "v9_score", "v9_initial_score",
-                     "v9_updated_score", "expert_score", "confidence", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _finite_or_none(cls, v: Any) -> Any:
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
-            return None
-        return v
+    def _accepted_values(cls, data: Any, info: ValidationInfo) -> Any:
+        """``null`` where a field has a non-null default (a list, a string, a weight) reads as
+        that default; labels and scores are read in their accepted forms. A value in no accepted
+        form becomes null: when the reader passes ``context={"problems": [...]}`` it is
+        appended there as ``(field, value)`` to be counted; in code, a non-finite score is
+        simply null and any other bad value is an error."""
+        if not isinstance(data, dict):
+            return data
+        problems = info.context.get("problems") if isinstance(info.context, dict) else None
+        data = dict(data)
+        for name, spec in cls.model_fields.items():
+            if name in data and data[name] is None and not spec.is_required() and \
+                    (spec.default_factory is not None or spec.default is not None):
+                del data[name]
+        for name, parse in [("label_gt", parse_label), *((f, parse_score) for f in SCORE_FIELDS)]:
+            if name not in data:
+                continue
+            try:
+                data[name] = parse(data[name])
+            except ValueError:
+                value = data[name]
+                data[name] = None
+                if problems is not None:
+                    problems.append((name, value))
+                elif not (name in SCORE_FIELDS and isinstance(value, numbers.Real) and not isinstance(value, bool)):
+                    raise
+        return data
 
     @model_validator(mode="after")
     def _sync_refute(self) -> "Record":
@@ -327,17 +396,40 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
             yield n, obj, None
 
 
-def record_files(path: str | os.PathLike) -> list[Path]:
-    """The record files under ``path``: a file, or a folder's ``*.jsonl`` and ``D*.json``."""
+#: The kinds of record file a folder may hold; eval reads one kind per folder unless asked.
+_KINDS = ("run records (records.jsonl)", "released arrays (D*.json)", "other JSON-lines files (*.jsonl)")
+
+
+def record_files(path: str | os.PathLike, *, merge: bool = False) -> list[Path]:
+    """The record files under ``path``: a file, or a folder's ``records.jsonl``, its released
+    ``D*.json`` arrays, or its ``*.jsonl`` files.
+
+    A folder that holds more than one of these kinds (a run's ``records.jsonl`` beside released
+    arrays or other JSON-lines files) is refused with a ValueError naming them, unless
+    ``merge``: reading them together would merge different runs by item id.
+    """
     p = Path(path)
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"no records at {p}: expected a folder with records.jsonl or D*.json, or a file")
-    files = sorted(p.glob("*.jsonl")) + sorted(p.glob("D*.json"), key=lambda f: _natural_key(f.stem))
-    if not files:
+    run = [p / RECORDS_FILE] if (p / RECORDS_FILE).is_file() else []
+    released = sorted((f for f in p.glob("D*.json") if f.is_file()), key=lambda f: _natural_key(f.stem))
+    other = sorted(f for f in p.glob("*.jsonl") if f.is_file() and f.name != RECORDS_FILE)
+    kinds = [(kind, files) for kind, files in zip(_KINDS, (run, released, other)) if files]
+    if not kinds:
         raise FileNotFoundError(f"{p} holds no records (*.jsonl or released D*.json arrays)")
-    return files
+    if len(kinds) > 1 and not merge:
+        listed = "; ".join(f"{kind}: {_names(files)}" for kind, files in kinds)
+        raise ValueError(f"{p} mixes record files of different kinds ({listed}); reading them together would "
+                         "merge different runs by item id. Name one file, or pass --merge to read them all "
+                         "(an item in several files: the last file read wins, and eval counts it)")
+    return [f for _, files in kinds for f in files]
+
+
+def _names(files: list[Path], limit: int = 4) -> str:
+    shown = ", ".join(f.name for f in files[:limit])
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
 def _natural_key(s: str) -> tuple:
@@ -345,42 +437,145 @@ def _natural_key(s: str) -> tuple:
     return (int(digits) if digits else 0, s)
 
 
-def load_records(path: str | os.PathLike, *, strict: bool = False) -> list[Record]:
-    """Read every record under ``path`` (this project's JSON lines or released arrays).
+@dataclass
+class RecordsRead:
+    """Everything a read of records found, so that nothing is lost without being counted.
 
-    A line that is not a record is skipped with a warning naming file and line (``strict``
-    raises instead). When an item appears more than once, the last record wins.
+    ``records`` holds one record per item id (the last one read wins). ``files`` lists each
+    file read with its row count; ``unreadable`` each row that is no record at all (not JSON,
+    not an object, no string ``item_id``) as ``(where, why)``, and ``bad_files`` each file that
+    could not be read at all. ``invalid[file][field]`` lists ``(where, value)`` for every value
+    in no accepted form (a label such as ``"yes"`` or ``2``, a score such as ``"NaN"`` or
+    ``true``): the record is kept with that field null, so evaluation leaves the row out and
+    says why. ``duplicates`` lists ``(item_id, where)`` for each record replaced by a later one.
     """
+
+    records: list[Record] = field(default_factory=list)
+    files: list[tuple[Path, int]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    bad_files: list[tuple[Path, str]] = field(default_factory=list)
+    invalid: dict[str, dict[str, list[tuple[str, Any]]]] = field(default_factory=dict)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Rows found in all files, readable or not."""
+        return sum(n for _, n in self.files)
+
+    @property
+    def n_invalid(self) -> int:
+        return sum(len(v) for fields in self.invalid.values() for v in fields.values())
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unreadable or self.bad_files or self.invalid or self.duplicates)
+
+    def messages(self) -> list[str]:
+        """One line per kind of problem (per field and file for values), naming the first case."""
+        out = [f"cannot read {f}: {why}" for f, why in self.bad_files]
+        if self.unreadable:
+            where, why = self.unreadable[0]
+            out.append(f"{len(self.unreadable)} unreadable rows (first: {where}: {why})")
+        for f, fields in self.invalid.items():
+            for name, cases in fields.items():
+                accepted = ACCEPTED_LABELS if name == "label_gt" else ACCEPTED_SCORES
+                where, value = cases[0]
+                out.append(f"{f}: {len(cases)} values of '{name}' not accepted, read as null (first: {where}: "
+                           f"{_show(value)}); accepted: {accepted}")
+        if self.duplicates:
+            item, where = self.duplicates[0]
+            out.append(f"{len(self.duplicates)} records replaced by a later record of the same item "
+                       f"(first: {item!r}, replaced at {where})")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The counts for a ``--json`` line: files with rows, unreadable rows (and files),
+        values not accepted per file and field, duplicate records."""
+        return {"files": [{"path": str(f), "rows": n} for f, n in self.files],
+                "unreadable": len(self.unreadable),
+                "unreadable_first": (": ".join(self.unreadable[0]) if self.unreadable else None),
+                "unreadable_files": [{"path": str(f), "why": why} for f, why in self.bad_files],
+                "invalid_values": {f: {name: len(v) for name, v in fields.items()} for f, fields in self.invalid.items()},
+                "duplicates": len(self.duplicates)}
+
+
+def read_records(path: str | os.PathLike, *, merge: bool = False) -> RecordsRead:
+    """Read every record under ``path`` (this project's JSON lines or released arrays), losing
+    nothing without counting it (see :class:`RecordsRead`). ``merge`` allows a folder that
+    mixes kinds of record file (:func:`record_files`)."""
+    out = RecordsRead()
     by_id: dict[str, Record] = {}
-    for f in record_files(path):
-        for where, obj in _iter_objects(f, strict):
-            try:
-                rec = Record.model_validate(obj)
-            except ValueError as exc:
-                msg = f"{where}: not a valid record: {str(exc).splitlines()[0]}"
-                if strict:
-                    raise ValueError(msg) from None
-                log.warning(msg)
+    for f in record_files(path, merge=merge):
+        try:
+            rows = list(_iter_objects(f))
+        except (OSError, ValueError) as exc:
+            out.bad_files.append((f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            out.files.append((f, 0))
+            continue
+        out.files.append((f, len(rows)))
+        for where, obj, problem in rows:
+            rec, problems, problem = (None, [], problem) if problem else _validate(obj)
+            if problem:
+                out.unreadable.append((where, problem))
                 continue
+            for name, value in problems:
+                out.invalid.setdefault(str(f), {}).setdefault(name, []).append((where, value))
+            if rec.item_id in by_id:
+                out.duplicates.append((rec.item_id, where))
             by_id[rec.item_id] = rec
-    return list(by_id.values())
+    out.records = list(by_id.values())
+    return out
 
 
-def _iter_objects(f: Path, strict: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def _validate(obj: dict[str, Any]) -> tuple[Record | None, list[tuple[str, Any]], str | None]:
+    """(record, values not accepted as (field, value), why unreadable). A field whose value has
+    the wrong type for the schema is counted and read as its default; only a row without a
+    string ``item_id`` (or one the schema still refuses) is unreadable."""
+    item_id = obj.get("item_id")
+    if not isinstance(item_id, str) or not item_id.strip():
+        return None, [], f"no string item_id (got {_show(item_id)})"
+    data, dropped = dict(obj), []
+    for _ in range(len(data) + 1):
+        problems: list[tuple[str, Any]] = []
+        try:
+            return Record.model_validate(data, context={"problems": problems}), dropped + problems, None
+        except ValidationError as exc:
+            bad = {e["loc"][0] for e in exc.errors() if e["loc"] and e["loc"][0] in data and e["loc"][0] != "item_id"}
+            if not bad:
+                return None, [], f"not a valid record: {str(exc).splitlines()[0]}"
+            for name in sorted(bad):
+                dropped.append((name, data.pop(name)))
+    return None, [], "not a valid record"
+
+
+def load_records(path: str | os.PathLike, *, strict: bool = False, merge: bool = False) -> list[Record]:
+    """The records under ``path`` (see :func:`read_records`): every problem found is logged as
+    a warning, one line per kind; ``strict`` raises a ValueError naming the first instead."""
+    read = read_records(path, merge=merge)
+    for line in read.messages():
+        if strict:
+            raise ValueError(line)
+        log.warning(line)
+    return read.records
+
+
+def _iter_objects(f: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(where, object, why unreadable) per row of a records file; raises ValueError when a
+    ``.json`` file is not a JSON array."""
     if f.suffix == ".jsonl":
         for n, obj, problem in iter_jsonl(f):
-            if problem:
-                if strict:
-                    raise ValueError(f"{f}:{n}: {problem}")
-                log.warning("%s:%d: %s; skipped", f, n, problem)
-                continue
-            yield f"{f}:{n}", obj
+            yield f"{f}:{n}", obj, problem
         return
-    data = json.loads(f.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{f}: expected a JSON array of records")
+        raise ValueError(f"expected a JSON array of records, got a JSON {type(data).__name__}")
     for i, obj in enumerate(data):
-        yield f"{f}[{i}]", obj
+        yield f"{f}[{i}]", obj if isinstance(obj, dict) else None, None if isinstance(obj, dict) else "not a JSON object"
 
 
 def finished_ids(out_dir: str | os.PathLike) -> set[str]:

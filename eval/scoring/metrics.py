@@ -24,9 +24,32 @@ COLUMNS = ("direct", "refute", "fused")
 
 def kept(records: Iterable[Record]) -> list[Record]:
     """The paper's filter: anomaly-detection mode, both branch scores, no error, a label."""
-    return [r for r in records
-            if r.mode == "anomaly_detection" and r.direct_score is not None
-            and r.refute_score is not None and not r.error and r.label_gt is not None]
+    return [r for r in records if left_out_reason(r) is None]
+
+
+def left_out_reason(r: Record) -> str | None:
+    """Why the paper's filter leaves ``r`` out (the first reason that applies), None if kept."""
+    if r.mode != "anomaly_detection":
+        return f"mode {r.mode!r}"
+    if r.error:
+        return "error"
+    if r.label_gt is None:
+        return "no label"
+    if r.direct_score is None:
+        return "no direct_score"
+    if r.refute_score is None:
+        return "no refute_score"
+    return None
+
+
+def left_out_counts(records: Iterable[Record]) -> dict[str, int]:
+    """How many records each reason leaves out (reasons that apply to none are omitted)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        reason = left_out_reason(r)
+        if reason is not None:
+            counts[reason] += 1
+    return dict(counts)
 
 
 def column(r: Record, name: str, alpha: float = 0.5, expert_weight: float = 0.0) -> float | None:
@@ -69,8 +92,8 @@ def _nanmean(values: Iterable[float]) -> float:
 def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: float = 0.0) -> dict:
     """Per-domain and macro AUROC of the direct, refutation and fused scores.
 
-    Returns ``{"rows", "kept", "alpha", "macro_auroc": {col: x}, "per_domain": {code: {col: x,
-    "n": n, "n_anomalous": k}}}``; an ``expert`` column is added when every kept row has an
+    Returns ``{"rows", "kept", "left_out": {reason: n}, "alpha", "macro_auroc": {col: x},
+    "per_domain": {code: {col: x, "n": n, "n_anomalous": k}}}``; an ``expert`` column is added when every kept row has an
     expert score. Domains with a single class get NaN and are left out of the macro mean.
     """
     rows = kept(records)
@@ -84,7 +107,7 @@ def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: fl
         entry.update(n=len(group), n_anomalous=int(sum(labels)))
         per_domain[code] = entry
     macro = {c: _nanmean(d[c] for d in per_domain.values()) for c in cols}
-    return {"rows": len(records), "kept": len(rows), "alpha": alpha,
+    return {"rows": len(records), "kept": len(rows), "left_out": left_out_counts(records), "alpha": alpha,
             "macro_auroc": macro, "per_domain": per_domain}
 
 

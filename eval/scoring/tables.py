@@ -32,6 +32,6 @@ def format_table(result: dict) -> str:
     lines.append("-" * len(head))
     lines.append(f"{'macro':<10}{result['kept']:>6}{'':>6}" + "".join(fmt(result['macro_auroc'][c]) for c in cols))
     if result["kept"] != result["rows"]:
-        lines.append(f"({result['rows'] - result['kept']} of {result['rows']} rows left out: error, "
-                     "missing branch score or missing label)")
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(result.get("left_out", {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"({result['rows'] - result['kept']} of {result['rows']} rows left out: {reasons})")
     return "\n".join(lines)
