@@ -162,7 +162,7 @@ def _make_vlm(args: argparse.Namespace):
     return make_vlm("openai", endpoint, max_concurrency=args.concurrency), endpoint.secret_values()
 
 
-def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str) -> dict:
+def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, lock=None) -> dict:
     """Run items, print the summary and the evaluation; returns the --json object."""
     from anomalyclaw.eval.scoring.metrics import evaluate
     from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
@@ -174,7 +174,8 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str) 
     runner = Runner(vlm, out_dir=out_dir, config=_agent_config(args), registry=_registry(args),
                     prompts=PromptSet.load(args.prompts), save_images=args.save_images,
                     progress=not args.no_progress, secrets=secrets, source=source)
-    summary = run_sync(runner, items, rejected=rejected, resume=args.resume, retry_errors=args.retry_errors)
+    summary = run_sync(runner, items, rejected=rejected, resume=args.resume, retry_errors=args.retry_errors,
+                       lock=lock)
     records = load_records(out_dir / RECORDS_FILE)
     result = evaluate(records, alpha=runner.config.alpha)
     per_item = summary.requests / summary.n_done if summary.n_done else 0.0
@@ -215,18 +216,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.data.manifests import read_manifest
-    from anomalyclaw.eval.running.records import RECORDS_FILE
+    from anomalyclaw.eval.running.records import RECORDS_FILE, RunLock
 
     root = Path(args.out)
-    manifest = root / "synth" / "manifest.json"
-    if not manifest.exists():
-        print(f"generating the synthetic benchmark in {manifest.parent} ...")
-        cmd_synth(build_parser().parse_args(["synth", "--out", str(manifest.parent), "--seed", str(args.seed)]))
     run_dir = root / "run"
-    for stale in [run_dir / RECORDS_FILE, *run_dir.glob("run_*.json")]:
-        stale.unlink(missing_ok=True)  # the demo always starts fresh in its own folder
-    contents = read_manifest(manifest, split="test")
-    out = _run(args, contents.items, contents.rejected, run_dir, source=str(manifest.resolve()))
+    # The lock first, always: a second demo must be refused before it touches the running one's
+    # records; the runner then runs under this lock.
+    with RunLock(run_dir) as lock:
+        manifest = root / "synth" / "manifest.json"
+        if not manifest.exists():
+            print(f"generating the synthetic benchmark in {manifest.parent} ...")
+            cmd_synth(build_parser().parse_args(["synth", "--out", str(manifest.parent), "--seed", str(args.seed)]))
+        for stale in [run_dir / RECORDS_FILE, *run_dir.glob("run_*.json")]:
+            stale.unlink(missing_ok=True)  # the demo always starts fresh in its own folder
+        contents = read_manifest(manifest, split="test")
+        out = _run(args, contents.items, contents.rejected, run_dir, source=str(manifest.resolve()), lock=lock)
     if args.json:
         _print_json(out)
     return 3 if out["fatal"] else 0

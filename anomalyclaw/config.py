@@ -5,14 +5,20 @@ are scrubbed from log records by :func:`install_secret_redaction`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from functools import lru_cache
+from typing import Any, Iterable
 
 from pydantic import SecretStr
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Environment variable names per preset: (base URL, API key, model). ANOMALYCLAW_* always wins
 #: over a preset's own variables only when no preset is named.
@@ -73,6 +79,7 @@ class EndpointConfig:
         values: dict[str, Any] = {"base_url": pick(0), "model": pick(2)}
         key = pick(1)
         values["api_key"] = SecretStr(key) if key else None
+        key_source = next((PRESETS[n][1] for n in order if env.get(PRESETS[n][1])), "the API key")
         if env.get("ANOMALYCLAW_CLIENT"):
             values["client"] = env["ANOMALYCLAW_CLIENT"]
         for name in ("timeout_s", "max_retries", "backoff_max_s"):
@@ -88,6 +95,10 @@ class EndpointConfig:
             if k not in {f.name for f in fields(cls)}:
                 raise ConfigError(f"unknown endpoint setting {k!r}")
             values[k] = SecretStr(v) if k == "api_key" and isinstance(v, str) else v
+            if k == "api_key":
+                key_source = "the api_key argument"
+        if values.get("api_key") is not None:
+            values["api_key"] = SecretStr(check_api_key(values["api_key"].get_secret_value(), source=key_source))
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -99,6 +110,9 @@ class EndpointConfig:
             raise ConfigError(f"backoff_max_s must be >= 0 seconds, got {self.backoff_max_s}")
         if self.client not in CLIENTS:
             raise ConfigError(f"unknown client {self.client!r}: choose one of {', '.join(CLIENTS)}")
+        if self.api_key is not None:  # also when built directly, not through from_env
+            raw = self.api_key.get_secret_value() if isinstance(self.api_key, SecretStr) else str(self.api_key)
+            object.__setattr__(self, "api_key", SecretStr(check_api_key(raw, warn=False)))
 
     def require(self) -> "EndpointConfig":
         """Check that the endpoint can be used; raise a ConfigError saying what to set."""
@@ -184,24 +198,93 @@ class _RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if any(s in msg for s in self.secrets):
-            record.msg = redact(msg, self.secrets)
-            record.args = ()
+        clean = redact(msg, self.secrets)
+        if clean != msg:
+            record.msg, record.args = clean, ()
         if record.exc_info and not record.exc_text:
             # Format the traceback now, so the handler prints the redacted text we keep.
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and any(s in record.exc_text for s in self.secrets):
+        if record.exc_text:
             record.exc_text = redact(record.exc_text, self.secrets)
-        if record.stack_info and any(s in record.stack_info for s in self.secrets):
+        if record.stack_info:
             record.stack_info = redact(record.stack_info, self.secrets)
         return True
 
 
-def redact(text: str, secrets: list[str]) -> str:
+#: Secrets shorter than this are blanked only where they stand as a whole word: a key such as
+#: ``1``, ``e`` or ``test`` blanked everywhere it occurs would turn every rationale into noise.
+MIN_SECRET_CHARS = 8
+_WORD = "A-Za-z0-9_\\-"
+
+
+def secret_forms(secret: str) -> list[str]:
+    """``secret`` as it can appear in text: raw, JSON-escaped (with and without ASCII escapes),
+    Python-repr-escaped and URL-quoted (a key with ``"``, ``\\`` or non-ASCII characters that an
+    endpoint quotes back), longest first."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             repr(secret)[1:-1], urllib.parse.quote(secret, safe="")}
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
+@lru_cache(maxsize=64)
+def _pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    parts = []
     for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
+        for form in secret_forms(s):
+            if len(s) >= MIN_SECRET_CHARS:
+                parts.append(re.escape(form))
+            else:  # a short key: only where no word character touches it
+                parts.append(f"(?<![{_WORD}]){re.escape(form)}(?![{_WORD}])")
+    return re.compile("|".join(parts)) if parts else None
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every form of every secret (:func:`secret_forms`) replaced by ``***``.
+
+    For plain text only (a message, a log line, a traceback): never for serialised JSON, whose
+    syntax a short secret would cut up; use :func:`redact_value` on the values instead.
+    """
+    pattern = _pattern(tuple(s for s in secrets if s))
+    return text if pattern is None or not isinstance(text, str) else pattern.sub("***", text)
+
+
+def redact_value(value: Any, secrets: Iterable[str]) -> Any:
+    """A copy of ``value`` (dicts, lists, strings, numbers: what becomes JSON) with every string
+    in it, keys included, passed through :func:`redact`; numbers and the structure stay as they
+    are, so the JSON written from it is as valid as the JSON of ``value``."""
+    secrets = tuple(s for s in secrets if s)
+    if not secrets:
+        return value
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact(v, secrets)
+        if isinstance(v, dict):
+            return {walk(k) if isinstance(k, str) else k: walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(value)
+
+
+def check_api_key(key: str, *, source: str = "the API key", warn: bool = True) -> str:
+    """The key with surrounding whitespace (a trailing ``\\r`` or ``\\n`` from a copied line or a
+    Windows file) stripped; raises :class:`ConfigError` for a key that is empty after that or
+    holds a control character or a space (no HTTP header can carry it as written). A key shorter
+    than :data:`MIN_SECRET_CHARS` is kept with a warning: it is blanked from records and logs
+    only where it stands as a whole word."""
+    stripped = key.strip()
+    if not stripped:
+        raise ConfigError(f"{source} is empty (only whitespace); set it to the key, or unset it")
+    bad = next((i for i, c in enumerate(stripped) if ord(c) < 0x20 or ord(c) == 0x7F or c.isspace()), None)
+    if bad is not None:
+        raise ConfigError(f"{source} holds a space or control character at position {bad} "
+                          f"({stripped[bad]!r}); check how the variable was set")
+    if warn and len(stripped) < MIN_SECRET_CHARS:
+        log.warning("%s is %d characters long, too short to blank from free text safely: records and logs "
+                    "blank it only where it stands as a whole word", source, len(stripped))
+    return stripped
 
 
 def install_secret_redaction(secrets: list[str]) -> None:

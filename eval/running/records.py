@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticSerializationError
 
+from anomalyclaw.config import redact_value
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.items import Item
 
@@ -174,13 +175,23 @@ class Record(BaseModel):
     def ok(self) -> bool:
         return self.error is None
 
-    def to_line(self) -> str:
+    def to_line(self, secrets: Iterable[str] = ()) -> str:
         """The record as one line of strict JSON (no NaN). Values a tool left as NumPy scalars or
-        arrays, or as non-finite floats, are written as plain numbers, lists or null."""
+        arrays, or as non-finite floats, are written as plain numbers, lists or null. Every form
+        of each of ``secrets`` is blanked in the values before they are serialised
+        (:func:`~anomalyclaw.config.redact_value`), never in the serialised text."""
         try:
-            return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
+            values = self.model_dump(mode="json")
+            json.dumps(values, allow_nan=False)
         except (PydanticSerializationError, ValueError):
-            return json.dumps(_plain(self.model_dump(mode="python")), ensure_ascii=False, allow_nan=False)
+            values = _plain(self.model_dump(mode="python"))
+        values = redact_value(values, secrets)
+        line = json.dumps(values, ensure_ascii=False, allow_nan=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (an id read from odd bytes): escape it
+            line = json.dumps(values, ensure_ascii=True, allow_nan=False)
+        return line
 
 
 def _plain(value: Any) -> Any:
@@ -261,10 +272,12 @@ def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend
 class RecordWriter:
     """Appends records to ``OUT/records.jsonl``, one line each, durable before it returns.
 
-    Opening repairs a torn last line left by a killed run (it is dropped; the item is redone).
-    ``secrets`` (an API key) are replaced by ``***`` in every line, whatever put them there (an
-    endpoint that echoes the key in a reply, an exception message). Thread-safe; usable as a
-    context manager.
+    Opening repairs a torn last line left by a killed run (:func:`repair_torn_tail`: a line that
+    does not parse is dropped and its item redone; a complete one only gets its newline).
+    ``secrets`` (an API key) are replaced by ``***`` in every value of every record, whatever put
+    them there (an endpoint that echoes the key in a reply, an exception message), before the
+    record is serialised; each line is checked to parse before it is written. Thread-safe;
+    usable as a context manager.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, fsync: bool = True, secrets: Iterable[str] = ()):
@@ -277,10 +290,16 @@ class RecordWriter:
         self._secrets = [s for s in secrets if s]
 
     def write(self, record: Record) -> None:
-        line = record.to_line()
-        for secret in self._secrets:
-            if secret in line:
-                line = line.replace(secret, "***")
+        """Append ``record`` (durable when this returns); raises :class:`RecordLineError` if its
+        line would not read back as the record of its item, OSError if it cannot be written."""
+        line = record.to_line(self._secrets)
+        try:
+            back = json.loads(line)
+        except ValueError:
+            back = None
+        if not isinstance(back, dict) or not isinstance(back.get("item_id"), str) or "\n" in line:
+            raise RecordLineError(f"the record of item {record.item_id[:200]!r} does not serialise to one "
+                                  "JSON line; nothing was written for it")
         line += "\n"
         with self._lock:
             self._fh.write(line)
@@ -300,7 +319,17 @@ class RecordWriter:
         self.close()
 
 
+class RecordLineError(AnomalyClawError):
+    """A record whose JSON line would not read back (never written: a corrupt line is worse
+    than none)."""
+
+
 LOCK_FILE = ".run.lock"
+try:
+    import fcntl as _fcntl  # noqa: F401
+    _HAS_FLOCK = True
+except ImportError:  # not POSIX
+    _HAS_FLOCK = False
 
 
 class RunFolderBusyError(AnomalyClawError):
@@ -341,6 +370,11 @@ class RunLock:
         self._fh = fh
         return self
 
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now (always True where ``fcntl`` is missing)."""
+        return self._fh is not None or not _HAS_FLOCK
+
     def release(self) -> None:
         if self._fh is not None:
             self._fh.close()  # closing drops the flock
@@ -354,13 +388,18 @@ class RunLock:
 
 
 def repair_torn_tail(path: Path) -> int:
-    """Drop a partial last line (no newline) that a kill left behind; returns bytes dropped."""
+    """Make the last line of a JSON-lines file whole after a kill; returns bytes dropped.
+
+    A last line without its newline that parses as a JSON object is a complete record whose
+    newline was never written: it is kept and the newline added. Only a last line that does not
+    parse (a torn write) is dropped, so that its item is redone.
+    """
     if not path.exists() or path.stat().st_size == 0:
         return 0
     with open(path, "rb+") as fh:
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
-        # Walk back to the last newline; everything after it is a torn write.
+        # Walk back to the last newline; everything after it is the unterminated tail.
         pos, chunk = size, 4096
         while pos > 0:
             start = max(0, pos - chunk)
@@ -373,9 +412,25 @@ def repair_torn_tail(path: Path) -> int:
             pos = start
         else:
             keep = 0
-        if keep < size:
-            fh.truncate(keep)
-            log.warning("%s: dropped a torn last line (%d bytes); that item will be redone", path, size - keep)
+        if keep == size:
+            return 0
+        fh.seek(keep)
+        tail = fh.read()
+        try:
+            complete = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            complete = False
+        if complete:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            log.warning("%s: the last record had no newline; added it (the record is kept)", path)
+            return 0
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+        log.warning("%s: dropped a torn last line (%d bytes); that item will be redone", path, size - keep)
         return size - keep
 
 
@@ -389,6 +444,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield n, None, f"not valid JSON ({exc.msg})"
+                continue
+            except RecursionError:
+                yield n, None, "not valid JSON (nested too deeply)"
                 continue
             if not isinstance(obj, dict):
                 yield n, None, "not a JSON object"
@@ -606,7 +664,7 @@ def drop_error_records(out_dir: str | os.PathLike) -> int:
         for line in fh:
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 dropped += 1
                 continue
             if isinstance(obj, dict) and obj.get("error"):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from anomalyclaw.cache import cache_stats
-from anomalyclaw.config import AgentConfig, redact
+from anomalyclaw.config import AgentConfig, redact, redact_value
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
@@ -36,8 +36,8 @@ from anomalyclaw.graph.vlm.seam import VLM
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.tools.registry import ToolRegistry
 
-from anomalyclaw.eval.running.records import (RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records,
-                                              error_record, finished_ids, now, record_from_state)
+from anomalyclaw.eval.running.records import (LOCK_FILE, RECORDS_FILE, Record, RecordLineError, RecordWriter, RunLock,
+                                              drop_error_records, error_record, finished_ids, now, record_from_state)
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,18 @@ class Runner:
             return failed(f"internal: {type(exc).__name__}: {exc}")
 
     async def run(self, items: Sequence[Item], *, rejected: dict[str, list[str]] | None = None,
-                  resume: bool = False, retry_errors: bool = False) -> RunSummary:
+                  resume: bool = False, retry_errors: bool = False, lock: RunLock | None = None) -> RunSummary:
         """Judge ``items`` (and write an error record for each ``rejected`` manifest entry).
 
         One record per item id: a later item with an id already seen is left out (counted in
-        ``n_duplicates``). The run folder is locked for the run's duration.
+        ``n_duplicates``). The run folder is locked for the run's duration; a caller that took
+        the folder's lock first (to clear the folder under it) passes it as ``lock``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            if not lock.held or lock.path.resolve() != (self.out_dir / LOCK_FILE).resolve():
+                raise ValueError(f"lock {lock.path} is not a held lock of the run folder {self.out_dir}")
+            return await self._run_locked(items, rejected or {}, resume, retry_errors)
         with RunLock(self.out_dir):
             return await self._run_locked(items, rejected or {}, resume, retry_errors)
 
@@ -219,7 +224,13 @@ class Runner:
         """Append one record; a failed write (disk full, folder gone) stops the run, since
         judging items that cannot be recorded would only waste the endpoint's time."""
         try:
-            writer.write(record)
+            try:
+                writer.write(record)
+            except RecordLineError as exc:  # keep the item's place: an error record instead
+                keep = ("item_id", "domain_code", "domain", "category", "split", "label_gt", "anomaly_type_gt")
+                writer.write(Record(**{k: getattr(record, k) for k in keep}, error=f"internal: {exc}",
+                                    run_id=self.run_id, backend=self.vlm.backend, model=self.vlm.model,
+                                    finished_at=now()))
         except OSError as exc:
             raise RecordWriteError(f"cannot append to {writer.path}: {exc}; fix that (free disk space?) and "
                                    "rerun with --resume: finished items are kept") from None
@@ -279,7 +290,7 @@ class Runner:
                 "tools": self.registry.names()}
         if summary is not None:
             info.update(finished_at=now(), summary=summary.to_json())
-        text = redact(json.dumps(info, indent=1, default=str), self.secrets)
+        text = json.dumps(redact_value(json.loads(json.dumps(info, default=str)), self.secrets), indent=1)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -302,5 +313,5 @@ def run_sync(runner: Runner, items: Sequence[Item], **run_kw: Any) -> RunSummary
 
 def run_items(items: Sequence[Item], vlm: VLM, out_dir: str | os.PathLike, **kwargs: Any) -> RunSummary:
     """Synchronous convenience: ``Runner(vlm, out_dir=..., **kwargs).run(items)`` in a new loop."""
-    run_kw = {k: kwargs.pop(k) for k in ("rejected", "resume", "retry_errors") if k in kwargs}
+    run_kw = {k: kwargs.pop(k) for k in ("rejected", "resume", "retry_errors", "lock") if k in kwargs}
     return run_sync(Runner(vlm, out_dir=out_dir, **kwargs), items, **run_kw)

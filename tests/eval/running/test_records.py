@@ -49,3 +49,23 @@ def test_retry_errors_drops_only_error_records(tmp_path):
         w.write(Record(item_id="b", error="VLM request failed"))
     assert drop_error_records(tmp_path) == 1
     assert finished_ids(tmp_path) == {"a"}
+
+
+def test_a_complete_last_record_without_newline_is_kept(tmp_path):
+    """Issue 17 item 2: the torn-tail repair removed a complete last record that lacked only its
+    newline, while resume counted its item as done: the item vanished. Now it is kept."""
+    with RecordWriter(tmp_path) as w:
+        w.write(Record(item_id="a", direct_score=0.2))
+        w.write(Record(item_id="b", direct_score=0.9))
+    path = tmp_path / RECORDS_FILE
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # killed between the record and its newline
+    assert finished_ids(tmp_path) == {"a", "b"}
+    with RecordWriter(tmp_path) as w:  # what --resume does next
+        w.write(Record(item_id="c"))
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["item_id"] for line in lines] == ["a", "b", "c"]
+    assert {r.item_id: r.direct_score for r in load_records(tmp_path, strict=True)}["b"] == 0.9
+    path.write_bytes(path.read_bytes() + b'{"item_id": "d", "direct_sc')   # a torn write is still dropped
+    with RecordWriter(tmp_path):
+        pass
+    assert path.read_bytes().endswith(b"\n") and finished_ids(tmp_path) == {"a", "b", "c"}

@@ -129,3 +129,25 @@ async def test_a_records_file_that_cannot_be_written_stops_the_run(small_items, 
     assert summary.fatal and "No space left on device" in summary.fatal and "--resume" in summary.fatal
     assert len(calls) == 2 and summary.n_done == 1  # it stopped at the first failed write
     assert len(_complete_lines((tmp_path / RECORDS_FILE).read_bytes())) == 1
+
+
+def test_demo_takes_the_lock_before_it_clears_records(tmp_path, capsys):
+    """Issue 17 item 3: a second ``demo`` deleted a running demo's records, then was refused.
+    Now it is refused first, and the running demo's records are untouched."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = run_dir / RECORDS_FILE
+    records.write_text(Record(item_id="finished").to_line() + "\n")
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "manifest.json").write_text("[]")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from anomalyclaw.eval.running.records import RunLock; "
+         "lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()", str(run_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli_main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
+    finally:
+        holder.communicate("", timeout=30)
+    assert f"pid {holder.pid}" in capsys.readouterr().err
+    assert json.loads(records.read_text())["item_id"] == "finished"
