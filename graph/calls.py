@@ -11,7 +11,7 @@ from anomalyclaw.errors import EndpointFatalError
 
 from .context import RunContext
 from .messages import visible
-from .replies import FORMATS, ReplyError, parse_reply
+from .replies import FORMATS, MAX_REPLY_CHARS, ReplyError, clip, parse_reply
 from .vlm.seam import VLMError
 
 
@@ -52,17 +52,34 @@ async def ask(run: RunContext, messages: Sequence[BaseMessage], stage: str,
         if attempt:
             call["repair"] = True
         out.calls.append(call)
-        out.text = reply.text
+        # The whole reply is parsed; what is kept (conversation, records) is cut to a bound.
+        out.text = clip(reply.text or "", MAX_REPLY_CHARS)
         try:
             out.parsed = parse_reply(stage, reply.text, image_size=image_size,
-                                     max_candidates=run.config.max_candidates)
+                                     max_candidates=run.config.max_candidates, prompt=prompt_text(convo))
             if attempt:
                 out.fallbacks.append(f"{stage}: reply repaired after: {problem}")
             return out
         except ReplyError as exc:
             problem = str(exc)
-            convo = list(messages) + [AIMessage(content=reply.text or "(empty)"),
+            convo = list(messages) + [AIMessage(content=out.text or "(empty)"),
                                       HumanMessage(content=run.prompts.render("repair", problem=problem,
                                                                               format=FORMATS[stage]))]
     out.error = f"{stage}: unusable reply after one repair retry ({problem})"
     return out
+
+
+def prompt_text(messages: Sequence[BaseMessage]) -> str:
+    """The text the model was sent in ``messages`` (system and user turns, not its own replies
+    and not images): what a reply that merely echoes its prompt repeats."""
+    parts: list[str] = []
+    for m in messages:
+        if isinstance(m, AIMessage):
+            continue
+        content = m.content
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            parts += [p for p in content if isinstance(p, str)]
+    return "\n".join(parts)

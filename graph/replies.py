@@ -72,64 +72,125 @@ class ReplyError(ValueError):
 
 
 # ------------------------------------------------------------------------------- JSON extraction
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+#: Tags reasoning models wrap their thinking in (DeepSeek-R1, Qwen3, QwQ ...).
+_REASONING_TAGS = "think|thinking|reasoning|thought"
+_REASONING_BLOCK = re.compile(rf"<({_REASONING_TAGS})\b[^>]*>.*?</\1\s*>", re.S | re.I)
+_REASONING_CLOSE = re.compile(rf"</(?:{_REASONING_TAGS})\s*>", re.I)
+_REASONING_OPEN = re.compile(rf"<(?:{_REASONING_TAGS})\b[^>]*>", re.I)
+#: The characters the object scanner stops at (everything else is skipped in one regex step).
+_SPECIAL = re.compile(r"""[{}"'\\\n]""")
+#: Python-literal parsing (single quotes, None/True) is tried only on objects up to this size:
+#: ``ast`` on megabytes of hostile text costs seconds and gigabytes.
+_LITERAL_MAX_CHARS = 100_000
+#: The longest reply text kept in the conversation and the records; a model reply is a few
+#: thousand characters (``max_tokens``), anything longer is cut.
+MAX_REPLY_CHARS = 16_000
+#: The longest text field (rationale, evidence, description) kept from a parsed reply.
+MAX_FIELD_CHARS = 4_000
 
 
-def _balanced_object(text: str) -> str | None:
-    """The first balanced {...} in ``text`` (string-aware), or None if it never closes."""
-    start = text.find("{")
-    while start >= 0:
-        depth, in_str, esc, quote = 0, False, False, ""
-        for i in range(start, len(text)):
-            c = text[i]
-            if in_str:
-                if esc:
-                    esc = False
-                elif c == "\\":
-                    esc = True
-                elif c == quote:
-                    in_str = False
-            elif c in "\"'":
-                in_str, quote = True, c
-            elif c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i + 1]
-        return None
-    return None
+def strip_reasoning(text: str) -> str:
+    """``text`` without reasoning: ``<think>...</think>`` blocks (and ``thinking``,
+    ``reasoning``, ``thought``), everything before a lone closing tag (servers whose chat
+    template opens the block in the prompt), and everything after an opening tag that never
+    closes (a reply cut off while thinking)."""
+    text = _REASONING_BLOCK.sub(" ", text)
+    closes = list(_REASONING_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end():]
+    opened = _REASONING_OPEN.search(text)
+    if opened:
+        text = text[:opened.start()]
+    return text
+
+
+def _object_spans(text: str) -> tuple[list[tuple[int, int]], bool]:
+    """The outermost balanced ``{...}`` spans of ``text`` in order (string-aware inside braces;
+    a string ends at a line break at the latest, so a stray quote in prose swallows one line
+    at most), and whether a brace was left open. One pass, linear in ``len(text)``: a brace in
+    the prose before the answer that never closes does not hide the answer."""
+    spans: list[tuple[int, int]] = []
+    stack: list[int] = []
+    quote = ""
+    skip = -1
+    for m in _SPECIAL.finditer(text):
+        i = m.start()
+        if i == skip:
+            continue
+        c = text[i]
+        if quote:
+            if c == "\\":
+                skip = i + 1
+            elif c == quote or c == "\n":
+                quote = ""
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}":
+            if stack:
+                spans.append((stack.pop(), i + 1))
+        elif c in "\"'" and stack:
+            quote = c
+    spans.sort()
+    outer: list[tuple[int, int]] = []
+    for s, e in spans:
+        if not outer or s >= outer[-1][1]:
+            outer.append((s, e))
+    return outer, bool(stack)
+
+
+def _load_object(blob: str) -> Any:
+    """``blob`` as JSON (trailing commas tolerated) or a Python literal; raises ReplyError."""
+    for candidate in (blob, _TRAILING_COMMA.sub(r"\1", blob)):
+        try:
+            return json.loads(candidate)
+        except RecursionError:
+            raise ReplyError("the JSON object is nested too deeply") from None
+        except json.JSONDecodeError:
+            continue
+    if len(blob) <= _LITERAL_MAX_CHARS:
+        try:  # single quotes, None/True/False: a Python literal
+            return ast.literal_eval(_TRAILING_COMMA.sub(r"\1", blob))
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+            pass
+    raise ReplyError("the JSON object is malformed (check quotes and commas)")
+
+
+def json_objects(text: str | None) -> list[tuple[str, dict[str, Any] | ReplyError]]:
+    """Every outermost ``{...}`` of a reply, reasoning stripped (:func:`strip_reasoning`), in
+    order: ``(its text, the object)`` or ``(its text, why it cannot be read)``. Raises
+    :class:`ReplyError` when the reply holds none."""
+    if text is None or not str(text).strip():
+        raise ReplyError("the reply was empty")
+    raw = str(text)
+    text = strip_reasoning(raw).strip()
+    if not text:
+        raise ReplyError("the reply holds only reasoning (a <think> block) and no answer")
+    spans, left_open = _object_spans(text)
+    if not spans:
+        if left_open:
+            raise ReplyError("the JSON object is cut off: it never closes with '}'")
+        raise ReplyError("the reply holds no JSON object")
+    out: list[tuple[str, dict[str, Any] | ReplyError]] = []
+    for s, e in spans:
+        blob = text[s:e]
+        try:
+            obj = _load_object(blob)
+            out.append((blob, obj if isinstance(obj, dict) else ReplyError("expected a JSON object")))
+        except ReplyError as exc:
+            out.append((blob, exc))
+    return out
 
 
 def extract_json(text: str | None) -> dict[str, Any]:
-    """The JSON object inside a reply, tolerating fences, prose, trailing commas and Python
-    literals. Raises :class:`ReplyError` naming what is wrong."""
-    if text is None or not str(text).strip():
-        raise ReplyError("the reply was empty")
-    text = str(text).strip()
-    fenced = _FENCE.search(text)
-    if fenced and "{" in fenced.group(1):
-        text = fenced.group(1)
-    blob = _balanced_object(text)
-    if blob is None:
-        if "{" in text:
-            raise ReplyError("the JSON object is cut off: it never closes with '}'")
-        raise ReplyError("the reply holds no JSON object")
-    for candidate in (blob, _TRAILING_COMMA.sub(r"\1", blob)):
-        try:
-            obj = json.loads(candidate)
-            break
-        except json.JSONDecodeError:
-            continue
-    else:
-        try:  # single quotes, None/True/False: a Python literal
-            obj = ast.literal_eval(_TRAILING_COMMA.sub(r"\1", blob))
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            raise ReplyError("the JSON object is malformed (check quotes and commas)") from None
-    if not isinstance(obj, dict):
-        raise ReplyError("expected a JSON object")
-    return obj
+    """The last readable JSON object inside a reply, tolerating reasoning blocks, fences, prose,
+    trailing commas and Python literals. Raises :class:`ReplyError` naming what is wrong."""
+    found = json_objects(text)
+    for _, obj in reversed(found):
+        if isinstance(obj, dict):
+            return obj
+    raise found[-1][1]  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------- value rules
@@ -284,9 +345,22 @@ class DirectReply(BaseModel):
 
 
 def _text(v: Any) -> str:
+    """A text field as a string of at most :data:`MAX_FIELD_CHARS` (a 50 MB rationale is cut,
+    not stored in every place a rationale goes)."""
     if v is None:
         return ""
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    try:
+        text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = str(v)
+    return clip(text, MAX_FIELD_CHARS)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f" [... {len(text) - limit} characters cut]"
 
 
 def _candidates(raw: Any, image_size: tuple[int, int] | None, limit: int) -> list[Candidate]:
@@ -326,9 +400,37 @@ def _action(obj: dict[str, Any]) -> Action:
 
 
 def parse_reply(stage: Stage, text: str | None, *, image_size: tuple[int, int] | None = None,
-                max_candidates: int = 5) -> BaseModel:
-    """Parse the reply of ``stage``; raise :class:`ReplyError` for the repair prompt."""
-    obj = extract_json(text)
+                max_candidates: int = 5, prompt: str | None = None) -> BaseModel:
+    """Parse the reply of ``stage``; raise :class:`ReplyError` for the repair prompt.
+
+    Reasoning is stripped first; of the JSON objects left, the LAST one that validates for
+    ``stage`` is the answer (a draft before the final answer, or an example the model quotes,
+    loses). An object that appears verbatim in ``prompt`` (the text the model was sent) is the
+    model echoing its prompt, such as a JSON example planted in a domain card, and is never
+    taken as the answer.
+    """
+    found = json_objects(text)
+    problem: ReplyError | None = None
+    echoed = 0
+    for blob, obj in reversed(found):
+        if prompt and blob in prompt:
+            echoed += 1
+            continue
+        if isinstance(obj, ReplyError):
+            problem = problem or obj
+            continue
+        try:
+            return _validate(stage, obj, image_size, max_candidates)
+        except ReplyError as exc:
+            problem = problem or exc
+    if problem is None and echoed:
+        raise ReplyError("the reply only repeats JSON from the prompt; answer with your own JSON object")
+    raise problem  # type: ignore[misc]
+
+
+def _validate(stage: Stage, obj: dict[str, Any], image_size: tuple[int, int] | None,
+              max_candidates: int) -> BaseModel:
+    """``obj`` as the validated reply model of ``stage``; raises :class:`ReplyError`."""
     try:
         if stage == "propose":
             return ProposeReply(
