@@ -39,27 +39,57 @@ def _read_for_eval(path: str, merge: bool, what: str = "") -> tuple[list, "Recor
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate
+    from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate, kept
     from anomalyclaw.eval.scoring.tables import format_table
+    from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, check_expert_weight
 
     records, read = _read_for_eval(args.path, args.merge)
     problems = [] if read.clean else [f"{args.path}: " + "; ".join(read.messages())]
-    weight = args.expert_weight or 0.0
-    if args.calibration:
+    if args.domains:
+        wanted = set(_names(args.domains) or [])
+        records = [r for r in records if (r.domain_code or r.domain) in wanted]
+        print(f"domains {', '.join(sorted(wanted))}: {len(records)} records")
+    join = None
+    if args.expert_scores:
+        from anomalyclaw.eval.scoring.external import join_experts, read_expert_scores
+
+        sources = [read_expert_scores(p) for p in args.expert_scores]
+        for s in sources:
+            for line in s.messages():
+                print(line, file=sys.stderr)
+        problems += [f"{s.path}: " + "; ".join(s.messages()) for s in sources if s.messages()]
+        join = join_experts(records, sources, kept_ids=[r.item_id for r in kept(records)],
+                            norm=args.expert_norm, missing=args.expert_missing)
+        for line in join.describe():
+            print(line)
+    expert = join.units if join else None
+    has_expert = join is not None or any(r.expert_score is not None for r in kept(records))
+    if args.expert_weight is not None:
+        weight, why = check_expert_weight(args.expert_weight), "--expert-weight"
+    elif args.calibration:
         from anomalyclaw.eval.scoring.weights import choose_expert_weight
 
         calibration, cal_read = _read_for_eval(args.calibration, args.merge, " calibration")
         problems += [] if cal_read.clean else [f"{args.calibration}: " + "; ".join(cal_read.messages())]
         weight, tried = choose_expert_weight(calibration, alpha=args.alpha)
-        print("expert weight chosen on calibration: " + f"{weight:.1f} (macro fused AUROC there: "
-              + ", ".join(f"{w:.1f}: {a:.4f}" for w, a in tried.items()) + ")")
-    result = evaluate(records, alpha=args.alpha, expert_weight=weight)
+        why = "chosen on calibration"
+        print("expert weight chosen on calibration: " + f"{weight:.2f} (macro fused AUROC there: "
+              + ", ".join(f"{w:.2f}: {a:.4f}" for w, a in tried.items()) + ")")
+    else:
+        weight, why = (DEFAULT_EXPERT_WEIGHT, "the default") if has_expert else (0.0, "no expert scores")
+    if has_expert:
+        print(f"expert weight {weight:g} ({why}; --expert-weight 0 gives the paper's two-branch blend)")
+    require = bool(join and join.require_expert)
+    result = evaluate(records, alpha=args.alpha, expert_weight=weight, expert=expert, require_expert=require)
     # Account for every row of the files: rows = kept + everything left out, with the reason.
     if read.unreadable:
         result["left_out"]["unreadable"] = len(read.unreadable)
     if read.duplicates:
         result["left_out"]["replaced by a later record of the same item"] = len(read.duplicates)
+    if args.domains:
+        result["left_out"]["other domains"] = read.rows - len(read.unreadable) - len(read.duplicates) - len(records)
     result["rows"] = read.rows
+    fusion = dict(expert_weight=weight, expert=expert, require_expert=require)
     boots = []
     if args.compare:
         other, other_read = _read_for_eval(args.compare, args.merge, " compare")
@@ -68,13 +98,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if col == "expert":
                 continue
             boots.append(bootstrap_columns(records, col, col, alpha=args.alpha, other=other,
-                                           n_boot=args.bootstrap or 1000, seed=args.seed))
+                                           n_boot=args.bootstrap or 1000, seed=args.seed, **fusion))
     elif args.bootstrap:
-        for a, b in (("fused", "direct"), ("fused", "refute"), ("direct", "refute")):
+        pairs = [("blend", "direct"), ("blend", "refute"), ("direct", "refute")]
+        if weight and has_expert:
+            pairs.insert(0, ("fused", "blend"))
+        for a, b in pairs:
             boots.append(bootstrap_columns(records, a, b, alpha=args.alpha, n_boot=args.bootstrap,
-                                           seed=args.seed))
+                                           seed=args.seed, **fusion))
+    swept = ties = None
+    if args.sweep and has_expert:
+        from anomalyclaw.eval.scoring.weights import sweep, tie_breaking_share
+
+        swept = sweep(records, alpha=args.alpha, expert=expert, require_expert=require)
+        ties = tie_breaking_share(records, weight or DEFAULT_EXPERT_WEIGHT, alpha=args.alpha, expert=expert,
+                                  require_expert=require)
     print(f"rows {result['rows']}, kept {result['kept']}")
     print(format_table(result))
+    if swept:
+        print("expert weight sweep, macro fused AUROC: " + ", ".join(f"{w:g}: {a:.4f}" for w, a in swept.items()))
+        print(f"tie breaking alone (weight 1e-06): {ties['tie_break']:.4f}, {ties['tie_break_gain']:+.4f} of the "
+              f"{ties['gain']:+.4f} gain at weight {weight or DEFAULT_EXPERT_WEIGHT:g} ({ties['share']:.0%})")
     for b in boots:
         print(f"{b.a} - {b.b}: {b.diff:+.4f}  {int(b.level * 100)}% CI [{b.ci_low:+.4f}, {b.ci_high:+.4f}]"
               f"  P(diff<=0)={b.p_le_zero:.3f}  ({b.n_items} paired items, {b.n_boot} resamples)")
@@ -86,10 +130,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         out = {k: result[k] for k in ("rows", "kept", "left_out", "macro_auroc", "per_domain")}
         out.update(read.to_json())
-        if weight:
-            out["expert_weight"] = weight
+        out["expert_weight"] = weight
+        if join:
+            out.update(expert_coverage=join.coverage_json(), expert_norm=join.norm, expert_missing=join.missing)
         if boots:
             out["bootstrap"] = [b.to_json() for b in boots]
+        if swept:
+            out.update(sweep={f"{w:g}": a for w, a in swept.items()}, tie_breaking=ties)
         _print_json(out)
     if args.strict and problems:
         print(f"anomalyclaw eval: --strict: not every row was read as written ({'; '.join(problems)})",
@@ -348,7 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired bootstrap resamples for confidence intervals of differences")
     p.add_argument("--compare", metavar="OTHER", help="records of another run: bootstrap this - other per column")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--expert-weight", type=float, help="weight of the frozen-expert term in the fused column")
+    p.add_argument("--expert-weight", type=float,
+                   help="weight of the frozen-expert term in the fused column (default 0.2 when there are expert "
+                        "scores; 0 gives the paper's two-branch blend)")
+    p.add_argument("--expert-scores", action="append", metavar="PATH",
+                   help="per-item expert scores joined by item_id (repeatable: an ensemble): released baselines "
+                        "(baselines/anomalydino), expert caches (expert_cache/anomalyvfm_test.json) or another "
+                        "run's records (its expert_score)")
+    p.add_argument("--expert-norm", choices=["z", "rank"], default="z",
+                   help="label-free per-domain normalisation of --expert-scores: z-score (default) or z-scored ranks")
+    p.add_argument("--expert-missing", choices=["drop", "blend"], default="drop",
+                   help="items some --expert-scores do not cover: drop them from every column (default), or "
+                        "keep them with their blend")
+    p.add_argument("--sweep", action="store_true",
+                   help="also print the macro fused AUROC at expert weights 0 to 0.5 and the tie-breaking share")
+    p.add_argument("--domains", help="comma-separated domain codes to evaluate, e.g. D1,D5 (default: all)")
     p.add_argument("--calibration", metavar="RUN",
                    help="records of a calibration-split run: choose the expert weight there, apply it here")
     p.add_argument("--plots", metavar="DIR", help="write ROC curves and per-domain bars as PNG here")

@@ -53,7 +53,7 @@ def parse_label(value: Any) -> int | None:
         return int(value)
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
         return LABEL_WORDS[value.strip().lower()]
-    raise ValueError(f"label {_show(value)} is not one of {ACCEPTED_LABELS}")
+    raise ValueError(f"label {show_value(value)} is not one of {ACCEPTED_LABELS}")
 
 
 def parse_score(value: Any) -> float | None:
@@ -62,17 +62,17 @@ def parse_score(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise ValueError(f"score {_show(value)} is not a number")
+        raise ValueError(f"score {show_value(value)} is not a number")
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except ValueError:
-        raise ValueError(f"score {_show(value)} is not a number") from None
+        raise ValueError(f"score {show_value(value)} is not a number") from None
     if not math.isfinite(number):
-        raise ValueError(f"score {_show(value)} is not finite")
+        raise ValueError(f"score {show_value(value)} is not finite")
     return number
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, float) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -539,7 +539,7 @@ class RecordsRead:
                 accepted = ACCEPTED_LABELS if name == "label_gt" else ACCEPTED_SCORES
                 where, value = cases[0]
                 out.append(f"{f}: {len(cases)} values of '{name}' not accepted, read as null (first: {where}: "
-                           f"{_show(value)}); accepted: {accepted}")
+                           f"{show_value(value)}); accepted: {accepted}")
         if self.duplicates:
             item, where = self.duplicates[0]
             out.append(f"{len(self.duplicates)} records replaced by a later record of the same item "
@@ -565,7 +565,7 @@ def read_records(path: str | os.PathLike, *, merge: bool = False) -> RecordsRead
     by_id: dict[str, Record] = {}
     for f in record_files(path, merge=merge):
         try:
-            rows = list(_iter_objects(f))
+            rows = list(iter_rows(f))
         except (OSError, ValueError) as exc:
             out.bad_files.append((f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             out.files.append((f, 0))
@@ -591,7 +591,7 @@ def _validate(obj: dict[str, Any]) -> tuple[Record | None, list[tuple[str, Any]]
     string ``item_id`` (or one the schema still refuses) is unreadable."""
     item_id = obj.get("item_id")
     if not isinstance(item_id, str) or not item_id.strip():
-        return None, [], f"no string item_id (got {_show(item_id)})"
+        return None, [], f"no string item_id (got {show_value(item_id)})"
     data, dropped = dict(obj), []
     for _ in range(len(data) + 1):
         problems: list[tuple[str, Any]] = []
@@ -617,7 +617,7 @@ def load_records(path: str | os.PathLike, *, strict: bool = False, merge: bool =
     return read.records
 
 
-def _iter_objects(f: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def iter_rows(f: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """(where, object, why unreadable) per row of a records file; raises ValueError when a
     ``.json`` file is not a JSON array."""
     if f.suffix == ".jsonl":

@@ -1,8 +1,11 @@
 """Metrics: the paper's row filter, per-domain and macro AUROC per branch, paired bootstrap CIs.
 
 AUROC is scikit-learn's ``roc_auc_score``; macro AUROC is the unweighted mean over domains. The
-fused column is re-computed from the branch scores at ``alpha`` (as the paper does), so one set
-of records can be evaluated at any fusion weight.
+``blend`` column is the paper's two-branch fusion re-computed from the branch scores at
+``alpha`` (as the paper does); ``fused`` adds the expert term at ``expert_weight``
+(``anomalyclaw.scores.fuse``; equal to ``blend`` at weight 0), from the records' own
+``expert_score`` or from external expert scores joined by item id. One set of records can so be
+evaluated at any fusion weight.
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from anomalyclaw.scores import fuse
+from anomalyclaw.scores import NEUTRAL_EXPERT, fuse
 
 from anomalyclaw.eval.running.records import Record
 
-COLUMNS = ("direct", "refute", "fused")
+COLUMNS = ("direct", "refute", "blend", "fused")
+NO_EXPERT = "no expert score"
 
 
 def kept(records: Iterable[Record]) -> list[Record]:
@@ -52,16 +56,32 @@ def left_out_counts(records: Iterable[Record]) -> dict[str, int]:
     return dict(counts)
 
 
-def column(r: Record, name: str, alpha: float = 0.5, expert_weight: float = 0.0) -> float | None:
+def column(r: Record, name: str, alpha: float = 0.5, expert_weight: float = 0.0,
+           expert: dict[str, float] | None = None) -> float | None:
+    """Score column ``name`` of ``r``; ``expert`` (item id -> unit score) replaces the records'
+    own ``expert_score`` when given."""
+    e = r.expert_score if expert is None else expert.get(r.item_id)
     if name == "direct":
         return r.direct_score
     if name == "refute":
         return r.refute_score
+    if name == "blend":
+        return fuse(r.direct_score, r.refute_score, alpha)
     if name == "expert":
-        return r.expert_score
+        return NEUTRAL_EXPERT if e is None else e
     if name == "fused":
-        return fuse(r.direct_score, r.refute_score, alpha, r.expert_score, expert_weight)
+        return fuse(r.direct_score, r.refute_score, alpha, e, expert_weight)
     raise ValueError(f"unknown score column {name!r}; choose from {COLUMNS + ('expert',)}")
+
+
+def scored(records: Iterable[Record], *, expert: dict[str, float] | None = None,
+           require_expert: bool = False) -> list[Record]:
+    """The rows evaluation scores: :func:`kept`, and with ``require_expert`` only those that
+    have an expert score (in ``expert`` when given, else their own)."""
+    rows = kept(records)
+    if require_expert:
+        rows = [r for r in rows if (r.expert_score if expert is None else expert.get(r.item_id)) is not None]
+    return rows
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -89,26 +109,37 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: float = 0.0) -> dict:
-    """Per-domain and macro AUROC of the direct, refutation and fused scores.
+def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: float = 0.0,
+             expert: dict[str, float] | None = None, require_expert: bool = False,
+             columns: Sequence[str] | None = None) -> dict:
+    """Per-domain and macro AUROC of the direct, refutation, blend and fused scores.
 
-    Returns ``{"rows", "kept", "left_out": {reason: n}, "alpha", "macro_auroc": {col: x},
-    "per_domain": {code: {col: x, "n": n, "n_anomalous": k}}}``; an ``expert`` column is added when every kept row has an
-    expert score. Domains with a single class get NaN and are left out of the macro mean.
+    Returns ``{"rows", "kept", "left_out": {reason: n}, "alpha", "expert_weight", "macro_auroc":
+    {col: x}, "per_domain": {code: {col: x, "n": n, "n_anomalous": k}}}``. An ``expert`` column
+    (the expert's unit score alone; a missing one counts as 0.5) is added when any kept row has an
+    expert score. ``expert`` (item id -> unit score) replaces the records' own ``expert_score``;
+    ``require_expert`` leaves out rows without one ("no expert score"). ``columns`` limits the
+    columns scored (a sweep needs only ``fused``). Domains with a single class get NaN and are
+    left out of the macro mean.
     """
-    rows = kept(records)
+    rows = scored(records, expert=expert, require_expert=require_expert)
+    left_out = left_out_counts(records)
+    if require_expert and len(kept(records)) > len(rows):
+        left_out[NO_EXPERT] = len(kept(records)) - len(rows)
     cols = list(COLUMNS)
-    if rows and all(r.expert_score is not None for r in rows):
-        cols.append("expert")
+    if any((r.expert_score if expert is None else expert.get(r.item_id)) is not None for r in rows):
+        cols.insert(3, "expert")
+    if columns is not None:
+        cols = [c for c in cols if c in columns]
     per_domain: dict[str, dict] = {}
     for code, group in by_domain(rows).items():
         labels = [r.label_gt for r in group]
-        entry = {c: auroc(labels, [column(r, c, alpha, expert_weight) for r in group]) for c in cols}
+        entry = {c: auroc(labels, [column(r, c, alpha, expert_weight, expert) for r in group]) for c in cols}
         entry.update(n=len(group), n_anomalous=int(sum(labels)))
         per_domain[code] = entry
     macro = {c: _nanmean(d[c] for d in per_domain.values()) for c in cols}
-    return {"rows": len(records), "kept": len(rows), "left_out": left_out_counts(records), "alpha": alpha,
-            "macro_auroc": macro, "per_domain": per_domain}
+    return {"rows": len(records), "kept": len(rows), "left_out": left_out, "alpha": alpha,
+            "expert_weight": expert_weight, "macro_auroc": macro, "per_domain": per_domain}
 
 
 def _auroc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -183,14 +214,18 @@ def paired_bootstrap(scores_a: dict[str, float], scores_b: dict[str, float],
 
 
 def bootstrap_columns(records: Sequence[Record], col_a: str, col_b: str, *, alpha: float = 0.5,
-                      n_boot: int = 1000, seed: int = 0, other: Sequence[Record] | None = None
-                      ) -> BootstrapResult:
-    """Bootstrap ``col_a`` of ``records`` against ``col_b`` of ``other`` (or of the same run)."""
-    rows_a = kept(records)
+                      n_boot: int = 1000, seed: int = 0, other: Sequence[Record] | None = None,
+                      expert_weight: float = 0.0, expert: dict[str, float] | None = None,
+                      require_expert: bool = False) -> BootstrapResult:
+    """Bootstrap ``col_a`` of ``records`` against ``col_b`` of ``other`` (or of the same run).
+    The expert term (``expert_weight``, ``expert``) is held fixed across resamples: its
+    per-domain normalisation is computed once, on all evaluated items."""
+    rows_a = scored(records, expert=expert, require_expert=require_expert)
     rows_b = kept(other) if other is not None else rows_a
-    sa = {r.item_id: column(r, col_a, alpha) for r in rows_a}
-    sb = {r.item_id: column(r, col_b, alpha) for r in rows_b}
+    sa = {r.item_id: column(r, col_a, alpha, expert_weight, expert) for r in rows_a}
+    # The other run is fused at the same weight, with its own records' expert scores.
+    sb = {r.item_id: column(r, col_b, alpha, expert_weight, expert if other is None else None) for r in rows_b}
     labels = {r.item_id: int(r.label_gt) for r in rows_a}
-    domains = {r.item_id: r.domain_code or "?" for r in rows_a}
+    domains = {r.item_id: r.domain_code or r.domain or "?" for r in rows_a}
     names = (col_a, col_b) if other is None else (f"{col_a} (this run)", f"{col_b} (other run)")
     return paired_bootstrap(sa, sb, labels, domains, n_boot=n_boot, seed=seed, names=names)

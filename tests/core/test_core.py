@@ -88,7 +88,25 @@ def test_scores():
     assert math.isfinite(logit(0.0)) and math.isfinite(logit(1.0))
     assert fuse(0.2, 0.6) == pytest.approx(0.4)
     assert fuse(None, 0.6) == 0.6 and fuse(None, None) is None
-    assert fuse(0.2, 0.6, expert=1.0, expert_weight=0.5) == pytest.approx(0.7)
+    assert fuse(0.2, 0.6, expert=1.0, expert_weight=0.5) == pytest.approx((0.4 + 2.0) / 3.0)
+
+
+def test_expert_term_is_bounded_exact_at_zero_and_ranks_like_the_additive_z_form():
+    rng = np.random.default_rng(0)
+    blend = rng.choice([0.035, 0.05, 0.5, 0.935, 0.95, 0.965], size=400)  # coarse, as VLM scores are
+    z = rng.normal(0, 1.5, size=400)
+    for w in (0.0, 0.05, 0.2, 0.5, 3.0):
+        fused = np.array([fuse(b, b, expert=logistic(zi), expert_weight=w) for b, zi in zip(blend, z)])
+        assert ((0 <= fused) & (fused <= 1)).all()
+        additive = blend + w * 2 * np.tanh(z / 2)  # the soft-bounded additive form ranks the same
+        assert (np.argsort(fused, kind="stable") == np.argsort(additive, kind="stable")).all()
+    assert [fuse(b, b, expert=0.99, expert_weight=0) for b in blend[:20]] == list(blend[:20])  # exactly the blend
+    # A missing expert is a typical one: the blend's place in the ranking, on the same scale.
+    assert fuse(0.5, 0.5, expert=None, expert_weight=0.2) == fuse(0.5, 0.5, expert=0.5, expert_weight=0.2)
+    assert fuse(None, None, expert=0.7, expert_weight=0.2) == 0.7 and fuse(None, None, expert_weight=0.2) is None
+    for bad in (-0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="expert weight"):
+            fuse(0.5, 0.5, expert=0.5, expert_weight=bad)
 
 
 def test_portable_path(tmp_path):

@@ -31,7 +31,7 @@ def test_eval_command_prints_json_last_line(reference_dir):
                          capture_output=True, text=True, check=True)
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["rows"] == 1418 and last["kept"] == 1418
-    assert last["macro_auroc"] == {"direct": 0.7128, "refute": 0.7011, "fused": 0.748}
+    assert last["macro_auroc"] == {"direct": 0.7128, "refute": 0.7011, "blend": 0.748, "fused": 0.748}
     assert last["per_domain"]["D1"]["n"] == 120
     assert "macro" in out.stdout  # the human table precedes the JSON
 
