@@ -40,6 +40,9 @@ class DomainCard:
     reference_type: str = "few_shot"  # or "bi_temporal"
     traits: frozenset[str] = frozenset()
     category_traits: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    knowledge: str = ""
+    """Free text on the domain's normal look and defect kinds (MMAD's ``domain_knowledge.json``
+    for a class, when given); the prompt shows it after the card."""
 
     def traits_for(self, category: str | None) -> frozenset[str]:
         extra = self.category_traits.get(category or "", frozenset())
@@ -49,8 +52,11 @@ class DomainCard:
         """The card as the prompt shows it."""
         traits = ", ".join(sorted(self.traits_for(category))) or "none"
         what = f"{self.name} ({self.modality})" + (f", category '{category}'" if category else "")
-        return (f"Domain: {what}.\nNormal: {self.normal}.\nAnomalous: {self.anomaly}.\n"
+        text = (f"Domain: {what}.\nNormal: {self.normal}.\nAnomalous: {self.anomaly}.\n"
                 f"References: {self.reference_type.replace('_', '-')}. Traits: {traits}.")
+        if self.knowledge.strip():
+            text += f"\nDomain knowledge (defect kinds and the normal look):\n{self.knowledge.strip()}"
+        return text
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .domains import DomainCard, find_card
 from .paths import portable_path
@@ -64,3 +64,29 @@ class Item:
             out["domain_card"] = self.card.to_json()
         out.update(self.extra)
         return out
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question about an item's query image, as the model sees it.
+
+    ``options`` are ``(letter, text)`` pairs in the order shown. The correct answer is not
+    here on purpose: it stays with the data loader and the record, so nothing the graphs build
+    can show it to a model.
+    """
+
+    question_id: str
+    text: str
+    options: tuple[tuple[str, str], ...]
+
+    @property
+    def letters(self) -> tuple[str, ...]:
+        return tuple(letter for letter, _ in self.options)
+
+    @property
+    def option_map(self) -> Mapping[str, str]:
+        return dict(self.options)
+
+    def render_options(self) -> str:
+        """One ``"A. text"`` line per option."""
+        return "\n".join(f"{letter}. {text}" for letter, text in self.options)

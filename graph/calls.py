@@ -11,7 +11,7 @@ from anomalyclaw.errors import EndpointFatalError
 
 from .context import RunContext
 from .messages import visible
-from .replies import FORMATS, MAX_REPLY_CHARS, ReplyError, clip, parse_reply
+from .replies import FORMATS, LETTER_STAGES, MAX_REPLY_CHARS, ReplyError, clip, parse_reply
 from .vlm.seam import VLMError
 
 
@@ -56,14 +56,16 @@ async def ask(run: RunContext, messages: Sequence[BaseMessage], stage: str,
         out.text = clip(reply.text or "", MAX_REPLY_CHARS)
         try:
             out.parsed = parse_reply(stage, reply.text, image_size=image_size,
-                                     max_candidates=run.config.max_candidates, prompt=prompt_text(convo))
+                                     max_candidates=run.config.max_candidates, prompt=prompt_text(convo),
+                                     options=run.question.options if run.question else None)
             if attempt:
                 out.fallbacks.append(f"{stage}: reply repaired after: {problem}")
             return out
         except ReplyError as exc:
             problem = str(exc)
+            repair = "mcq_repair" if stage in LETTER_STAGES else "repair"
             convo = list(messages) + [AIMessage(content=out.text or "(empty)"),
-                                      HumanMessage(content=run.prompts.render("repair", problem=problem,
+                                      HumanMessage(content=run.prompts.render(repair, problem=problem,
                                                                               format=FORMATS[stage]))]
     out.error = f"{stage}: unusable reply after one repair retry ({problem})"
     return out

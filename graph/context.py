@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from anomalyclaw.config import AgentConfig
 from anomalyclaw.experts.pool import DEFAULT_EXPERT, default_pool
-from anomalyclaw.items import Item
+from anomalyclaw.items import Item, Question
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.tools.item_context import ItemContext
 from anomalyclaw.tools.registry import ToolRegistry
@@ -27,6 +27,10 @@ class RunContext:
     config: AgentConfig = field(default_factory=AgentConfig)
     encoder: ImageEncoder = field(default_factory=ImageEncoder)
     """Data URLs of reference images, shared by the items of a run."""
+    question: Question | None = None
+    """The multiple-choice question of this run (``--task mcqa``); None for the score task.
+    The questions about one image share one ``item_context`` (its images, expert results and
+    tool memos), each in its own RunContext."""
 
     @property
     def item(self) -> Item:
@@ -44,19 +48,22 @@ class RunContext:
         return RunView(item_id=self.item.item_id, traits=self.item_context.traits, tools=self.applicable_tools(),
                        max_candidates=self.config.max_candidates,
                        expert=lambda: self.item_context.expert_result(DEFAULT_EXPERT),
-                       observations=tuple(observations))
+                       observations=tuple(observations), question=self.question)
 
 
 def make_context(item: Item | ItemContext, vlm: VLM, *, registry: ToolRegistry | None = None,
                  prompts: PromptSet | None = None, config: AgentConfig | None = None,
                  expert_pool: Any = None, score_cache: Any = None,
-                 encoder: ImageEncoder | None = None) -> RunContext:
-    """A :class:`RunContext` for one item: the default catalog, prompts and settings unless
-    given, and the process-wide expert pool of the configured backbone."""
+                 encoder: ImageEncoder | None = None, question: Question | None = None) -> RunContext:
+    """A :class:`RunContext` for one item (and, for the multiple-choice task, one question about
+    it): the default catalog, prompts and settings unless given, and the process-wide expert pool
+    of the configured backbone. Pass the same :class:`ItemContext` for every question about
+    one image, so that they share its work."""
     config = config or AgentConfig()
     if isinstance(item, Item):
         if expert_pool is None:
             expert_pool = default_pool(config.backbone, config.backbone_path, config.device)
         item = ItemContext(item, work_side=config.work_side, expert_pool=expert_pool, score_cache=score_cache)
     return RunContext(item_context=item, vlm=vlm, registry=registry or ToolRegistry.default(),
-                      prompts=prompts or PromptSet.load(), config=config, encoder=encoder or ImageEncoder())
+                      prompts=prompts or PromptSet.load(), config=config, encoder=encoder or ImageEncoder(),
+                      question=question)

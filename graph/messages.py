@@ -86,6 +86,35 @@ def direct_messages(run: RunContext, *, logprob: bool = False) -> list[BaseMessa
     return [SystemMessage(p.render("direct_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
 
 
+def first_mcq_messages(run: RunContext) -> list[BaseMessage]:
+    """The multiple-choice task's system prompt and propose turn: the question and its options
+    (the candidates the refutation tests), the tools, then the images."""
+    p, cfg, ctx, q = run.prompts, run.config, run.item_context, _question(run)
+    n_shown = len(shown_reference_indices(run))
+    note = f" (the {n_shown} closest of {ctx.n_references}; tools use all of them)" if ctx.n_references > n_shown else ""
+    text = p.render("mcq_propose", domain_card=ctx.card.describe(ctx.item.category), n_refs=n_shown,
+                    reference_note=note, question=q.text, options=q.render_options(),
+                    tools=run.registry.render(ctx.item), max_turns=cfg.max_turns, format=FORMATS["mcq_propose"])
+    return [SystemMessage(p.render("mcq_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
+
+
+def mcq_direct_messages(run: RunContext) -> list[BaseMessage]:
+    """The fair baseline: the card, the normal samples and the query, then the question with its
+    options and a request for the letter only."""
+    p, ctx, q = run.prompts, run.item_context, _question(run)
+    intro = p.render("mcq_direct", domain_card=ctx.card.describe(ctx.item.category),
+                     n_refs=len(shown_reference_indices(run)))
+    asked = p.render("mcq_question", question=q.text, options=q.render_options(), format=FORMATS["mcq_direct"])
+    return [SystemMessage(p.render("mcq_direct_system")),
+            HumanMessage(content=[text_block(intro), *image_blocks(run), text_block(asked)])]
+
+
+def _question(run: RunContext):
+    if run.question is None:
+        raise ValueError("the multiple-choice task needs a question in the run context (make_context(question=...))")
+    return run.question
+
+
 def observation_message(text: str, images: Sequence[Mapping[str, Any]]) -> HumanMessage:
     """A user message with the refute prompt and the tool's images (``Observation.to_state()``
     images: ``name``, ``caption`` and encoded ``data``)."""

@@ -4,6 +4,9 @@
 
     START ─┬─► direct ──────────────────────────────────────────┬─► fuse ─► END
            └─► propose ─► select_tool ⇄ observe ─► refute ... commit ┘
+
+Two tasks share this shape: ``score`` (an anomaly score per image, the default) and ``mcqa``
+(one multiple-choice question per run, ``graph.mcqa``: other prompts and reply models).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from anomalyclaw.scores import fuse as fuse_scores
 
 from .context import RunContext
 from .direct import direct
+from .mcqa import add_mcqa_nodes
 from .refutation import add_refutation_nodes
 from .state import PipelineState
 
@@ -38,16 +42,26 @@ async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, 
             "weights": {"direct": cfg.alpha, "refute": 1 - cfg.alpha, "expert": cfg.expert_weight}}
 
 
-def build_pipeline(*, checkpointer: Any = None, name: str = "anomalyclaw"):
+#: The tasks the pipeline runs.
+TASKS = ("score", "mcqa")
+
+
+def build_pipeline(*, task: str = "score", checkpointer: Any = None, name: str = "anomalyclaw"):
     """Both branches and the fusion as one compiled LangGraph.
 
     Run one item with ``await graph.ainvoke(new_state(item_id), context=make_context(item, vlm))``
-    or watch it with ``graph.astream(..., stream_mode="updates")``.
+    or watch it with ``graph.astream(..., stream_mode="updates")``. ``task="mcqa"`` answers the
+    multiple-choice question in the context (``make_context(..., question=...)``) instead.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     graph = StateGraph(PipelineState, context_schema=RunContext)
-    graph.add_node("direct", direct)
-    add_refutation_nodes(graph)
-    graph.add_node("fuse", fuse)
+    if task == "mcqa":
+        add_mcqa_nodes(graph)
+    else:
+        graph.add_node("direct", direct)
+        add_refutation_nodes(graph)
+        graph.add_node("fuse", fuse)
     graph.add_edge(START, "direct")
     graph.add_edge(START, "propose")
     graph.add_edge(["direct", "commit"], "fuse")

@@ -177,8 +177,11 @@ def _route(state: RefuteState) -> str:
     return state.get("route", "commit")
 
 
-def add_refutation_nodes(graph: StateGraph) -> None:
-    """Wire the branch into ``graph`` (its own graph, or the pipeline's)."""
+def add_refutation_nodes(graph: StateGraph, *, propose: Any = propose, refute: Any = refute,
+                         commit: Any = commit) -> None:
+    """Wire the branch into ``graph`` (its own graph, or the pipeline's). The multiple-choice
+    task passes its own propose, refute and commit nodes (``graph.mcqa``); the wiring, the tool
+    guard and the tools are the same."""
     graph.add_node("propose", propose)
     graph.add_node("select_tool", select_tool)
     graph.add_node("observe", observe)

@@ -11,7 +11,7 @@ import ast
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -26,7 +26,22 @@ FORMATS = {
     "commit": '{"anomaly_score": <0..1>, "confidence": <0..100>, "rationale": "..."}',
     "direct": '{"image_label": "normal" | "anomalous", "confidence": <0..1, how sure you are of the label>, '
               '"anomaly_type": <short string or null>, "evidence": "...", "bbox": [x0, y0, x1, y1] or null}',
+    # The multiple-choice task (``--task mcqa``): the direct branch answers with a letter only,
+    # the refutation branch tests the options (its candidates) with tools in JSON turns.
+    "mcq_direct": "the letter of one option (for example B) and nothing else",
+    "mcq_propose": '{"answer": "<letter>" or null, "option_scores": {"A": <0..1>, ...} or null, "action": '
+                   '{"tool": "<tool name>", "args": {...}, "candidate": "<letter>"} or {"commit": true}, '
+                   '"rationale": "..."}',
+    "mcq_refute": '{"verdicts": [{"id": "<letter>", "status": "refuted" | "confirmed" | "uncertain", '
+                  '"evidence": "..."}], "answer": "<letter>" or null, "option_scores": {"A": <0..1>, ...} or '
+                  'null, "action": {"tool": "<tool name>", "args": {...}, "candidate": "<letter>"} or '
+                  '{"commit": true}, "rationale": "..."}',
+    "mcq_commit": '{"answer": "<letter>", "option_scores": {"A": <0..1>, ...} or null, "rationale": "..."}',
 }
+#: Stages whose reply is a bare option letter, not JSON (their repair prompt says so).
+LETTER_STAGES = frozenset({"mcq_direct"})
+#: Stages of the multiple-choice task (their parser needs the question's options).
+MCQ_STAGES = frozenset({"mcq_direct", "mcq_propose", "mcq_refute", "mcq_commit"})
 
 
 # ------------------------------------------------------------------------ writing replies
@@ -64,7 +79,22 @@ def direct_reply(image_label: str, confidence: float, anomaly_type: str | None, 
                        "evidence": evidence, "bbox": bbox})
 
 
-Stage = Literal["propose", "refute", "commit", "direct"]
+def mcq_propose_reply(answer: str | None, action: dict[str, Any], rationale: str,
+                      option_scores: dict[str, float] | None = None) -> str:
+    return json.dumps({"answer": answer, "option_scores": option_scores, "action": action, "rationale": rationale})
+
+
+def mcq_refute_reply(verdicts: list[dict[str, Any]], answer: str | None, action: dict[str, Any], rationale: str,
+                     option_scores: dict[str, float] | None = None) -> str:
+    return json.dumps({"verdicts": verdicts, "answer": answer, "option_scores": option_scores, "action": action,
+                       "rationale": rationale})
+
+
+def mcq_commit_reply(answer: str, rationale: str, option_scores: dict[str, float] | None = None) -> str:
+    return json.dumps({"answer": answer, "option_scores": option_scores, "rationale": rationale})
+
+
+Stage = Literal["propose", "refute", "commit", "direct", "mcq_direct", "mcq_propose", "mcq_refute", "mcq_commit"]
 
 
 class ReplyError(ValueError):
@@ -344,6 +374,218 @@ class DirectReply(BaseModel):
         return self.confidence if self.image_label == "anomalous" else 1.0 - self.confidence
 
 
+# ------------------------------------------------------------------------- multiple choice
+#: The options of a question as ``(letter, text)`` pairs (``Question.options``) or a mapping.
+Options = Sequence[tuple[str, str]] | Mapping[str, str]
+
+# "B", "(B)", "**B**", "B." as the whole reply.
+_LETTER_ONLY = re.compile(r"^[\s\W_]*([A-Za-z])[\s\W_]*$")
+# "Answer: B", "the answer is (B)", "Correct option: B" (the letter itself must be a capital).
+_KEYWORD_LETTER = re.compile(r"\b(?:answer|option|choice)\b(?:\s+is)?\s*[:=\-]?\s*[(\[*]*\s*((?-i:[A-Z]))(?![A-Za-z0-9'])",
+                             re.I)
+# "B. a scratch", "(B) Top left", "B) ...", "B: ..." at the start of the reply.
+_LEADING_LETTER = re.compile(r"^\s*[(\[*]*\s*([A-Z])\s*[*]*\s*[.):\]]")
+# A capital letter standing alone ("I think C"); "A" before a lowercase word is the article
+# ("A scratch"), unless the word is one that follows a letter ("A or C", "A is right").
+_LONE_LETTER = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
+_ARTICLE = re.compile(r"\s+(?!(?:or|and|is|was|would|seems|looks|because|since|as)\b)[a-z]")
+
+
+def _option_pairs(options: Options) -> list[tuple[str, str]]:
+    pairs = list(options.items()) if isinstance(options, Mapping) else [tuple(o) for o in options]
+    return [(str(k).strip().upper(), str(v)) for k, v in pairs]
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def _choose(letter: str, letters: Sequence[str]) -> str:
+    if letter.upper() not in letters:
+        raise ReplyError(f"{letter!r} is not one of the options; answer with one of {', '.join(letters)}")
+    return letter.upper()
+
+
+def _by_option_text(text: str, pairs: list[tuple[str, str]]) -> str | None:
+    """The option whose text the reply gives instead of its letter (whole words; when several
+    match, a text contained in a longer matching one gives way to it)."""
+    reply = _words(text)
+    if not reply:
+        return None
+    exact = [k for k, v in pairs if _words(v) and _words(v) == reply]
+    if len(exact) == 1:
+        return exact[0]
+    found = [(k, _words(v)) for k, v in pairs if _words(v) and f" {_words(v)} " in f" {reply} "]
+    found = [(k, v) for k, v in found if not any(v != w and v in w for _, w in found)]
+    return found[0][0] if len(found) == 1 else None
+
+
+def read_letter(text: Any, options: Options) -> str:
+    """The option letter a reply gives: "B", "(B)", "Answer: B", "B. a scratch", the option's
+    text instead of its letter, or ``{"answer": "B"}``. Raises :class:`ReplyError` (the repair
+    prompt's words) when the reply names no option, or several."""
+    pairs = _option_pairs(options)
+    letters = [k for k, _ in pairs]
+    if not pairs:
+        raise ValueError("the question has no options")
+    if text is None or not str(text).strip():
+        raise ReplyError("the reply was empty")
+    text = strip_reasoning(str(text)).strip()
+    if not text:
+        raise ReplyError("the reply holds only reasoning (a <think> block) and no answer")
+    if "{" in text:
+        try:
+            obj = extract_json(text)
+        except ReplyError:
+            obj = None
+        if obj is not None:
+            value = next((obj[k] for k in ("answer", "option", "choice", "letter") if obj.get(k) is not None), None)
+            if value is not None and not isinstance(value, (dict, list)):
+                return read_letter(value, pairs)
+    one = _LETTER_ONLY.match(text)
+    if one:
+        return _choose(one.group(1), letters)
+    keyed = _KEYWORD_LETTER.findall(text)
+    if keyed:
+        return _choose(keyed[-1], letters)
+    lead = _LEADING_LETTER.match(text)
+    if lead and lead.group(1) in letters:
+        return lead.group(1)
+    by_text = _by_option_text(text, pairs)
+    if by_text is not None:
+        return by_text
+    lone = {m.group(1) for m in _LONE_LETTER.finditer(text)
+            if m.group(1) in letters and not (m.group(1) == "A" and _ARTICLE.match(text[m.end():]))}
+    if len(lone) == 1:
+        return lone.pop()
+    if len(lone) > 1:
+        raise ReplyError(f"the reply names several options ({', '.join(sorted(lone))}); answer with one letter")
+    raise ReplyError(f"the reply gives no option letter; answer with one of {', '.join(letters)}")
+
+
+def read_option_scores(raw: Any, options: Options) -> dict[str, float] | None:
+    """Per-option confidences ``{letter: 0..1}`` (percentages read as such); entries that name
+    no option or hold no number are left out; None when nothing usable remains."""
+    if not isinstance(raw, Mapping):
+        return None
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        try:
+            letter = read_letter(key, options)
+        except ReplyError:
+            continue
+        if isinstance(value, str):
+            value = value.strip().rstrip("%")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(v) or v < 0:
+            continue
+        v = v / 100.0 if 1.0 < v <= 100.0 else v
+        if v <= 1.0:
+            out[letter] = round(v, 4)
+    return out or None
+
+
+class McqDirectReply(BaseModel):
+    """The direct branch's answer: one option letter."""
+
+    answer: str
+
+
+class McqProposeReply(BaseModel):
+    """The first refutation turn on a question: a tentative answer (or none yet) and an action."""
+
+    answer: str | None = None
+    option_scores: dict[str, float] | None = None
+    action: Action = Field(default_factory=lambda: Action(commit=True))
+    rationale: str = ""
+
+
+class McqRefuteReply(BaseModel):
+    """Verdicts on the options the last observation tested, the current answer, the next action."""
+
+    verdicts: list[Verdict] = Field(default_factory=list)
+    answer: str | None = None
+    option_scores: dict[str, float] | None = None
+    action: Action = Field(default_factory=lambda: Action(commit=True))
+    rationale: str = ""
+
+
+class McqCommitReply(BaseModel):
+    answer: str
+    option_scores: dict[str, float] | None = None
+    rationale: str = ""
+
+
+def _mcq_answer(obj: dict[str, Any], options: Options, *, required: bool) -> tuple[str | None, dict[str, float] | None]:
+    """(answer letter, option scores) of an MCQ JSON reply; without an answer the best-scored
+    option is the answer; ``required`` raises when neither is given."""
+    scores = read_option_scores(obj.get("option_scores", obj.get("scores")), options)
+    raw = next((obj[k] for k in ("answer", "option", "choice", "letter") if obj.get(k) not in (None, "")), None)
+    if raw is not None:
+        if isinstance(raw, (dict, list)):
+            raise ReplyError('"answer" must be one option letter')
+        return read_letter(raw, options), scores
+    if scores:
+        return max(scores, key=scores.get), scores
+    if required:
+        raise ReplyError('the reply has no "answer": give the letter of one option when you commit')
+    return None, scores
+
+
+def _mcq_verdicts(raw: Any, options: Options) -> list[Verdict]:
+    if isinstance(raw, dict):
+        raw = [{"id": k, **(v if isinstance(v, dict) else {"status": v})} for k, v in raw.items()]
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ReplyError("verdicts must be a list")
+    out = []
+    for v in raw:
+        if not isinstance(v, dict) or "id" not in v or "status" not in v:
+            raise ReplyError('each verdict needs "id" (an option letter) and "status"')
+        try:
+            vid = read_letter(v["id"], options)
+        except ReplyError:
+            vid = str(v["id"])
+        out.append(Verdict(id=vid, status=v["status"], evidence=_text(v.get("evidence"))))
+    return out
+
+
+def parse_mcq_reply(stage: str, text: str | None, options: Options, *, prompt: str | None = None) -> BaseModel:
+    """Parse a reply of the multiple-choice task (reasoning stripped, the last JSON object that
+    validates and is not an echo of ``prompt``); raise :class:`ReplyError` for the repair prompt."""
+    if stage == "mcq_direct":
+        return McqDirectReply(answer=read_letter(text, options))
+
+    def commit(obj: dict[str, Any]) -> BaseModel:
+        answer, scores = _mcq_answer(obj, options, required=True)
+        return McqCommitReply(answer=answer, option_scores=scores, rationale=_text(obj.get("rationale")))
+
+    def turn(obj: dict[str, Any]) -> BaseModel:
+        try:
+            action = _action(obj)
+            answer, scores = _mcq_answer(obj, options, required=action.commit)
+            rationale = _text(obj.get("rationale") or obj.get("thought"))
+            if stage == "mcq_propose":
+                return McqProposeReply(answer=answer, option_scores=scores, action=action, rationale=rationale)
+            return McqRefuteReply(verdicts=_mcq_verdicts(obj.get("verdicts"), options), answer=answer,
+                                  option_scores=scores, action=action, rationale=rationale)
+        except ValidationError as exc:
+            raise ReplyError(exc.errors()[0]["msg"]) from None
+
+    if stage == "mcq_commit":
+        try:
+            return last_valid_object(text, prompt, commit)
+        except ReplyError:  # no usable JSON: a bare letter is a fine final answer
+            return McqCommitReply(answer=read_letter(text, options))
+    if stage in ("mcq_propose", "mcq_refute"):
+        return last_valid_object(text, prompt, turn)
+    raise ValueError(f"unknown multiple-choice stage {stage!r}")
+
+
 def _text(v: Any) -> str:
     """A text field as a string of at most :data:`MAX_FIELD_CHARS` (a 50 MB rationale is cut,
     not stored in every place a rationale goes)."""
@@ -400,15 +642,26 @@ def _action(obj: dict[str, Any]) -> Action:
 
 
 def parse_reply(stage: Stage, text: str | None, *, image_size: tuple[int, int] | None = None,
-                max_candidates: int = 5, prompt: str | None = None) -> BaseModel:
+                max_candidates: int = 5, prompt: str | None = None, options: Options | None = None) -> BaseModel:
     """Parse the reply of ``stage``; raise :class:`ReplyError` for the repair prompt.
 
     Reasoning is stripped first; of the JSON objects left, the LAST one that validates for
     ``stage`` is the answer (a draft before the final answer, or an example the model quotes,
     loses). An object that appears verbatim in ``prompt`` (the text the model was sent) is the
     model echoing its prompt, such as a JSON example planted in a domain card, and is never
-    taken as the answer.
+    taken as the answer. The multiple-choice stages need the question's ``options``.
     """
+    if stage in MCQ_STAGES:
+        if not options:
+            raise ValueError(f"stage {stage!r} needs the question's options")
+        return parse_mcq_reply(stage, text, options, prompt=prompt)
+    return last_valid_object(text, prompt, lambda obj: _validate(stage, obj, image_size, max_candidates))
+
+
+def last_valid_object(text: str | None, prompt: str | None, validate: Callable[[dict[str, Any]], BaseModel]
+                      ) -> BaseModel:
+    """``validate`` applied to the reply's JSON objects from the last one back: the first that
+    validates and is not an echo of ``prompt``; raises the latest object's :class:`ReplyError`."""
     found = json_objects(text)
     problem: ReplyError | None = None
     echoed = 0
@@ -420,7 +673,7 @@ def parse_reply(stage: Stage, text: str | None, *, image_size: tuple[int, int] |
             problem = problem or obj
             continue
         try:
-            return _validate(stage, obj, image_size, max_candidates)
+            return validate(obj)
         except ReplyError as exc:
             problem = problem or exc
     if problem is None and echoed:

@@ -51,6 +51,12 @@ class RefuteState(TypedDict, total=False):
     refute_confidence: float | None
     refute_rationale: str
     refute_error: str | None
+    # The multiple-choice task (--task mcqa): the options are the candidates.
+    answer: str | None
+    """The latest option letter the model gave (propose, then each refute)."""
+    option_scores: dict[str, float] | None
+    refute_answer: str | None
+    refute_option_scores: dict[str, float] | None
 
 
 class DirectState(TypedDict, total=False):
@@ -64,6 +70,8 @@ class DirectState(TypedDict, total=False):
     direct_error: str | None
     direct_calls: Annotated[list[dict[str, Any]], operator.add]
     direct_fallbacks: Annotated[list[str], operator.add]
+    direct_answer: str | None
+    """The multiple-choice task: the direct branch's option letter (None when unparseable)."""
 
 
 class PipelineState(RefuteState, DirectState, total=False):
@@ -72,6 +80,8 @@ class PipelineState(RefuteState, DirectState, total=False):
     expert_score: float | None
     anomaly_score: float | None
     weights: dict[str, float]
+    mcq_answer: dict[str, str | None]
+    """The multiple-choice task: each branch's letter, ``{"direct": ..., "refute": ...}``."""
 
 
 def new_state(item_id: str) -> PipelineState:

@@ -25,6 +25,15 @@ PROMPT_NAMES = {
     "direct": {"descriptor", "n_refs", "format"},
     "direct_logprob": {"descriptor", "n_refs"},
     "repair": {"problem", "format"},
+    # The multiple-choice task (--task mcqa).
+    "mcq_direct_system": set(),
+    "mcq_direct": {"domain_card", "n_refs"},
+    "mcq_question": {"question", "options", "format"},
+    "mcq_system": set(),
+    "mcq_propose": {"domain_card", "n_refs", "reference_note", "question", "options", "tools", "max_turns", "format"},
+    "mcq_refute": {"tool", "turn", "candidate", "observation", "question", "open_options", "turns_note", "format"},
+    "mcq_commit": {"summary", "question", "options", "format"},
+    "mcq_repair": {"problem", "format"},
 }
 
 

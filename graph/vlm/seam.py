@@ -16,10 +16,12 @@ from anomalyclaw.errors import AnomalyClawError
 
 if TYPE_CHECKING:
     from anomalyclaw.experts.base import ExpertResult
+    from anomalyclaw.items import Question
 
 #: The protocol stages a request can be for (the request header names it, see
 #: :data:`STAGE_HEADER`).
-STAGES = ("direct", "direct_logprob", "propose", "refute", "commit")
+STAGES = ("direct", "direct_logprob", "propose", "refute", "commit",
+          "mcq_direct", "mcq_propose", "mcq_refute", "mcq_commit")
 #: HTTP header that names the stage of a request, so that logs, gateways and the test server
 #: can tell requests apart without reading prompts.
 STAGE_HEADER = "X-AnomalyClaw-Stage"
@@ -74,6 +76,9 @@ class RunView:
     observations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     """This branch's tool observations so far, oldest first, as plain dicts
     (``Observation.to_state()``: ``tool``, ``ok``, ``error``, ``data`` with ``evidence``...)."""
+    question: "Question | None" = None
+    """The multiple-choice question being answered (``--task mcqa``): its text and options as
+    the prompt shows them; never its answer, nor its MMAD type (a model sees neither)."""
 
 
 @runtime_checkable
