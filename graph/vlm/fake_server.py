@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
-from ..replies import COMMIT, commit_reply, direct_reply, propose_reply, refute_reply, tool_action
+from ..replies import (COMMIT, FORMATS, commit_reply, direct_reply, mcq_commit_reply, mcq_propose_reply,
+                       mcq_refute_reply, propose_reply, refute_reply, tool_action)
 from .seam import STAGE_HEADER, STAGES
 
 #: Fault kinds the server can inject, by name.
@@ -43,26 +44,43 @@ FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "html", "empty", 
 FATAL = ("401", "404")
 
 
+def _user_text(msg: dict[str, Any]) -> str:
+    content = msg.get("content")
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
+
+
 def reply_stage(body: dict[str, Any], header: str | None = None) -> str:
     """Which protocol stage a request is for: the stage header when the client sent one, else
     the format its last user message names (``direct_logprob`` is reported as ``logprob``)."""
     if header in STAGES:
         return "logprob" if header == "direct_logprob" else header
-    text = ""
-    for msg in reversed(body.get("messages", [])):
-        if msg.get("role") == "user":
-            content = msg.get("content")
-            if isinstance(content, str):
-                text = content
-            else:
-                text = " ".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
-            break
-    # The formats each stage asks for, latest instruction wins.
+    text = next((_user_text(m) for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    # The multiple-choice formats are quoted whole and no other prompt holds them; else the
+    # formats each stage asks for, latest instruction wins.
+    mcq = {stage: text.rfind(FORMATS[stage]) for stage in ("mcq_direct", "mcq_propose", "mcq_refute", "mcq_commit")}
+    stage, pos = max(mcq.items(), key=lambda kv: kv[1])
+    if pos >= 0:
+        return stage
     marks = {"direct": text.rfind('"image_label"'), "refute": text.rfind('"verdicts"'),
              "commit": text.rfind('"anomaly_score"'), "propose": text.rfind('"initial_score"'),
              "logprob": text.rfind("one word")}
     stage, pos = max(marks.items(), key=lambda kv: kv[1])
     return stage if pos >= 0 else "direct"
+
+
+def _option_letters(body: dict[str, Any]) -> list[str]:
+    """The option letters the request's question lists (``"B. text"`` lines), first seen order."""
+    letters: list[str] = []
+    for msg in body.get("messages", []):
+        if msg.get("role") != "user":
+            continue
+        for line in _user_text(msg).splitlines():
+            line = line.strip()
+            if len(line) > 2 and line[0] in "ABCDEFGH" and line[1] == "." and line[0] not in letters:
+                letters.append(line[0])
+    return letters or ["A"]
 
 
 def default_reply(body: dict[str, Any], *, stage: str | None = None, raw: bytes | None = None) -> str:
@@ -89,6 +107,19 @@ def default_reply(body: dict[str, Any], *, stage: str | None = None, raw: bytes 
         return commit_reply(round(u, 3), 70, "final")
     if stage == "logprob":
         return "anomalous" if u > 0.5 else "normal"
+    if stage.startswith("mcq_"):
+        letters = _option_letters(body)
+        letter = letters[digest[1] % len(letters)]
+        if stage == "mcq_direct":
+            return letter
+        if stage == "mcq_propose":
+            return mcq_propose_reply(letter, tool_action("side_by_side_compare", {"bbox": [0.25, 0.25, 0.75, 0.75]},
+                                                         letter), "compare the central region with the references")
+        if stage == "mcq_refute":
+            status = "confirmed" if u > 0.5 else "uncertain"
+            return mcq_refute_reply([{"id": letter, "status": status, "evidence": "compared with references"}],
+                                    letter, COMMIT, "evidence gathered", {letter: round(0.5 + u / 2, 3)})
+        return mcq_commit_reply(letter, "final")
     label = "anomalous" if u > 0.5 else "normal"
     return direct_reply(label, round(0.5 + abs(u - 0.5), 3), None, "overall comparison", None)
 
@@ -96,6 +127,8 @@ def default_reply(body: dict[str, Any], *, stage: str | None = None, raw: bytes 
 def faulty_reply(kind: str, body: dict[str, Any], *, stage: str | None = None, raw: bytes | None = None) -> str:
     """The reply text of a content fault (the HTTP exchange itself succeeds)."""
     good = default_reply(body, stage=stage, raw=raw)
+    if not good.startswith("{") and kind in ("bad_tool", "bad_score", "nan_score"):
+        return "Z" if kind != "bad_tool" else good  # a letter reply: a letter that is no option
     if kind == "empty":
         return ""
     if kind == "cut":
@@ -140,7 +173,9 @@ class FakeVLMServer:
 
     ``script``: a list of replies consumed in order (a string is the reply text; ``"!500"``,
     ``"!429"``, ``"!timeout"`` ... inject that fault), a dict of such lists per protocol stage
-    (``"propose"``, ``"refute"``, ``"commit"``, ``"direct"``: the branches run concurrently, so
+    (``"propose"``, ``"refute"``, ``"commit"``, ``"direct"``, and ``"mcq_direct"``,
+    ``"mcq_propose"``, ``"mcq_refute"``, ``"mcq_commit"`` for the multiple-choice task: the
+    branches run concurrently, so
     per-stage order is the one that repeats), or a callable ``body -> str``; when a list runs
     out, :func:`default_reply` answers. ``fault_rate``: the probability that a
     request gets a fault drawn from ``faults`` (seeded, so runs repeat).
