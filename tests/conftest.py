@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference data folder (skipped when absent) and a small synthetic set."""
+"""Shared fixtures: the reference data folder (skipped when absent), a small synthetic set and an
+MMAD-format question file over another one."""
 from __future__ import annotations
 
 import os
@@ -41,3 +42,15 @@ def small_items(small_synth):
     from anomalyclaw.eval.data.manifests import load_manifest
 
     return load_manifest(small_synth, split="test")
+
+
+@pytest.fixture(scope="session")
+def small_mmad(tmp_path_factory) -> Path:
+    """An MMAD-format question file over a small synthetic benchmark (coin tray and hex nut, 4
+    test images each); its mmad.json path."""
+    from anomalyclaw.eval.data.synth import generate_benchmark
+    from anomalyclaw.eval.data.synth.mmad import write_mmad_questions
+
+    manifest = generate_benchmark(tmp_path_factory.mktemp("mmad_small"), seed=0, n_test_per_domain=4,
+                                  n_calibration=0, n_dev=0, size=128, domains=["S2", "S7"])
+    return write_mmad_questions(manifest)

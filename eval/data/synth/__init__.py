@@ -20,4 +20,5 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "base": ["DEFECT_FAMILIES", "N_REFERENCES", "REFERENCE_POOL_SIZE", "SOURCE_DATASET", "Sample", "SynthDomain"],
     "table": ["DOMAINS"],
     "writer": ["generate_benchmark"],
+    "mmad": ["write_mmad_questions"],
 })
