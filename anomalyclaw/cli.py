@@ -38,7 +38,28 @@ def _read_for_eval(path: str, merge: bool, what: str = "") -> tuple[list, "Recor
     return read.records, read
 
 
+def _mcqa_report(records, args: argparse.Namespace) -> dict:
+    """Print the multiple-choice tables of MCQ records (and their bootstrap); the --json part."""
+    from anomalyclaw.eval.scoring.mcqa import bootstrap_mcqa, evaluate_mcqa, format_mcqa_table
+
+    result = evaluate_mcqa(records)
+    backends = sorted({r.backend for r in records if r.backend})
+    print(format_mcqa_table(result, backends=backends))
+    out = {k: result[k] for k in ("n", "accuracy", "per_type", "per_dataset", "unparsed")}
+    out["stand_in"] = "offline" in backends
+    if getattr(args, "bootstrap", 0) and result["n"]:
+        b = bootstrap_mcqa(records, n_boot=args.bootstrap, seed=args.seed)
+        print(f"refute - direct (MMAD average): {b.diff:+.2f}  {int(b.level * 100)}% CI [{b.ci_low:+.2f}, "
+              f"{b.ci_high:+.2f}]  P(diff<=0)={b.p_le_zero:.3f}  ({b.n_questions} questions on {b.n_images} "
+              f"images, resampled by image within dataset, {b.n_boot} resamples)")
+        for t, d in b.per_type.items():
+            print(f"  {t:<24} {d['diff']:+7.2f}  [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]")
+        out["bootstrap"] = b.to_json()
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.scoring.mcqa import split_records
     from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate, kept
     from anomalyclaw.eval.scoring.tables import format_table
     from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, check_expert_weight
@@ -49,6 +70,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         wanted = set(_names(args.domains) or [])
         records = [r for r in records if (r.domain_code or r.domain) in wanted]
         print(f"domains {', '.join(sorted(wanted))}: {len(records)} records")
+    # Score records and multiple-choice records are evaluated separately, never mixed: the AUROC
+    # filter leaves MCQ records out (mode 'mcqa'), and only they reach the MCQ scorer.
+    mcq_records = split_records(records)[1]
+    mcqa = _mcqa_report(mcq_records, args) if mcq_records else None
+    if mcq_records and len(mcq_records) == len(records):
+        if args.json:
+            _print_json({"rows": read.rows, "kept": 0, "mcqa": mcqa, **read.to_json()})
+        return _strict_exit(args, problems)
     join = None
     if args.expert_scores:
         from anomalyclaw.eval.scoring.external import join_experts, read_expert_scores
@@ -99,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 continue
             boots.append(bootstrap_columns(records, col, col, alpha=args.alpha, other=other,
                                            n_boot=args.bootstrap or 1000, seed=args.seed, **fusion))
-    elif args.bootstrap:
+    elif args.bootstrap and result["kept"]:
         pairs = [("blend", "direct"), ("blend", "refute"), ("direct", "refute")]
         if weight and has_expert:
             pairs.insert(0, ("fused", "blend"))
@@ -137,7 +166,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out["bootstrap"] = [b.to_json() for b in boots]
         if swept:
             out.update(sweep={f"{w:g}": a for w, a in swept.items()}, tie_breaking=ties)
+        if mcqa is not None:
+            out["mcqa"] = mcqa
         _print_json(out)
+    return _strict_exit(args, problems)
+
+
+def _strict_exit(args: argparse.Namespace, problems: list[str]) -> int:
     if args.strict and problems:
         print(f"anomalyclaw eval: --strict: not every row was read as written ({'; '.join(problems)})",
               file=sys.stderr)
@@ -156,6 +191,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
                                   workers=args.workers)
     items = _count_items(manifest)
     print(f"wrote {items} items to {manifest} in {time.perf_counter() - start:.1f} s")
+    if args.mmad:
+        from anomalyclaw.eval.data.synth.mmad import write_mmad_questions
+
+        questions = write_mmad_questions(manifest, seed=args.seed)
+        data = json.loads(questions.read_text(encoding="utf-8"))
+        n = sum(len(v["conversation"]) for v in data.values())
+        print(f"wrote {n} MMAD-format questions about {len(data)} test images to {questions}")
     return 0
 
 
@@ -242,8 +284,60 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, 
     return out
 
 
+def _run_mcqa(args: argparse.Namespace) -> int:
+    """``run --task mcqa``: every question of an MMAD file, then the multiple-choice tables."""
+    from anomalyclaw.eval.data.mmad import read_mmad
+    from anomalyclaw.eval.running.mcqa import McqRunner
+    from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
+    from anomalyclaw.eval.running.runner import run_sync
+    from anomalyclaw.prompts import PromptSet
+
+    if args.split:
+        raise ValueError("--split does not apply to --task mcqa: an MMAD file has no splits (use --domains to pick "
+                         "its datasets, e.g. DS-MVTec,VisA)")
+    contents = read_mmad(args.manifest, data_root=args.data_root, refs=args.mmad_refs, n_refs=args.mmad_shots,
+                         domain_knowledge=args.domain_knowledge, datasets=_names(args.domains))
+    for where, fld, msg in contents.problems[:20]:
+        print(f"manifest problem: {where}: field '{fld}': {msg}", file=sys.stderr)
+    if contents.problems and args.strict:
+        print(f"{len(contents.problems)} problems in {contents.source}; --strict refuses to start", file=sys.stderr)
+        return 2
+    if args.limit:
+        contents = contents.limited(args.limit)
+    print(f"{contents.n_questions} questions about {len(contents.images)} images "
+          f"({len(contents.rejected)} rejected) from {contents.source}; data root {contents.data_root}; "
+          f"references: the first {contents.n_refs} of each image's {contents.refs}_templates")
+    out_dir = Path(args.out)
+    vlm, secrets = _make_vlm(args)
+    runner = McqRunner(vlm, out_dir=out_dir, config=_agent_config(args), registry=_registry(args),
+                       prompts=PromptSet.load(args.prompts), save_images=args.save_images,
+                       progress=not args.no_progress, secrets=secrets, source=contents.source,
+                       mmad_info={"data_root": str(contents.data_root), "refs": contents.refs,
+                                  "n_refs": contents.n_refs, "domain_knowledge": args.domain_knowledge})
+    summary = run_sync(runner, contents.images, rejected=contents.rejected, resume=args.resume,
+                       retry_errors=args.retry_errors)
+    records = load_records(out_dir / RECORDS_FILE)
+    per_q = summary.requests / summary.n_done if summary.n_done else 0.0
+    stand_in = " (the rule-based stand-in, not a VLM)" if vlm.backend == "offline" else ""
+    print(f"\n{summary.n_done} questions answered in {summary.elapsed_s:.1f} s ({summary.items_per_s:.2f} "
+          f"questions/s), {summary.n_skipped} already done, {summary.n_errors} errors; backend {vlm.backend} "
+          f"({vlm.model}){stand_in}; {per_q:.2f} VLM requests per question; records: {out_dir / RECORDS_FILE}")
+    mcqa = _mcqa_report([r for r in records if r.mode == "mcqa"], argparse.Namespace(bootstrap=0))
+    if summary.fatal:
+        print(f"run stopped: {summary.fatal}", file=sys.stderr)
+    if args.json:
+        _print_json({"task": "mcqa", "mcqa": mcqa, "n_questions": len(records),
+                     "n_errors": sum(1 for r in records if r.error), "records": str(out_dir / RECORDS_FILE),
+                     "questions_per_s": summary.items_per_s, "requests_per_question": round(per_q, 3),
+                     "backend": vlm.backend, "fatal": summary.fatal})
+    return 3 if summary.fatal else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.data.manifests import read_manifest
+
+    if args.task == "mcqa":
+        return _run_mcqa(args)
 
     domains = [d for d in (args.domains or "").split(",") if d.strip()] or None
     contents = read_manifest(args.manifest, split=args.split, domains=domains)
@@ -430,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels, 64-1024 (default 256)")
     p.add_argument("--domains", help="comma-separated codes or names, e.g. S1,coin_count (default: all seven)")
     p.add_argument("--workers", type=int, help="rendering threads (default: one per core); output does not depend on it")
+    p.add_argument("--mmad", action="store_true",
+                   help="also write mmad.json: MMAD-format multiple-choice questions on the test images "
+                        "(run them with `anomalyclaw run --task mcqa --manifest OUT/mmad.json`)")
     p.set_defaults(handler=cmd_synth)
 
     p = sub.add_parser("import-folder", help="turn an MVTec-style folder into a manifest")
@@ -471,13 +568,25 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--no-progress", action="store_true", help="no progress bar")
         o.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
-    p = sub.add_parser("run", help="judge every item of a manifest; records to OUT/records.jsonl")
-    p.add_argument("--manifest", required=True, help="manifest file or folder")
+    p = sub.add_parser("run", help="judge every item of a manifest (or answer every question of an MMAD file); "
+                                   "records to OUT/records.jsonl")
+    p.add_argument("--task", choices=["score", "mcqa"], default="score",
+                   help="score: an anomaly score per image (default); mcqa: MMAD's multiple-choice questions, "
+                        "--manifest being an mmad.json")
+    p.add_argument("--manifest", required=True, help="manifest file or folder (mcqa: mmad.json or its folder)")
     p.add_argument("--split", help="calibration, dev or test")
-    p.add_argument("--domains", help="comma-separated domain codes or names, e.g. D1,D7")
-    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--domains", help="comma-separated domain codes or names, e.g. D1,D7 (mcqa: datasets, e.g. VisA)")
+    p.add_argument("--limit", type=int, help="only the first N items (mcqa: questions)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--strict", action="store_true", help="refuse to start when the manifest has problems")
+    m = p.add_argument_group("mcqa (MMAD's question file)")
+    m.add_argument("--data-root", help="folder the file's image paths are relative to (else ANOMALYCLAW_DATA, its "
+                                       "MMAD/ folder, or the file's own folder: the first that holds the images)")
+    m.add_argument("--mmad-refs", choices=["random", "similar"], default="random",
+                   help="which template list gives the references (default random, as MMAD's protocol)")
+    m.add_argument("--mmad-shots", type=int, default=1, help="templates per question (default 1, as MMAD's protocol)")
+    m.add_argument("--domain-knowledge", metavar="FILE",
+                   help="MMAD's domain_knowledge.json: its text for the image's class goes into the domain card")
     run_options(p)
     p.set_defaults(handler=cmd_run)
 

@@ -17,9 +17,18 @@ def format_trace(rec: Record) -> str:
     lines = [f"item {rec.item_id}  domain {rec.domain_code}  label {_fmt(rec.label_gt)}  backend {rec.backend}",
              f"scores: fused {_fmt(rec.anomaly_score)}  direct {_fmt(rec.direct_score)}  "
              f"refute {_fmt(rec.refute_score)}  expert {_fmt(rec.expert_score)}"]
+    extra = rec.model_extra or {}
+    if rec.mode == "mcqa":
+        answers = extra.get("mcq_answer") or {}
+        lines[1] = (f"question ({extra.get('question_type')}): {extra.get('question')}  correct {extra.get('answer')}  "
+                    f"direct {_fmt(answers.get('direct'))}  refute {_fmt(answers.get('refute'))}")
+        lines.extend(f"    {k}. {v}" for k, v in (extra.get("options") or {}).items())
     if rec.error:
         lines.append(f"ERROR: {rec.error}")
-    if rec.direct_rationale:
+    if rec.direct_rationale and rec.mode == "mcqa":
+        lines.append(f"direct: {json.loads(rec.direct_rationale).get('text', rec.direct_rationale)!r}"
+                     if rec.direct_rationale.startswith("{") else f"direct: {rec.direct_rationale}")
+    elif rec.direct_rationale:
         try:
             direct = json.loads(rec.direct_rationale)
             lines.append(f"direct: {direct.get('image_label')} (confidence {_fmt(direct.get('confidence'))}) "
@@ -33,6 +42,8 @@ def format_trace(rec: Record) -> str:
         head = f"turn {row.get('turn')} [{row.get('stage', row.get('mode', '?'))}]"
         if row.get("anomaly_score") is not None:
             head += f" score {_fmt(row.get('anomaly_score'))}"
+        if row.get("answer") is not None:
+            head += f" answer {row['answer']}"
         lines.append(head)
         for c in row.get("candidates") or []:
             lines.append(f"    candidate {c.get('id')}: {c.get('description')} bbox={c.get('bbox')}")

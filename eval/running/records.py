@@ -267,6 +267,43 @@ def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend
     )
 
 
+# ---------------------------------------------------------------- the multiple-choice task
+
+#: The ``mode`` of a multiple-choice record (``--task mcqa``); score records keep the default.
+MCQA_MODE = "mcqa"
+
+
+def mcq_error_record(question: dict[str, Any], error: str, *, item: Item | None = None, run_id: str, backend: str,
+                     model: str, elapsed_s: float = 0.0) -> Record:
+    """A question that could not be asked (a missing image, a malformed question, a failure):
+    ``question`` is the loader's ``meta()`` (id, image, dataset, type, answer)."""
+    base = (error_record(item, error, run_id=run_id, backend=backend, model=model, elapsed_s=elapsed_s)
+            if item is not None else Record(item_id=question["question_id"], error=error, run_id=run_id,
+                                            backend=backend, model=model, finished_at=now(),
+                                            domain_code=question.get("dataset"), domain=question.get("dataset")))
+    return base.model_copy(update={"item_id": question["question_id"], "mode": MCQA_MODE, **question,
+                                   "mcq_answer": {"direct": None, "refute": None}})
+
+
+def mcq_record_from_state(item: Item, question: dict[str, Any], state: dict[str, Any], *, run_id: str, backend: str,
+                          model: str, elapsed_s: float) -> Record:
+    """The record of one answered question: the score record's trajectory fields, the question's
+    fields (``question_id``, ``image``, ``dataset``, ``question_type``, ``answer``, ``question``,
+    ``options``) and each branch's letter in ``mcq_answer`` (None when it gave none), with the
+    refutation's per-option confidences in ``option_scores``."""
+    rec = record_from_state(item, state, run_id=run_id, backend=backend, model=model, elapsed_s=elapsed_s)
+    answers = {"direct": state.get("direct_answer"), "refute": state.get("refute_answer")}
+    error = None
+    if answers["direct"] is None and answers["refute"] is None:
+        error = "both branches gave no option letter: " + "; ".join(
+            e for e in (state.get("direct_error"), state.get("refute_error")) if e)
+    return rec.model_copy(update={
+        "item_id": question["question_id"], "mode": MCQA_MODE, **question, "mcq_answer": answers,
+        "option_scores": state.get("refute_option_scores"), "error": error,
+        "mcq_agree": None if None in answers.values() else answers["direct"] == answers["refute"],
+        "remaining_features": [c for c in state.get("candidates", []) if c.get("status") != "refuted"]})
+
+
 # ------------------------------------------------------------------------------- writing
 
 class RecordWriter:

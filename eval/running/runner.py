@@ -121,6 +121,9 @@ class Runner:
         self.graph = build_pipeline()
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.started_at = now()
+        self.task = "score"
+        self.extra_info: dict[str, Any] = {}
+        """More settings for ``run_*.json`` (a subclass's: the MMAD file's references...)."""
 
     async def judge(self, item: Item) -> Record:
         """One item to one record; only :class:`EndpointFatalError` escapes."""
@@ -287,7 +290,7 @@ class Runner:
         info = {"run_id": self.run_id, "started_at": self.started_at, "source": self.source, "n_items": n_items,
                 "backend": self.vlm.backend, "model": self.vlm.model,
                 "config": asdict(self.config), "prompts": self.prompts.source,
-                "tools": self.registry.names()}
+                "tools": self.registry.names(), "task": self.task, **self.extra_info}
         if summary is not None:
             info.update(finished_at=now(), summary=summary.to_json())
         text = json.dumps(redact_value(json.loads(json.dumps(info, default=str)), self.secrets), indent=1)

@@ -1,0 +1,208 @@
+"""The multiple-choice runner (``--task mcqa``): every question of an MMAD file, one record each.
+
+It is the score runner's discipline for questions instead of items: one record per question,
+appended as it finishes (so ``--resume`` skips answered questions and ``--retry-errors`` asks
+failed ones again), one run per folder, secrets blanked, a failure costs one question an error
+record. The unit of work is the image: its :class:`ItemContext` (decoded images, reference
+ranking, the expert's fit and reading, the query's encoded URL, the tools' per-item maps) is built
+once and shared by the runs of its questions, which go through the graph one after another while
+other images run beside them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol, Sequence
+
+from anomalyclaw.cache import cache_stats
+from anomalyclaw.config import redact
+from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
+from anomalyclaw.items import Item, Question
+from anomalyclaw.threads import limit_compute_threads
+from anomalyclaw.graph.context import make_context
+from anomalyclaw.graph.messages import warm_images
+from anomalyclaw.graph.pipeline import build_pipeline
+from anomalyclaw.graph.state import new_state
+from anomalyclaw.tools.item_context import ItemContext
+
+from .records import (RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records, finished_ids,
+                      mcq_error_record, mcq_record_from_state)
+from .runner import RecordWriteError, Runner, RunSummary, _save_observation_images
+
+log = logging.getLogger(__name__)
+
+
+class AskedQuestion(Protocol):
+    """What the runner needs of a question (``eval.data.mmad.MCQuestion``)."""
+
+    question: Question
+
+    @property
+    def question_id(self) -> str: ...
+
+    def meta(self) -> dict[str, Any]: ...
+
+
+class QuestionImage(Protocol):
+    """An image and its questions (``eval.data.mmad.MMADImage``)."""
+
+    item: Item
+    questions: list[Any]
+
+
+class UnaskedQuestion(Protocol):
+    """A question the loader rejected (``eval.data.mmad.RejectedQuestion``)."""
+
+    question_id: str
+    reasons: list[str]
+
+    def meta(self) -> dict[str, Any]: ...
+
+
+class McqRunner(Runner):
+    """Runs the questions of images through the multiple-choice pipeline (``task="mcqa"``)."""
+
+    def __init__(self, *args: Any, mmad_info: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.graph = build_pipeline(task="mcqa")
+        self.task = "mcqa"
+        self.extra_info = {"mmad": dict(mmad_info or {})}
+
+    async def run(self, images: Sequence[QuestionImage], *, rejected: Sequence[UnaskedQuestion] = (),
+                  resume: bool = False, retry_errors: bool = False) -> RunSummary:  # type: ignore[override]
+        """Answer every question of ``images`` (and write an error record per ``rejected`` one)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.out_dir):
+            return await self._run_questions(images, rejected, resume, retry_errors)
+
+    async def _run_questions(self, images: Sequence[QuestionImage], rejected: Sequence[UnaskedQuestion],
+                             resume: bool, retry_errors: bool) -> RunSummary:
+        records_path = self.out_dir / RECORDS_FILE
+        if records_path.exists() and records_path.stat().st_size > 0 and not resume:
+            raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
+                                   "another --out folder")
+        if resume and retry_errors:
+            dropped = drop_error_records(self.out_dir)
+            if dropped:
+                log.warning("asking again %d questions whose records were errors", dropped)
+        done = finished_ids(self.out_dir) if resume else set()
+        n_questions = sum(len(im.questions) for im in images) + len(rejected)
+        summary = RunSummary(out_dir=str(self.out_dir), n_items=n_questions)
+        todo = [(im, [q for q in im.questions if q.question_id not in done]) for im in images]
+        todo = [(im, qs) for im, qs in todo if qs]
+        summary.n_skipped = sum(len(im.questions) for im in images) - sum(len(qs) for _, qs in todo)
+        info_path = self._write_run_info(n_questions)
+        start = time.perf_counter()
+        with RecordWriter(self.out_dir, secrets=self.secrets) as writer:
+            for r in rejected:
+                if r.question_id in done:
+                    summary.n_skipped += 1
+                    continue
+                self._write(writer, mcq_error_record(r.meta(), "question: " + "; ".join(r.reasons),
+                                                     run_id=self.run_id, backend=self.vlm.backend,
+                                                     model=self.vlm.model))
+                summary.n_rejected += 1
+                summary.n_errors += 1
+            with limit_compute_threads(1):
+                await self._run_images(todo, writer, summary)
+        summary.elapsed_s = round(time.perf_counter() - start, 3)
+        summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
+        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
+        self._write_run_info(n_questions, summary=summary, path=info_path)
+        return summary
+
+    def _prepare(self, item: Item) -> ItemContext:
+        """The image's shared context, with its images decoded, ranked and encoded (CPU work:
+        the caller runs it in a worker thread)."""
+        ctx = ItemContext(item, work_side=self.config.work_side, expert_pool=self.expert_pool,
+                          score_cache=self.score_cache)
+        ctx.preload()
+        warm_images(make_context(ctx, self.vlm, registry=self.registry, prompts=self.prompts, config=self.config,
+                                 encoder=self.encoder))
+        return ctx
+
+    async def ask(self, item: Item, ctx: ItemContext | None, question: AskedQuestion, setup_error: str | None = None
+                  ) -> Record:
+        """One question to one record; only :class:`EndpointFatalError` escapes."""
+        start = time.perf_counter()
+        kw = dict(run_id=self.run_id, backend=self.vlm.backend, model=self.vlm.model)
+        meta = question.meta()
+
+        def failed(reason: str) -> Record:
+            return mcq_error_record(meta, redact(reason, self.secrets)[:1000], item=item,
+                                    elapsed_s=time.perf_counter() - start, **kw)
+
+        if setup_error is not None:
+            return failed(setup_error)
+        run = make_context(ctx, self.vlm, registry=self.registry, prompts=self.prompts, config=self.config,
+                           encoder=self.encoder, question=question.question)
+        try:
+            state = await asyncio.wait_for(self.graph.ainvoke(new_state(question.question_id), context=run),
+                                           timeout=self.item_timeout_s)
+            if self.save_images:
+                shown = Item(item_id=question.question_id, query_path=item.query_path, ref_paths=item.ref_paths)
+                await asyncio.to_thread(_save_observation_images, self.out_dir, shown, state)
+            return mcq_record_from_state(item, meta, state, elapsed_s=time.perf_counter() - start, **kw)
+        except EndpointFatalError:
+            raise
+        except asyncio.TimeoutError:
+            return failed(f"timed out after {self.item_timeout_s:.0f} s (item_timeout_s)")
+        except ImageLoadError as exc:
+            return failed(f"image: {exc}")
+        except Exception as exc:  # one bad question must not stop the run
+            log.exception("question %s failed", question.question_id)
+            return failed(f"internal: {type(exc).__name__}: {exc}")
+
+    async def _run_images(self, todo: list[tuple[QuestionImage, list[AskedQuestion]]], writer: RecordWriter,
+                          summary: RunSummary) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        for job in todo:
+            queue.put_nowait(job)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=sum(len(qs) for _, qs in todo), unit="question", desc="anomalyclaw mcqa",
+                       dynamic_ncols=True)
+
+        async def worker() -> None:
+            while True:
+                try:
+                    image, questions = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                ctx, setup_error = None, None
+                if not image.item.ref_paths:
+                    setup_error = "no reference images: the question's image needs at least one normal template"
+                else:
+                    try:
+                        ctx = await asyncio.to_thread(self._prepare, image.item)
+                    except ImageLoadError as exc:
+                        setup_error = f"image: {exc}"
+                    except Exception as exc:  # one bad image must not stop the run
+                        log.exception("image %s: preparing it failed", image.item.item_id)
+                        setup_error = f"internal: {type(exc).__name__}: {exc}"
+                for question in questions:
+                    record = await self.ask(image.item, ctx, question, setup_error)
+                    await asyncio.to_thread(self._write, writer, record)
+                    summary.n_done += 1
+                    summary.n_errors += int(record.error is not None)
+                    summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
+                    summary.requests += int(record.usage.get("requests", 0))
+                    summary.request_bytes += int(record.usage.get("request_bytes", 0))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(errors=summary.n_errors, refresh=False)
+
+        n_workers = min(self.item_concurrency, max(1, len(todo)))
+        workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
+        try:
+            await asyncio.gather(*workers)
+        except (EndpointFatalError, RecordWriteError) as exc:
+            summary.fatal = redact(str(exc), self.secrets)
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            if bar is not None:
+                bar.close()

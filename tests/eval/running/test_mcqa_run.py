@@ -1,0 +1,116 @@
+"""Running the multiple-choice task: one record per question, shared per-image work, error
+records for what cannot be asked, resume, and the command line from synth to eval."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from anomalyclaw.cli import main as cli_main
+from anomalyclaw.eval.data.mmad import read_mmad
+from anomalyclaw.eval.running.mcqa import McqRunner
+from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
+from anomalyclaw.eval.running.runner import run_sync
+from anomalyclaw.graph.vlm import make_vlm
+
+
+@pytest.fixture
+def mmad_with_problems(small_mmad, tmp_path) -> Path:
+    """The small file plus a question with no valid answer and an image that is not there."""
+    data = json.loads(small_mmad.read_text())
+    first = next(iter(data))
+    data[first]["conversation"].append({"Question": "Which?", "Options": {"A": "x", "B": "y"}, "Answer": "Q",
+                                        "type": "Defect Description"})
+    ghost = first.replace(".png", "_ghost.png")
+    data[ghost] = json.loads(json.dumps(data[first]))
+    path = small_mmad.parent / "mmad_problems.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _run(contents, out, **kw):
+    runner = McqRunner(make_vlm("offline"), out_dir=out, progress=False)
+    return runner, run_sync(runner, contents.images, rejected=contents.rejected, **kw)
+
+
+def test_one_record_per_question_and_error_records(mmad_with_problems, tmp_path, monkeypatch):
+    contents = read_mmad(mmad_with_problems)
+    prepared = []
+    original = McqRunner._prepare
+    monkeypatch.setattr(McqRunner, "_prepare", lambda self, item: prepared.append(item.item_id) or original(self, item))
+    runner, summary = _run(contents, tmp_path / "run")
+    records = load_records(tmp_path / "run" / RECORDS_FILE)
+    n_rejected = len(contents.rejected)
+    first = next(iter(json.loads(mmad_with_problems.read_text()).values()))
+    assert n_rejected == 1 + len(first["conversation"])  # the bad question, and every question of the ghost
+    assert len(records) == contents.n_questions + n_rejected == summary.n_done + summary.n_rejected
+    assert all(r.mode == "mcqa" for r in records)
+    assert sorted(prepared) == sorted(im.item.item_id for im in contents.images)  # once per image
+    ok = [r for r in records if not r.error]
+    assert len(ok) == contents.n_questions and summary.n_errors == n_rejected
+    for r in ok:
+        x = r.model_extra
+        assert set(x["mcq_answer"]) == {"direct", "refute"} and x["mcq_answer"]["direct"] in x["options"]
+        assert x["question_id"] == r.item_id and x["image"] in r.item_id and x["answer"] in x["options"]
+        assert r.usage["requests"] >= 2 and r.backend == "offline"
+    errors = {r.item_id: r for r in records if r.error}
+    ghost = [r for r in errors.values() if "_ghost" in r.item_id]
+    assert ghost and all("query image not found" in r.error for r in ghost)
+    assert all(r.model_extra["answer"] for r in ghost)  # still scorable: counted as unparsed
+    bad = next(r for r in errors.values() if "_ghost" not in r.item_id)
+    assert "'Answer' must be one of the option letters" in bad.error
+    # the expert was fitted once per reference set, not once per question
+    assert runner.expert_pool.stats["sets"] <= len(contents.images) < contents.n_questions
+    info = json.loads(next((tmp_path / "run").glob("run_*.json")).read_text())
+    assert info["task"] == "mcqa" and info["mmad"] == {} and info["summary"]["n_done"] == summary.n_done
+
+
+def test_resume_asks_each_question_once(small_mmad, tmp_path):
+    contents = read_mmad(small_mmad)
+    out = tmp_path / "run"
+    _run(contents.limited(5), out)
+    _, summary = _run(contents, out, resume=True)
+    ids = [json.loads(line)["item_id"] for line in (out / RECORDS_FILE).read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == contents.n_questions
+    assert summary.n_skipped == 5 and summary.n_done == contents.n_questions - 5
+    with pytest.raises(Exception, match="--resume"):
+        _run(contents, out)
+
+
+def test_command_line_from_synth_to_eval(tmp_path, capsys):
+    data = tmp_path / "D"
+    assert cli_main(["synth", "--out", str(data), "--mmad", "--n-test", "2", "--n-calibration", "0", "--n-dev", "0",
+                     "--size", "96", "--domains", "S2,S6"]) == 0
+    assert "MMAD-format questions" in capsys.readouterr().out
+    run = tmp_path / "R"
+    assert cli_main(["run", "--task", "mcqa", "--manifest", str(data / "mmad.json"), "--backend", "offline",
+                     "--out", str(run), "--no-progress", "--json"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert "stand-in" in printed and summary["task"] == "mcqa" and summary["requests_per_question"] >= 2
+    assert cli_main(["eval", str(run), "--json", "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])["mcqa"]
+    assert {"n", "accuracy", "per_type", "per_dataset", "unparsed"} <= set(result)
+    assert set(result["accuracy"]) >= {"direct", "refute"} and result["n"] == summary["n_questions"]
+    assert set(result["per_type"]) == {"Anomaly Detection", "Defect Classification", "Defect Localization",
+                                       "Object Analysis"}
+    assert all({"direct", "refute", "n"} <= set(v) for v in result["per_type"].values())
+    assert set(result["per_dataset"]) == {"S2_coin_count", "S6_aerial_change"}
+    assert result["bootstrap"]["a"] == "refute" and "refute - direct" in printed
+    for line in ("Anomaly Detection", "Object Analysis", "MMAD average"):
+        assert line in printed
+    # score records in the same folder are evaluated separately
+    score = tmp_path / "S"
+    assert cli_main(["run", "--manifest", str(data), "--split", "test", "--backend", "offline", "--out", str(score),
+                     "--no-progress"]) == 0
+    shutil.copy(score / RECORDS_FILE, run / "score_run.jsonl")
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "--json"]) == 0
+    both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert both["rows"] == both["kept"] == 4 and both["mcqa"]["n"] == result["n"]
+    assert cli_main(["run", "--task", "mcqa", "--manifest", str(data), "--split", "test", "--out",
+                     str(tmp_path / "X")]) == 2
+    assert "--split does not apply" in capsys.readouterr().err
