@@ -13,6 +13,7 @@ from anomalyclaw.eval.data.mmad import read_mmad
 from anomalyclaw.eval.running.mcqa import McqRunner
 from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
 from anomalyclaw.eval.running.runner import run_sync
+from anomalyclaw.experts.pool import ExpertPool
 from anomalyclaw.graph.vlm import make_vlm
 
 
@@ -31,7 +32,7 @@ def mmad_with_problems(small_mmad, tmp_path) -> Path:
 
 
 def _run(contents, out, **kw):
-    runner = McqRunner(make_vlm("offline"), out_dir=out, progress=False)
+    runner = McqRunner(make_vlm("offline"), out_dir=out, progress=False, expert_pool=ExpertPool("classic"))
     return runner, run_sync(runner, contents.images, rejected=contents.rejected, **kw)
 
 
@@ -108,9 +109,9 @@ def test_command_line_from_synth_to_eval(tmp_path, capsys):
                      "--no-progress"]) == 0
     shutil.copy(score / RECORDS_FILE, run / "score_run.jsonl")
     capsys.readouterr()
-    assert cli_main(["eval", str(run), "--json"]) == 0
+    assert cli_main(["eval", str(run), "--json", "--merge"]) == 0  # a folder of two runs needs --merge
     both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert both["rows"] == both["kept"] == 4 and both["mcqa"]["n"] == result["n"]
+    assert both["kept"] == 4 and both["left_out"] == {"mode 'mcqa'": result["n"]} and both["mcqa"]["n"] == result["n"]
     assert cli_main(["run", "--task", "mcqa", "--manifest", str(data), "--split", "test", "--out",
                      str(tmp_path / "X")]) == 2
     assert "--split does not apply" in capsys.readouterr().err
