@@ -30,6 +30,7 @@ YES_NO = [("A", "Yes."), ("B", "No.")]
     ('{"answer": "C"}', KINDS, "C"), ("Looking closely, I pick C.", KINDS, "C"),
     ("A scratch-like mark, so D", KINDS, "D"),  # the article "A" is no answer
     ("Question 1: ... Answer: A. Yes.", YES_NO, "A"),
+    ("<think>It could be A or B; the mark is long.</think>\nB", KINDS, "B"),  # reasoning is not the answer
 ])
 def test_reads_the_letter_models_write(text, options, letter):
     assert read_letter(text, options) == letter
@@ -38,7 +39,7 @@ def test_reads_the_letter_models_write(text, options, letter):
 @pytest.mark.parametrize("text, words", [
     ("", "empty"), ("I cannot tell from these images.", "no option letter"),
     ("A or C", "several options"), ("E", "'E' is not one of the options"), ("Answer: E", "not one of the options"),
-    ("yes and no", "no option letter"),
+    ("yes and no", "no option letter"), ("<think>surely C</think>", "only reasoning"),
 ])
 def test_unreadable_letters_say_why(text, words):
     with pytest.raises(ReplyError, match=words):
