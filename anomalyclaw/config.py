@@ -45,7 +45,8 @@ class EndpointConfig:
     api_key: SecretStr | None = field(default=None, repr=False)
     """API key; never printed, logged or written to records."""
     timeout_s: float = 120.0
-    """Per-request timeout in seconds; ANOMALYCLAW_TIMEOUT_S."""
+    """Total deadline of one request in seconds (connect, send and the whole reply), retried
+    after it like a dropped connection; ANOMALYCLAW_TIMEOUT_S."""
     max_retries: int = 5
     """Retries on 429, 5xx, timeouts and dropped connections (with backoff and jitter);
     ANOMALYCLAW_MAX_RETRIES."""
@@ -53,6 +54,9 @@ class EndpointConfig:
     """Longest single wait between retries (also caps a Retry-After); ANOMALYCLAW_BACKOFF_MAX_S."""
     temperature: float = 0.0
     max_tokens: int = 1024
+    max_reply_bytes: int = 4 * 2**20
+    """Largest reply body read (decoded); a larger one is an unreadable reply, retried.
+    A completion of ``max_tokens`` tokens is a few kilobytes; ANOMALYCLAW_MAX_REPLY_BYTES."""
     client: str = "langchain"
     """``langchain``: ``ChatOpenAI`` (langchain-openai); ``sdk``: the openai SDK's async client
     posting the serialised request directly, ~3x less event-loop CPU per request (see the README's
@@ -82,7 +86,7 @@ class EndpointConfig:
         key_source = next((PRESETS[n][1] for n in order if env.get(PRESETS[n][1])), "the API key")
         if env.get("ANOMALYCLAW_CLIENT"):
             values["client"] = env["ANOMALYCLAW_CLIENT"]
-        for name in ("timeout_s", "max_retries", "backoff_max_s"):
+        for name in ("timeout_s", "max_retries", "backoff_max_s", "max_reply_bytes"):
             raw = env.get(f"ANOMALYCLAW_{name.upper()}")
             if raw:
                 try:
@@ -108,6 +112,8 @@ class EndpointConfig:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.backoff_max_s < 0:
             raise ConfigError(f"backoff_max_s must be >= 0 seconds, got {self.backoff_max_s}")
+        if self.max_reply_bytes < 1024:
+            raise ConfigError(f"max_reply_bytes must be at least 1024, got {self.max_reply_bytes}")
         if self.client not in CLIENTS:
             raise ConfigError(f"unknown client {self.client!r}: choose one of {', '.join(CLIENTS)}")
         if self.api_key is not None:  # also when built directly, not through from_env

@@ -1,10 +1,14 @@
 """The endpoint clients: one request discipline for every real chat model.
 
 :class:`_EndpointVLM` holds what both clients share: a single semaphore bounds the requests in
-flight, 429, 5xx, timeouts, dropped connections and garbled replies are retried with exponential
-backoff and jitter (honouring Retry-After), 401/403/404 stop the run at once, and every call is
-measured (latency, tokens, request bytes, images, retries). Each request names its protocol
-stage in the :data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER` header.
+flight; every request has one total deadline (connect, send and the whole reply: a server that
+drips its reply a few bytes at a time is cut off like one that never answers); 429, 5xx,
+deadlines, dropped connections and unreadable replies (not a completion, above the size bound,
+nested too deeply, a corrupt compressed body, an event stream where JSON was asked) are retried
+with exponential backoff and jitter (honouring Retry-After); 401/403/404 stop the run at once;
+and every call is measured (latency, tokens, request bytes, images, retries). Each request names
+its protocol stage in the :data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER` header. Both clients
+read replies through :class:`BoundedAsyncClient`, so both refuse the same replies.
 
 - :class:`ChatVLM`: any LangChain chat model through ``ainvoke``; the ``openai`` backend's default
   client is ``ChatOpenAI`` (langchain-openai) against an OpenAI-compatible endpoint.
@@ -23,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import httpx2
 import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
@@ -36,11 +41,13 @@ from .seam import STAGE_HEADER, BadResponseError, VLMError, VLMReply, count_imag
 
 _TRANSIENT = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
               openai.APITimeoutError, openai.ConflictError, BadResponseError)
+#: What a reply that is not a chat completion raises inside the clients' parsers.
+_MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError)
 _FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, (*_TRANSIENT, RequestDeadlineError)):
         return True
     # Some gateways answer 502/503/504 with odd bodies; any 5xx is worth another try.
     status = getattr(exc, "status_code", None)
@@ -66,6 +73,60 @@ def _retry_after(exc: BaseException | None) -> float | None:
     return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
+class RequestDeadlineError(VLMError):
+    """A request that did not complete (connect, send, whole reply) within its deadline."""
+
+
+class BoundedAsyncClient(openai.DefaultAsyncHttpxClient):
+    """The HTTP client of both endpoint clients: it reads each reply itself, decoded, and refuses
+    (:class:`BadResponseError`, retried like a 5xx) one whose body is above ``max_reply_bytes``
+    (declared or read), whose compressed body is corrupt, or that is an event stream where a
+    JSON completion was asked. Streaming requests are passed through as they are."""
+
+    def __init__(self, *, max_reply_bytes: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.max_reply_bytes = max_reply_bytes
+
+    async def send(self, request: httpx2.Request, *, stream: bool = False, **kwargs: Any) -> httpx2.Response:
+        response = await super().send(request, stream=True, **kwargs)
+        if stream:
+            return response
+        limit = self.max_reply_bytes
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise BadResponseError(f"the reply is {int(declared):,} bytes, above the {limit:,}-byte bound "
+                                       "(ANOMALYCLAW_MAX_REPLY_BYTES)")
+            if "text/event-stream" in response.headers.get("content-type", "") and response.status_code < 300:
+                raise BadResponseError("the endpoint answered with an event stream (SSE) where a JSON completion "
+                                       "was asked; check the server's streaming setting")
+            parts, size = [], 0
+            async for part in response.aiter_bytes():
+                size += len(part)
+                if size > limit:
+                    raise BadResponseError(f"the reply is above the {limit:,}-byte bound (ANOMALYCLAW_MAX_REPLY_BYTES)")
+                parts.append(part)
+        except httpx2.DecodingError as exc:
+            raise BadResponseError(f"the reply's compressed body is corrupt ({exc})") from None
+        finally:
+            await response.aclose()
+        response._content = b"".join(parts)  # what Response.aread() returns from now on
+        return response
+
+
+def _count(value: Any) -> int | None:
+    """A token count as an int: some servers send ``"12"`` or ``12.0``; anything else is None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
 @dataclass
 class _Answer:
     """What one successful request returned."""
@@ -74,6 +135,12 @@ class _Answer:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     top_logprobs: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = _count(self.prompt_tokens)
+        self.completion_tokens = _count(self.completion_tokens)
+        if not (isinstance(self.top_logprobs, list) and all(isinstance(t, dict) for t in self.top_logprobs)):
+            self.top_logprobs = None
 
 
 @dataclass
@@ -89,6 +156,8 @@ class _EndpointVLM(ABC):
     max_retries: int = 5
     backoff_max_s: float = 30.0
     max_concurrency: int = 8
+    timeout_s: float = 120.0
+    """The total deadline of one request (connect, send, the whole reply), retried after it."""
     secrets: list[str] = field(default_factory=list, repr=False)
     _bound: tuple[Any, asyncio.Semaphore, Any] | None = field(default=None, init=False, repr=False)
 
@@ -144,7 +213,7 @@ class _EndpointVLM(ABC):
                     attempts += 1
                     slots, client = self._loop_state()
                     async with slots:
-                        answer = await self._send(client, request, logprobs, stage)
+                        answer = await self._send_within_deadline(client, request, logprobs, stage)
         except _FATAL as exc:
             raise EndpointFatalError(self._describe(exc, fatal=True)) from None
         except (openai.OpenAIError, VLMError, asyncio.TimeoutError) as exc:
@@ -154,11 +223,20 @@ class _EndpointVLM(ABC):
                         request_bytes=nbytes * attempts, images_sent=nimages * attempts,
                         retries=attempts - 1, top_logprobs=answer.top_logprobs)
 
+    async def _send_within_deadline(self, client: Any, request: Any, logprobs: bool, stage: str) -> _Answer:
+        """:meth:`_send` under the total deadline: the clients' own timeouts bound each read, not
+        the request, so a reply dripped a few bytes at a time would hold a slot for minutes."""
+        try:
+            return await asyncio.wait_for(self._send(client, request, logprobs, stage), timeout=self.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestDeadlineError(f"no complete reply within the {self.timeout_s:g} s deadline "
+                                       "(--timeout / ANOMALYCLAW_TIMEOUT_S)") from None
+
     def _describe(self, exc: BaseException, *, fatal: bool = False, attempts: int = 1) -> str:
         status = getattr(exc, "status_code", None)
         if status:
             what = f"HTTP {status}"
-        elif isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):
+        elif isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, RequestDeadlineError)):
             what = "request timed out"
         elif isinstance(exc, openai.APIConnectionError):
             what = "connection failed"
@@ -209,11 +287,31 @@ class OpenAIVLM(_EndpointVLM):
         return _read_completion(raw, logprobs)
 
 
+#: Content-part types that carry the model's reasoning, never its answer.
+_REASONING_PARTS = frozenset({"reasoning", "thinking", "reasoning_content", "redacted_thinking"})
+
+
 def _text_of(content: Any) -> str:
-    """A reply's text, whether the server gave one string or a list of content parts."""
+    """A reply's text, whether the server gave one string or a list of content parts (reasoning
+    parts left out)."""
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "".join(p if isinstance(p, str) else p.get("text", "") if isinstance(p.get("text"), str) else ""
+                       for p in content
+                       if isinstance(p, str) or (isinstance(p, dict) and p.get("type") not in _REASONING_PARTS))
     return content if isinstance(content, str) else ""
+
+
+def _tool_call_text(calls: Any) -> str:
+    """The first tool call's arguments, for a reply that answers with a tool call instead of
+    text (the parser then reads them as the stage's JSON, or the repair prompt says what is
+    missing)."""
+    if not isinstance(calls, list) or not calls or not isinstance(calls[0], dict):
+        return ""
+    call = calls[0]
+    args = (call.get("function") or {}).get("arguments") if isinstance(call.get("function"), dict) else call.get("args")
+    if isinstance(args, dict):
+        return json.dumps(args)
+    return args if isinstance(args, str) else ""
 
 
 def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
@@ -221,15 +319,20 @@ def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
     of another shape raises :class:`BadResponseError`."""
     try:
         body = json.loads(raw)
+        if isinstance(body, dict) and body.get("error") and not body.get("choices"):
+            error = body["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise BadResponseError(f"the endpoint answered 200 with an error: {str(message)[:200]}")
         choice = body["choices"][0]
-        text = _text_of(choice["message"].get("content"))
+        message = choice["message"]
+        text = _text_of(message.get("content")) or _tool_call_text(message.get("tool_calls"))
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         top = None
         if logprobs and isinstance(choice.get("logprobs"), dict):
             tokens = choice["logprobs"].get("content")
             if tokens and isinstance(tokens[0], dict):
                 top = tokens[0].get("top_logprobs")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except _MALFORMED:
         preview = raw[:120].decode("utf-8", "replace").replace("\n", " ")
         raise BadResponseError(f"the reply is not a chat completion: {preview!r}") from None
     return _Answer(text=text, prompt_tokens=usage.get("prompt_tokens"),
@@ -272,15 +375,17 @@ class ChatVLM(_EndpointVLM):
         headers = {"extra_headers": {STAGE_HEADER: stage}} if self.endpoint is not None else {}
         try:
             message = await model.ainvoke(request, **headers)
-        except (ValueError, KeyError, TypeError) as exc:  # a 200 whose body is not a completion
-            raise BadResponseError(f"the reply is not a chat completion: {str(exc)[:200]}") from None
-        usage = getattr(message, "usage_metadata", None) or {}
-        meta = getattr(message, "response_metadata", None) or {}
-        top = None
-        content = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
-        if content:
-            top = content[0].get("top_logprobs")
-        return _Answer(text=_text_of(message.content), prompt_tokens=usage.get("input_tokens"),
+            usage = getattr(message, "usage_metadata", None) or {}
+            meta = getattr(message, "response_metadata", None) or {}
+            top = None
+            content = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
+            if content and isinstance(content[0], dict):
+                top = content[0].get("top_logprobs")
+            text = _text_of(message.content) or _tool_call_text(getattr(message, "tool_calls", None))
+        except _MALFORMED as exc:  # a 200 whose body is not a completion (choices: [] is an IndexError)
+            raise BadResponseError(f"the reply is not a chat completion: {type(exc).__name__}: "
+                                   f"{str(exc)[:200]}") from None
+        return _Answer(text=text, prompt_tokens=usage.get("input_tokens"),
                        completion_tokens=usage.get("output_tokens"), top_logprobs=top)
 
 
@@ -297,12 +402,17 @@ def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
     endpoint.require()
     return ChatOpenAI(base_url=endpoint.base_url, model=endpoint.model,
                       api_key=endpoint.api_key or "EMPTY", timeout=endpoint.timeout_s, max_retries=0,
-                      http_async_client=openai.DefaultAsyncHttpxClient(timeout=endpoint.timeout_s),
+                      http_async_client=_http_client(endpoint),
                       temperature=endpoint.temperature, max_tokens=endpoint.max_tokens)
+
+
+def _http_client(endpoint: EndpointConfig) -> BoundedAsyncClient:
+    return BoundedAsyncClient(timeout=endpoint.timeout_s, max_reply_bytes=endpoint.max_reply_bytes)
 
 
 def make_openai_client(endpoint: EndpointConfig) -> openai.AsyncOpenAI:
     """The SDK's async client for ``endpoint`` (retries off: :class:`OpenAIVLM` does its own)."""
     endpoint.require()
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
-    return openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0)
+    return openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0,
+                              http_client=_http_client(endpoint))

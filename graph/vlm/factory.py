@@ -25,14 +25,14 @@ def make_vlm(backend: str = "offline", endpoint: EndpointConfig | None = None, *
         policy = endpoint or EndpointConfig()
         return ChatVLM(model=str(name), backend="langchain", chat_model=chat_model,
                        max_retries=policy.max_retries, backoff_max_s=policy.backoff_max_s,
-                       max_concurrency=max_concurrency, secrets=policy.secret_values())
+                       max_concurrency=max_concurrency, timeout_s=policy.timeout_s, secrets=policy.secret_values())
     if backend == "offline":
         return OfflineVLM()
     if backend == "openai":
         endpoint = (endpoint or EndpointConfig.from_env()).require()
         policy = dict(model=endpoint.model or "unknown", backend="openai", max_retries=endpoint.max_retries,
                       backoff_max_s=endpoint.backoff_max_s, max_concurrency=max_concurrency,
-                      secrets=endpoint.secret_values())
+                      timeout_s=endpoint.timeout_s, secrets=endpoint.secret_values())
         if endpoint.client == "sdk":
             return OpenAIVLM(endpoint=endpoint, **policy)
         return ChatVLM(chat_model=make_chat_model(endpoint), endpoint=endpoint, **policy)

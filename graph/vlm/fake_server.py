@@ -42,6 +42,14 @@ FAULTS = ("500", "429", "429_retry_after", "timeout", "reset", "html", "empty", 
           "bad_tool", "bad_score", "nan_score")
 #: Faults that can never succeed; not part of the random mix.
 FATAL = ("401", "404")
+#: The adversarial kinds (scripted only, not part of the random mix): a reply dripped a few
+#: bytes at a time; a 50 MB body; ``choices: []``; ``content: null``; content as a list of parts
+#: (with a reasoning part); ``tool_calls`` instead of content; status 200 with ``{"error": ...}``;
+#: an event stream where JSON was asked; a 307 redirect; a corrupt gzip body; a body nested
+#: 100,000 deep; a ``<think>`` block with a draft before the answer; a reply that echoes the
+#: prompt; token counts as strings.
+HOSTILE = ("slow_drip", "huge", "no_choices", "null_content", "parts", "tool_calls", "error_200", "sse",
+           "redirect", "bad_gzip", "deep", "think", "echo", "string_tokens")
 
 
 def _user_text(msg: dict[str, Any]) -> str:
@@ -185,7 +193,8 @@ class FakeVLMServer:
                  api_key: str | None = None, models: Iterable[str] = ("fake-vlm",),
                  script: list[str] | dict[str, list[str]] | Callable[[dict], str] | None = None, fault_rate: float = 0.0,
                  faults: Iterable[str] = FAULTS, seed: int = 0, hang_s: float = 30.0,
-                 retry_after_s: float = 0.05, record_bodies: bool = False):
+                 retry_after_s: float = 0.05, record_bodies: bool = False, drip_s: float = 0.2,
+                 huge_bytes: int = 50 * 2**20):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the fake endpoint only listens on loopback")
         self.latency_s = latency_s
@@ -193,10 +202,14 @@ class FakeVLMServer:
         self.models = set(models)
         self.fault_rate = fault_rate
         self.faults = tuple(faults)
-        unknown = set(self.faults) - set(FAULTS) - set(FATAL)
+        unknown = set(self.faults) - set(FAULTS) - set(FATAL) - set(HOSTILE)
         if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS + FATAL}")
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS + FATAL + HOSTILE}")
         self.hang_s = hang_s
+        self.drip_s = drip_s
+        """Seconds between the 8-byte pieces of a ``slow_drip`` reply."""
+        self.huge_bytes = huge_bytes
+        """Size of a ``huge`` reply's body."""
         self.retry_after_s = retry_after_s
         self.record_bodies = record_bodies
         self.bodies: list[dict[str, Any]] = []
@@ -273,6 +286,19 @@ class FakeVLMServer:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
+                with server._lock:
+                    server.stats.by_status[status] += 1
+
+            def _raw(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+                """``data`` as the body, with exactly ``headers`` (a fault chooses them)."""
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: as it should
+                    self.close_connection = True
                 with server._lock:
                     server.stats.by_status[status] += 1
 
@@ -358,13 +384,124 @@ class FakeVLMServer:
                     self.close_connection = True
                     self.connection.close()
                     return None
+                if fault in HOSTILE:
+                    return self._hostile(fault, body, stage, raw)
                 if fault:
                     text = faulty_reply(fault, body, stage=stage, raw=raw)
                 with server._lock:
                     server.stats.completions += 1
                 self._send(200, _completion(body, text or "", len(raw)))
 
+            def _hostile(self, fault: str, body: dict[str, Any], stage: str, raw: bytes) -> None:
+                good = default_reply(body, stage=stage, raw=raw)
+                completion = _completion(body, good, len(raw))
+                message = completion["choices"][0]["message"]
+                if fault == "slow_drip":
+                    # A whole, valid completion, 8 bytes every drip_s: each read is quick, the
+                    # reply as a whole takes minutes.
+                    data = json.dumps(completion).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    try:
+                        for i in range(0, len(data), 8):
+                            self.wfile.write(data[i:i + 8])
+                            self.wfile.flush()
+                            if server._stop.wait(server.drip_s):
+                                break
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    self.close_connection = True
+                    return None
+                if fault == "huge":
+                    # A completion whose rationale is huge_bytes long, sent chunked (no length
+                    # announced), so only reading it tells how big it is.
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    head = json.dumps(completion).encode().split(b'"content": "', 1)
+                    pieces = [head[0] + b'"content": "'] + [b"x" * 2**20] * (server.huge_bytes // 2**20) + \
+                        [b'"' + head[1].split(b'"', 1)[1]]
+                    try:
+                        for piece in pieces:
+                            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                        self.wfile.write(b"0\r\n\r\n")
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    self.close_connection = True
+                    return None
+                if fault == "no_choices":
+                    completion["choices"] = []
+                elif fault == "null_content":
+                    message["content"] = None
+                elif fault == "parts":
+                    half = len(good) // 2
+                    message["content"] = [{"type": "reasoning", "text": '{"draft": true} thinking...'},
+                                          {"type": "text", "text": good[:half]}, {"type": "text", "text": good[half:]}]
+                elif fault == "tool_calls":
+                    message["content"] = None
+                    message["tool_calls"] = [{"id": "call_1", "type": "function",
+                                              "function": {"name": "answer", "arguments": good}}]
+                    completion["choices"][0]["finish_reason"] = "tool_calls"
+                elif fault == "error_200":
+                    data = json.dumps({"error": {"message": "model overloaded (injected)", "type": "server_error"}})
+                    return self._raw(200, data.encode(), {"Content-Type": "application/json",
+                                                          "Content-Length": str(len(data))})
+                elif fault == "sse":
+                    chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": body.get("model"),
+                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": good},
+                                          "finish_reason": "stop"}]}
+                    data = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+                    return self._raw(200, data, {"Content-Type": "text/event-stream", "Content-Length": str(len(data))})
+                elif fault == "redirect":
+                    # To another path of this server (as a gateway that moved its API does).
+                    return self._raw(307, b"", {"Location": "/v1/moved/chat/completions", "Content-Length": "0"})
+                elif fault == "bad_gzip":
+                    data = b"\x1f\x8b\x08\x00" + b"this is not deflate data" * 4
+                    return self._raw(200, data, {"Content-Type": "application/json", "Content-Encoding": "gzip",
+                                                 "Content-Length": str(len(data))})
+                elif fault == "deep":
+                    data = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+                    return self._raw(200, data, {"Content-Type": "application/json", "Content-Length": str(len(data))})
+                elif fault == "think":
+                    draft = _draft_of(good)
+                    message["content"] = (f"<think>My first draft was {draft}, but {{ let me look again at the "
+                                          f"edges.</think>\n{good}")
+                elif fault == "echo":
+                    message["content"] = _last_user_text(body)
+                elif fault == "string_tokens":
+                    completion["usage"] = {k: str(v) for k, v in completion["usage"].items()}
+                with server._lock:
+                    server.stats.completions += 1
+                self._send(200, completion)
+
         return Handler
+
+
+def _draft_of(reply: str) -> str:
+    """A reasoning model's draft of ``reply``: every score mirrored, the label flipped."""
+    try:
+        obj = json.loads(reply)
+    except ValueError:
+        return reply
+    for key in ("initial_score", "updated_score", "anomaly_score"):
+        if isinstance(obj.get(key), (int, float)):
+            obj[key] = round(1.0 - obj[key], 3)
+    if obj.get("image_label") in ("normal", "anomalous"):
+        obj["image_label"] = "normal" if obj["image_label"] == "anomalous" else "anomalous"
+    return json.dumps(obj)
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for msg in reversed(body.get("messages", [])):
+        if msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, str):
+                return content
+            return "\n".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
 
 def _completion(body: dict[str, Any], text: str, prompt_chars: int) -> dict[str, Any]:

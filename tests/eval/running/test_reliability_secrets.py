@@ -38,7 +38,9 @@ def test_key_stays_out_of_every_output(small_items, tmp_path, capsys):
     # An endpoint that echoes the key in a reply, with 20% of its requests faulty besides.
     echo = json.dumps({"image_label": "normal", "confidence": 0.8, "anomaly_type": None, "bbox": None,
                        "evidence": f"For the record, you called me with the key {KEY}."})
-    with FakeVLMServer(api_key=KEY, fault_rate=0.2, hang_s=1.0, seed=2, script={"direct": [echo]}) as server:
+    # Every direct reply echoes it: a request cut by its 0.5 s deadline on a loaded machine must
+    # not take the only echo with it.
+    with FakeVLMServer(api_key=KEY, fault_rate=0.2, hang_s=1.0, seed=2, script={"direct": [echo] * 3 * len(items)}) as server:
         proc = _cli(manifest, out, server.base_url)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert server.stats.by_status[200] > 0 and "DEBUG" in proc.stderr  # the calls were made, verbosely
