@@ -251,7 +251,7 @@ def _make_vlm(args: argparse.Namespace):
     return make_vlm("openai", endpoint, max_concurrency=args.concurrency), endpoint.secret_values()
 
 
-def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, lock=None) -> dict:
+def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, lock=None, duplicates: int = 0) -> dict:
     """Run items, print the summary and the evaluation; returns the --json object."""
     from anomalyclaw.eval.scoring.metrics import evaluate
     from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
@@ -264,7 +264,7 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, 
                     prompts=PromptSet.load(args.prompts), save_images=args.save_images,
                     progress=not args.no_progress, secrets=secrets, source=source)
     summary = run_sync(runner, items, rejected=rejected, resume=args.resume, retry_errors=args.retry_errors,
-                       lock=lock)
+                       lock=lock, duplicates=duplicates)
     records = load_records(out_dir / RECORDS_FILE)
     result = evaluate(records, alpha=runner.config.alpha)
     per_item = summary.requests / summary.n_done if summary.n_done else 0.0
@@ -349,7 +349,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{len(contents.problems)} manifest problems; --strict refuses to start", file=sys.stderr)
             return 2
     rejected = {} if args.limit else contents.rejected
-    out = _run(args, items, rejected, Path(args.out), source=str(Path(args.manifest).resolve()))
+    out = _run(args, items, rejected, Path(args.out), source=str(Path(args.manifest).resolve()),
+               duplicates=0 if args.limit else contents.n_duplicates)
     if args.json:
         _print_json(out)
     return 3 if out["fatal"] else 0

@@ -66,17 +66,47 @@ class DomainCard:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "DomainCard":
+        """A card from a manifest's ``domain_card`` object. A text field that is null takes its
+        default (``name`` takes the code): a card with ``"name": null`` describes its domain by
+        code instead of failing every item that carries it. Card text is data: it is shown in
+        prompts as written, never read as a template."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a domain_card must be an object, got {type(data).__name__}")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown domain_card keys {sorted(unknown)}")
-        if "code" not in data or "name" not in data:
-            raise ValueError("a domain_card needs at least 'code' and 'name'")
-        traits = frozenset(data.get("traits", ()))
+        code = data.get("code")
+        if not isinstance(code, str) or not code.strip():
+            raise ValueError(f"a domain_card needs a 'code' (a non-empty string), got {code!r}")
+        values: dict[str, Any] = {"code": code}
+        for key in ("name", "modality", "normal", "anomaly", "reference_type"):
+            value = data.get(key)
+            if value is None:
+                if key == "name":
+                    values["name"] = code
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"domain_card '{key}' must be a string or null, got {type(value).__name__}")
+            values[key] = value
+        raw_traits = data.get("traits") or ()
+        if isinstance(raw_traits, str) or not isinstance(raw_traits, (list, tuple, set, frozenset)):
+            raise ValueError(f"domain_card 'traits' must be a list of trait names, got {raw_traits!r}")
+        traits = frozenset(raw_traits)
         bad = traits - set(TRAITS)
         if bad:
-            raise ValueError(f"unknown traits {sorted(bad)}; known: {sorted(TRAITS)}")
-        cats = {k: frozenset(v) for k, v in dict(data.get("category_traits", {})).items()}
-        return cls(**{**dict(data), "traits": traits, "category_traits": cats})
+            raise ValueError(f"unknown traits {sorted(map(str, bad))}; known: {sorted(TRAITS)}")
+        raw_cats = data.get("category_traits") or {}
+        if not isinstance(raw_cats, Mapping):
+            raise ValueError(f"domain_card 'category_traits' must map categories to trait lists, got {raw_cats!r}")
+        cats = {}
+        for cat, names in raw_cats.items():
+            if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
+                raise ValueError(f"domain_card 'category_traits' of {cat!r} must be a list of trait names")
+            cats[str(cat)] = frozenset(names)
+            bad = cats[str(cat)] - set(TRAITS)
+            if bad:
+                raise ValueError(f"unknown traits {sorted(map(str, bad))} for category {cat!r}; known: {sorted(TRAITS)}")
+        return cls(**values, traits=traits, category_traits=cats)
 
 
 _MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")

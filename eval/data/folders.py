@@ -16,12 +16,19 @@ in any letter case. Choices made here, so that no folder surprises anyone:
 * A category with fewer than ``n_refs`` normal training images uses all of them (warning).
 * Files that are not images (``notes.txt``, ``Thumbs.db``) are skipped with a warning naming
   them; hidden files (``.DS_Store``) are skipped silently.
+* Item ids are ``<category>_<defect>_<stem>``, readable, where that names one file of the whole
+  import; the files whose readable ids would clash (category ``a_b`` + defect ``c`` beside ``a``
+  + ``b_c``; ``001.png`` beside ``001.jpg``; ``y.PNG`` beside ``y.Png``) get
+  ``<category>/<defect>/<file name>`` instead, their path under ROOT: no readable id holds a
+  ``/``, and no two files share a path, so ids are unique by construction.
 """
 from __future__ import annotations
 
 import logging
 import os
 import zlib
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -115,7 +122,8 @@ def category_card(category: str) -> DomainCard:
                       "colour deviations", traits=frozenset({"object", "aligned"}))
 
 
-def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[Item]:
+def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[tuple[Item, str]]:
+    """The category's test items, each with its path id ``<category>/<defect>/<file name>``."""
     category = folder.name
     train_good, test = folder / "train" / NORMAL_FOLDER, folder / "test"
     if not train_good.is_dir():
@@ -137,8 +145,7 @@ def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[I
     refs = tuple(pool[int(i)].resolve() for i in picks)
     card = category_card(category)
     ground_truth = folder / "ground_truth"
-    items: list[Item] = []
-    ids: set[str] = set()
+    items: list[tuple[Item, str]] = []
     for path in sorted(test.iterdir()):
         if path.name.startswith("."):
             continue
@@ -148,19 +155,29 @@ def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[I
         defect = path.name
         label = 0 if defect == NORMAL_FOLDER else 1
         for image in _images_in(path):
-            item_id = f"{category}_{defect}_{image.stem}"
-            if item_id in ids:  # 001.png next to 001.jpg
-                item_id = f"{item_id}_{image.suffix.lstrip('.').lower()}"
-            ids.add(item_id)
+            item_id = f"{category}_{defect}_{image.stem}"  # made unique across the import later
             mask = _mask_for(ground_truth, defect, image) if label else None
-            items.append(Item(item_id=item_id, query_path=image.resolve(), ref_paths=refs, domain=category,
-                              domain_code=category, label=label, anomaly_type=None if label == 0 else defect,
-                              source_dataset=source, category=category, split="test",
-                              mask_path=mask.resolve() if mask else None, card=card))
+            items.append((Item(item_id=item_id, query_path=image.resolve(), ref_paths=refs, domain=category,
+                               domain_code=category, label=label, anomaly_type=None if label == 0 else defect,
+                               source_dataset=source, category=category, split="test",
+                               mask_path=mask.resolve() if mask else None, card=card),
+                          f"{category}/{defect}/{image.name}"))
     if not items:
         raise FolderLayoutError(f"category '{category}': {test} holds no test images; expected "
                                 f"test/{NORMAL_FOLDER}/*.png and test/<defect name>/*.png")
     return items
+
+
+def _unique_ids(items: list[tuple[Item, str]]) -> list[Item]:
+    """Readable ids where they are unique across the import, else the path ids (see the module
+    docstring): no readable id holds a ``/``, so the two kinds never meet."""
+    counts = Counter(it.item_id for it, _ in items)
+    out = [replace(it, item_id=path_id) if counts[it.item_id] > 1 else it for it, path_id in items]
+    clashes = [i for i, n in Counter(it.item_id for it in out).items() if n > 1]
+    if clashes:  # two files with one path: only a case-blind view of one folder could do that
+        raise FolderLayoutError(f"image files that differ only in letter case: {', '.join(clashes[:5])}; "
+                                "rename one of each pair")
+    return out
 
 
 def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_refs: int = 5, seed: int = 0,
@@ -193,8 +210,8 @@ def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_re
         raise FolderLayoutError("categories is empty: pass None for every category or name at least one")
     base = base.resolve()
     source = base.name
-    items = [item for folder in _find_categories(base, wanted)
-             for item in _category_items(folder, int(n_refs), int(seed), source)]
+    items = _unique_ids([item for folder in _find_categories(base, wanted)
+                         for item in _category_items(folder, int(n_refs), int(seed), source)])
     target = Path(out).expanduser()
     if target.suffix.lower() != ".json":
         target = target / "manifest.json"

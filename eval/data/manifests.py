@@ -38,6 +38,8 @@ class ManifestContents:
     problems: list[tuple[str, str, str]] = field(default_factory=list)
     rejected: dict[str, list[str]] = field(default_factory=dict)
     raw_rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    n_duplicates: int = 0
+    """Entries skipped because an earlier entry has the same id (each is also in ``problems``)."""
 
 
 def data_root_from_env() -> Path | None:
@@ -71,7 +73,7 @@ def _resolve_path(value: Any, base: Path, data_root: Path | None) -> tuple[Path 
         root = data_root.resolve()
         resolved = (root / value[len(PLACEHOLDER):].lstrip("/\\")).resolve()
         if resolved != root and root not in resolved.parents:
-            return None, f"{value!r} escapes ANOMALYCLAW_DATA ({root}) via '..'"
+            return None, f"{value!r} escapes ANOMALYCLAW_DATA ({root}) via '..' or a symbolic link (to {resolved})"
         return resolved, None
     p = Path(value).expanduser()
     return (p if p.is_absolute() else (base / p)).resolve(), None
@@ -95,6 +97,10 @@ def _parse_item(raw: Any, where: str, base: Path, data_root: Path | None
     split = raw.get("split")
     if split is not None and not isinstance(split, str):
         problems.append(("split", f"expected a string, got {split!r}"))
+    for name in ("domain", "domain_code", "category", "anomaly_type", "source_dataset"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            problems.append((name, f"expected a string or null, got {type(value).__name__} {str(value)[:60]!r}"))
     query = refs = mask = None
     if "query_path" in raw:
         query, why = _resolve_path(raw["query_path"], base, data_root)
@@ -125,13 +131,15 @@ def _parse_item(raw: Any, where: str, base: Path, data_root: Path | None
             problems.append(("domain_card", str(exc)))
     if problems:
         return None, problems
-    domain_code = raw.get("domain_code") or raw.get("domain") or "generic"
+    text = {name: None if raw.get(name) is None else str(raw[name])  # a number as a name: its digits
+            for name in ("domain", "domain_code", "category", "anomaly_type", "source_dataset")}
+    domain_code = text["domain_code"] or text["domain"] or "generic"
     extra = {k: v for k, v in raw.items() if k not in KNOWN}
     return Item(
-        item_id=item_id, query_path=query, ref_paths=tuple(refs), domain=raw.get("domain") or domain_code,
-        domain_code=str(domain_code), label=None if label is None else int(label),
-        anomaly_type=raw.get("anomaly_type"), source_dataset=raw.get("source_dataset"),
-        category=raw.get("category"), split=split, mask_path=mask, card=card, extra=extra,
+        item_id=item_id, query_path=query, ref_paths=tuple(refs), domain=text["domain"] or domain_code,
+        domain_code=domain_code, label=None if label is None else int(label),
+        anomaly_type=text["anomaly_type"], source_dataset=text["source_dataset"],
+        category=text["category"], split=split, mask_path=mask, card=card, extra=extra,
     ), []
 
 
@@ -189,6 +197,7 @@ def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
         if isinstance(rid, str) and rid in seen:
             out.problems.append((where, "item_id", f"duplicate: the same id is item #{seen[rid]}; "
                                  "this later item is skipped"))
+            out.n_duplicates += 1
             continue
         item, problems = _parse_item(raw, where, base, root)
         if isinstance(rid, str) and rid.strip():

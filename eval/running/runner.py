@@ -164,23 +164,25 @@ class Runner:
             return failed(f"internal: {type(exc).__name__}: {exc}")
 
     async def run(self, items: Sequence[Item], *, rejected: dict[str, list[str]] | None = None,
-                  resume: bool = False, retry_errors: bool = False, lock: RunLock | None = None) -> RunSummary:
+                  resume: bool = False, retry_errors: bool = False, lock: RunLock | None = None,
+                  duplicates: int = 0) -> RunSummary:
         """Judge ``items`` (and write an error record for each ``rejected`` manifest entry).
 
         One record per item id: a later item with an id already seen is left out (counted in
-        ``n_duplicates``). The run folder is locked for the run's duration; a caller that took
-        the folder's lock first (to clear the folder under it) passes it as ``lock``.
+        ``n_duplicates``, with the ``duplicates`` the caller already left out, such as a
+        manifest's repeated entries). The run folder is locked for the run's duration; a caller
+        that took the folder's lock first (to clear the folder under it) passes it as ``lock``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if lock is not None:
             if not lock.held or lock.path.resolve() != (self.out_dir / LOCK_FILE).resolve():
                 raise ValueError(f"lock {lock.path} is not a held lock of the run folder {self.out_dir}")
-            return await self._run_locked(items, rejected or {}, resume, retry_errors)
+            return await self._run_locked(items, rejected or {}, resume, retry_errors, duplicates)
         with RunLock(self.out_dir):
-            return await self._run_locked(items, rejected or {}, resume, retry_errors)
+            return await self._run_locked(items, rejected or {}, resume, retry_errors, duplicates)
 
     async def _run_locked(self, items: Sequence[Item], rejected: dict[str, list[str]], resume: bool,
-                          retry_errors: bool) -> RunSummary:
+                          retry_errors: bool, duplicates: int = 0) -> RunSummary:
         records_path = self.out_dir / RECORDS_FILE
         if records_path.exists() and records_path.stat().st_size > 0 and not resume:
             raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
@@ -190,7 +192,7 @@ class Runner:
             if dropped:
                 log.warning("retrying %d items whose records were errors", dropped)
         unique: dict[str, Item] = {}
-        n_duplicates = 0
+        n_duplicates = max(0, int(duplicates))
         for it in items:
             if it.item_id in unique or it.item_id in rejected:
                 n_duplicates += 1
@@ -316,5 +318,5 @@ def run_sync(runner: Runner, items: Sequence[Item], **run_kw: Any) -> RunSummary
 
 def run_items(items: Sequence[Item], vlm: VLM, out_dir: str | os.PathLike, **kwargs: Any) -> RunSummary:
     """Synchronous convenience: ``Runner(vlm, out_dir=..., **kwargs).run(items)`` in a new loop."""
-    run_kw = {k: kwargs.pop(k) for k in ("rejected", "resume", "retry_errors", "lock") if k in kwargs}
+    run_kw = {k: kwargs.pop(k) for k in ("rejected", "resume", "retry_errors", "lock", "duplicates") if k in kwargs}
     return run_sync(Runner(vlm, out_dir=out_dir, **kwargs), items, **run_kw)

@@ -202,3 +202,25 @@ def test_command_line(mvtec, tmp_path, capsys):
     assert {i.category for i in items} == {"carpet"} and all(len(i.ref_paths) == 2 for i in items)
     assert main(["import-folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_import_ids_are_unique_by_construction(tmp_path):
+    """Issue 17 item 6: ``a_b`` + ``c`` and ``a`` + ``b_c`` (or ``y.PNG`` beside ``y.Png``) both
+    became one id, and the run then skipped one image while reporting 0 duplicate ids."""
+    root = tmp_path / "data"
+    _category(root, "a_b", defects={"c": 1}, masks=False)
+    _category(root, "a", defects={"b_c": 1}, masks=False)
+    _png(root / "a" / "test" / "good" / "y.PNG")
+    _png(root / "a" / "test" / "good" / "y.Png")
+    _png(root / "a" / "test" / "good" / "z.jpg")
+    manifest = import_mvtec_folder(root, tmp_path / "m.json")
+    rows = json.loads(manifest.read_text())
+    ids = [r["item_id"] for r in rows]
+    files = [r["query_path"] for r in rows]
+    assert len(ids) == len(set(ids)) == len(set(files)) == len(rows)          # one item per image file
+    assert {"a_b/c/000.png", "a/b_c/000.png", "a/good/y.PNG", "a/good/y.Png"} <= set(ids)
+    assert "a_good_z" in ids and "a_good_000" in ids                           # readable where unique
+    items = load_manifest(manifest)
+    assert len(items) == len(rows)
+    from anomalyclaw.eval.data.manifests import read_manifest
+    assert not read_manifest(manifest).problems
