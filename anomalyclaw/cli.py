@@ -2,21 +2,80 @@
 
 Every subcommand that has a ``--json`` flag prints exactly one JSON object as the last line of
 standard output, so scripts can read it with ``tail -n 1``. Errors print one line naming the
-file, field or value, and exit with status 2.
+file, field or value. Exit statuses (the README's "Exit status" table says the same):
+
+====  ===========================================================================================
+0     done (a run where some items errored too: the reasons are printed)
+1     ``tools run``: the tool does not apply to the item, or failed
+2     a usage or input mistake: a flag out of range, a missing or invalid file, a split or domain
+      that matches nothing, a resume whose settings differ
+3     cannot go on: the endpoint does not answer or refuses the key or model, or an output file or
+      folder cannot be written (read-only, a file in its place, disk full)
+4     a run in which every item errored (the most common reasons are printed)
+130   interrupted (Ctrl-C); 143: terminated (SIGTERM). A run writes its summary first; rerun
+      with ``--resume``
+====  ===========================================================================================
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from .errors import AnomalyClawError
+from .errors import (EXIT_ALL_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_UNAVAILABLE, EXIT_USAGE,
+                     AnomalyClawError)
 
 log = logging.getLogger("anomalyclaw")
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a run's event loop (a run handles it itself and ends with its summary)."""
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and checks the range, so that a bad value stops
+    at parse time with the accepted range in the message."""
+    noun = "a whole number" if kind is int else "a number"
+    if low is not None and high is not None:
+        accepted = f"{noun} {'>' if low_open else '>='} {low:g} and {'<' if high_open else '<='} {high:g}"
+    elif low is not None:
+        accepted = f"{noun} {'>' if low_open else '>='} {low:g}"
+    else:
+        accepted = noun
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+SEED = _number(int, 0)
+FRACTION = _number(float, 0.0, 1.0)
+EXPERT_WEIGHT = _number(float, 0.0, 1.0, high_open=True)
+SECONDS = _number(float, 0.0, low_open=True)
+IMAGE_SIDE = _number(int, 64)
 
 
 def _print_json(obj: dict) -> None:
@@ -64,7 +123,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.scoring.tables import format_table
     from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, check_expert_weight
 
+    if args.plots:
+        from .paths import writable_folder
+        writable_folder(args.plots, "--plots folder")
     records, read = _read_for_eval(args.path, args.merge)
+    if not records:
+        raise ValueError(f"{args.path}: no readable records" + (f" ({read.messages()[0]})" if read.messages() else ""))
     problems = [] if read.clean else [f"{args.path}: " + "; ".join(read.messages())]
     if args.domains:
         wanted = set(_names(args.domains) or [])
@@ -214,9 +278,31 @@ def cmd_import_folder(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.data.folders import import_mvtec_folder
 
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    manifest = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed, categories=categories)
-    print(f"wrote {_count_items(manifest)} items to {manifest}")
+    manifest = import_mvtec_folder(args.root, args.out, n_refs=args.n_refs, seed=args.seed, categories=categories,
+                                   traits=_parse_traits(args.traits))
+    rows = json.loads(Path(manifest).read_text())
+    print(f"wrote {len(rows)} items to {manifest}")
+    cards = {r.get("category"): r.get("domain_card", {}).get("traits", []) for r in rows}
+    for category, traits in cards.items():
+        print(f"  {category}: traits {', '.join(traits) or 'none'}")
+    print("  (change with --traits CATEGORY=TRAIT,TRAIT or --traits TRAIT,TRAIT for every category; the traits "
+          "decide which tools apply)")
     return 0
+
+
+def _parse_traits(values: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """``--traits texture`` (every category) and ``--traits cable=object,aligned`` (one)."""
+    if not values:
+        return None
+    out: dict[str, list[str]] = {}
+    for value in values:
+        category, sep, names = value.partition("=")
+        key = category.strip() if sep else "*"
+        traits = [t.strip() for t in (names if sep else value).split(",") if t.strip()]
+        if sep and not key:
+            raise ValueError(f"--traits {value!r}: expected CATEGORY=TRAIT,TRAIT or TRAIT,TRAIT")
+        out[key] = traits
+    return out
 
 
 # --------------------------------------------------------------------------------------- runs
@@ -248,24 +334,80 @@ def _make_vlm(args: argparse.Namespace):
     endpoint = EndpointConfig.from_env(preset=args.preset, base_url=args.base_url, model=args.model,
                                        timeout_s=args.timeout, client=args.client).require()
     install_secret_redaction(endpoint.secret_values())
+    from anomalyclaw.graph.vlm.endpoint import check_endpoint
+
+    check_endpoint(endpoint)  # one cheap request: a wrong URL or key stops here, before any item
     return make_vlm("openai", endpoint, max_concurrency=args.concurrency), endpoint.secret_values()
 
 
-def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, lock=None, duplicates: int = 0) -> dict:
-    """Run items, print the summary and the evaluation; returns the --json object."""
-    from anomalyclaw.eval.scoring.metrics import evaluate
-    from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
-    from anomalyclaw.eval.running.runner import Runner, run_sync
-    from anomalyclaw.eval.scoring.tables import format_table
+def _command_line(argv: Sequence[str] | None) -> list[str]:
+    """The command line as typed, for ``run_*.json`` (the key never comes from a flag; a URL's
+    password is blanked)."""
+    import re
+
+    words = ["anomalyclaw", *(sys.argv[1:] if argv is None else argv)]
+    return [re.sub(r"(://[^/:@\s]*):[^@/\s]*@", r"\1:***@", w) for w in words]
+
+
+def _check_item_files(items, where: str) -> None:
+    """Before the first request: when none of the first items' images exist, the data root or
+    the manifest's paths are wrong; say so once instead of writing an error record per item."""
+    from anomalyclaw.eval.data.manifests import check_files, data_root_from_env
+
+    head = items[:5]
+    missing = check_files(head, n=len(head))
+    if not missing:
+        return
+    item, field, path = missing[0]
+    if len({m[0].item_id for m in missing}) == len(head):
+        root = data_root_from_env()
+        hint = f"ANOMALYCLAW_DATA is {root}" if root else "ANOMALYCLAW_DATA is not set"
+        raise AnomalyClawError(f"the images of the first {len(head)} items of {where} do not exist (item "
+                               f"{item.item_id!r}, {field}: {path}); are the paths right? ({hint})")
+    print(f"warning: {len(missing)} image file(s) of the first {len(head)} items do not exist (item "
+          f"{item.item_id!r}, {field}: {path}); those items get error records", file=sys.stderr)
+
+
+def _prepare_run(args: argparse.Namespace, items, out_dir: Path, where: str, inputs: dict, *,
+                 replace: bool = False):
+    """Everything that can be checked before the first request, then the Runner: items to
+    judge, image files, the output folder, the endpoint."""
+    from anomalyclaw.eval.running.runner import Runner
     from anomalyclaw.prompts import PromptSet
 
+    from .paths import writable_folder
+
+    if not items:
+        raise AnomalyClawError(f"{where} holds no items to judge")
+    _check_item_files(items, where)
+    writable_folder(out_dir, "run folder")
+    config, registry, prompts = _agent_config(args), _registry(args), PromptSet.load(args.prompts)
     vlm, secrets = _make_vlm(args)
-    runner = Runner(vlm, out_dir=out_dir, config=_agent_config(args), registry=_registry(args),
-                    prompts=PromptSet.load(args.prompts), save_images=args.save_images,
-                    progress=not args.no_progress, secrets=secrets, source=source)
+    return Runner(vlm, out_dir=out_dir, config=config, registry=registry, prompts=prompts,
+                  save_images=args.save_images, progress=not args.no_progress, secrets=secrets,
+                  source=inputs.get("manifest"), inputs=inputs, command=_command_line(getattr(args, "argv", None)))
+
+
+def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str, inputs: dict,
+         lock=None, duplicates: int = 0) -> tuple[dict, int]:
+    """Run items, print the summary and the evaluation; returns the --json object and the
+    exit status."""
+    from anomalyclaw.eval.scoring.metrics import evaluate
+    from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
+    from anomalyclaw.eval.running.runner import run_sync
+    from anomalyclaw.eval.scoring.tables import format_table
+
+    runner = _prepare_run(args, items, out_dir, where, inputs)
+    vlm = runner.vlm
     summary = run_sync(runner, items, rejected=rejected, resume=args.resume, retry_errors=args.retry_errors,
-                       lock=lock, duplicates=duplicates)
-    records = load_records(out_dir / RECORDS_FILE)
+                       force=args.force, handle_signals=True, lock=lock,
+                       duplicates=duplicates)
+    ids = {it.item_id for it in items} | set(rejected)
+    try:
+        records = [r for r in load_records(out_dir / RECORDS_FILE) if r.item_id in ids]
+    except (OSError, ValueError) as exc:  # the records file itself is what failed (summary.fatal says how)
+        log.warning("cannot read the records back: %s", exc)
+        records = []
     result = evaluate(records, alpha=runner.config.alpha)
     per_item = summary.requests / summary.n_done if summary.n_done else 0.0
     print(f"\n{summary.n_done} items judged in {summary.elapsed_s:.1f} s ({summary.items_per_s:.2f} items/s), "
@@ -274,14 +416,58 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, source: str, 
           f"{per_item:.2f} VLM requests per item; records: {out_dir / RECORDS_FILE}")
     if result["kept"]:
         print(format_table(result))
-    if summary.fatal:
-        print(f"run stopped: {summary.fatal}", file=sys.stderr)
+    n_errors = sum(1 for r in records if r.error)
+    status, errors = _run_status(args, summary, records, out_dir)
     out = {k: result[k] for k in ("rows", "kept", "macro_auroc", "per_domain")}
-    out.update(n_items=len(records), n_errors=sum(1 for r in records if r.error),
+    out.update(n_items=len(records), n_errors=n_errors,
                records=str(out_dir / RECORDS_FILE), items_per_s=summary.items_per_s,
                n_partial=summary.n_partial, n_duplicates=summary.n_duplicates,
-               requests_per_item=round(per_item, 3), backend=vlm.backend, fatal=summary.fatal)
-    return out
+               requests_per_item=round(per_item, 3), backend=vlm.backend, fatal=summary.fatal,
+               interrupted=summary.interrupted, top_errors=[{"count": c, "error": m} for c, m in errors],
+               exit_status=status)
+    return out, status
+
+
+def _run_status(args: argparse.Namespace, summary, records, out_dir: Path) -> tuple[int, list[tuple[int, str]]]:
+    """The exit status of a finished run, after saying on stderr why it is not 0 (and, when
+    some items errored, their most common reasons); also returns those reasons."""
+    from anomalyclaw.eval.running.records import RECORDS_FILE
+    from anomalyclaw.eval.running.runner import top_errors
+
+    n_errors = sum(1 for r in records if r.error)
+    errors = top_errors(records)
+    status = EXIT_OK
+    if summary.interrupted:
+        status = EXIT_TERMINATED if summary.interrupted == "SIGTERM" else EXIT_INTERRUPTED
+        print(f"interrupted ({summary.interrupted}): {len(records)} records are kept in {out_dir / RECORDS_FILE}"
+              f"{f', {summary.n_abandoned} items in flight were abandoned' if summary.n_abandoned else ''}; "
+              + ("rerun with --resume to judge the rest" if args.command == "run" else "run it again"),
+              file=sys.stderr)
+    elif summary.fatal:
+        status = EXIT_UNAVAILABLE
+        print(f"run stopped: {summary.fatal}", file=sys.stderr)
+    elif records and n_errors == len(records):
+        status = EXIT_ALL_ERRORS
+        print(f"every item errored ({n_errors} of {len(records)}); the most common reasons:", file=sys.stderr)
+    elif n_errors:
+        print(f"{n_errors} of {len(records)} items errored; the most common reasons:", file=sys.stderr)
+    if errors and not summary.interrupted and not summary.fatal:
+        for count, message in errors:
+            print(f"  {count:>5} x {message[:300]}", file=sys.stderr)
+        if status == EXIT_ALL_ERRORS and getattr(args, "resume", False) and not args.retry_errors \
+                and summary.n_skipped:
+            print("  --resume skips items that already have a record, error records included: add --retry-errors "
+                  "to judge those items again", file=sys.stderr)
+    return status, errors
+
+
+def _manifest_inputs(manifest: Path, split: str | None, domains: list[str] | None) -> dict:
+    """The part of a run folder's fingerprint that says which items it judges."""
+    import hashlib
+
+    return {"manifest": str(manifest), "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "split": split.lower() if split else None,
+            "domains": sorted({d.lower() for d in domains}) if domains else None}
 
 
 def _run_mcqa(args: argparse.Namespace) -> int:
@@ -308,14 +494,21 @@ def _run_mcqa(args: argparse.Namespace) -> int:
           f"({len(contents.rejected)} rejected) from {contents.source}; data root {contents.data_root}; "
           f"references: the first {contents.n_refs} of each image's {contents.refs}_templates")
     out_dir = Path(args.out)
+    from .paths import writable_folder
+
+    writable_folder(out_dir, "run folder")
     vlm, secrets = _make_vlm(args)
+    source = Path(contents.source).resolve()
+    inputs = {**_manifest_inputs(source, None, _names(args.domains)), "mmad_refs": contents.refs,
+              "mmad_shots": contents.n_refs, "domain_knowledge": args.domain_knowledge}
     runner = McqRunner(vlm, out_dir=out_dir, config=_agent_config(args), registry=_registry(args),
                        prompts=PromptSet.load(args.prompts), save_images=args.save_images,
                        progress=not args.no_progress, secrets=secrets, source=contents.source,
+                       inputs=inputs, command=_command_line(args.argv),
                        mmad_info={"data_root": str(contents.data_root), "refs": contents.refs,
                                   "n_refs": contents.n_refs, "domain_knowledge": args.domain_knowledge})
     summary = run_sync(runner, contents.images, rejected=contents.rejected, resume=args.resume,
-                       retry_errors=args.retry_errors)
+                       retry_errors=args.retry_errors, force=args.force, handle_signals=True)
     records = load_records(out_dir / RECORDS_FILE)
     per_q = summary.requests / summary.n_done if summary.n_done else 0.0
     stand_in = " (the rule-based stand-in, not a VLM)" if vlm.backend == "offline" else ""
@@ -323,23 +516,23 @@ def _run_mcqa(args: argparse.Namespace) -> int:
           f"questions/s), {summary.n_skipped} already done, {summary.n_errors} errors; backend {vlm.backend} "
           f"({vlm.model}){stand_in}; {per_q:.2f} VLM requests per question; records: {out_dir / RECORDS_FILE}")
     mcqa = _mcqa_report([r for r in records if r.mode == "mcqa"], argparse.Namespace(bootstrap=0))
-    if summary.fatal:
-        print(f"run stopped: {summary.fatal}", file=sys.stderr)
+    status, _ = _run_status(args, summary, records, out_dir)
     if args.json:
         _print_json({"task": "mcqa", "mcqa": mcqa, "n_questions": len(records),
                      "n_errors": sum(1 for r in records if r.error), "records": str(out_dir / RECORDS_FILE),
                      "questions_per_s": summary.items_per_s, "requests_per_question": round(per_q, 3),
-                     "backend": vlm.backend, "fatal": summary.fatal})
-    return 3 if summary.fatal else 0
+                     "backend": vlm.backend, "fatal": summary.fatal, "interrupted": summary.interrupted,
+                     "exit_status": status})
+    return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from anomalyclaw.eval.data.manifests import read_manifest
+    from anomalyclaw.eval.data.manifests import read_manifest, resolve_manifest_path
 
     if args.task == "mcqa":
         return _run_mcqa(args)
 
-    domains = [d for d in (args.domains or "").split(",") if d.strip()] or None
+    domains = [d.strip() for d in (args.domains or "").split(",") if d.strip()] or None
     contents = read_manifest(args.manifest, split=args.split, domains=domains)
     items = contents.items[: args.limit] if args.limit else contents.items
     if contents.problems:
@@ -347,13 +540,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"manifest problem: {where}: field '{fld}': {msg}", file=sys.stderr)
         if args.strict:
             print(f"{len(contents.problems)} manifest problems; --strict refuses to start", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     rejected = {} if args.limit else contents.rejected
-    out = _run(args, items, rejected, Path(args.out), source=str(Path(args.manifest).resolve()),
-               duplicates=0 if args.limit else contents.n_duplicates)
+    manifest = resolve_manifest_path(args.manifest).resolve()
+    out, status = _run(args, items, rejected, Path(args.out), where=str(manifest),
+                       inputs=_manifest_inputs(manifest, args.split, domains),
+                       duplicates=0 if args.limit else contents.n_duplicates)
     if args.json:
         _print_json(out)
-    return 3 if out["fatal"] else 0
+    return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -372,10 +567,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for stale in [run_dir / RECORDS_FILE, *run_dir.glob("run_*.json")]:
             stale.unlink(missing_ok=True)  # the demo always starts fresh in its own folder
         contents = read_manifest(manifest, split="test")
-        out = _run(args, contents.items, contents.rejected, run_dir, source=str(manifest.resolve()), lock=lock)
+        out, status = _run(args, contents.items, contents.rejected, run_dir, where=str(manifest.resolve()),
+                           inputs=_manifest_inputs(manifest.resolve(), "test", None), lock=lock)
     if args.json:
         _print_json(out)
-    return 3 if out["fatal"] else 0
+    return status
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from anomalyclaw.eval.running.predict import KIND, domain_card, format_prediction, predict_items, prediction
+    from anomalyclaw.eval.running.records import RECORDS_FILE, load_records
+    from anomalyclaw.eval.running.runner import run_sync
+
+    traits = [t.strip() for t in args.traits.split(",") if t.strip()] if args.traits is not None else None
+    card = domain_card(args.domain_card, traits)
+    items = predict_items(args.query, args.refs, card)
+    out_dir = Path(args.out)
+    args.save_images, args.resume, args.retry_errors, args.force = True, False, False, False
+    runner = _prepare_run(args, items, out_dir, " ".join(args.query), {"kind": KIND, "card": card.to_json()})
+    summary = run_sync(runner, items, replace=True, handle_signals=True)
+    records = {r.item_id: r for r in load_records(out_dir / RECORDS_FILE)}
+    preds = [prediction(records[it.item_id], it, out_dir) for it in items if it.item_id in records]
+    for pred in preds:
+        print(format_prediction(pred))
+    n_refs = len({r for it in items for r in it.ref_paths})
+    print(f"{len(preds)} image(s) judged by {runner.vlm.backend} ({runner.vlm.model}) against {n_refs} reference "
+          f"image(s); records and tool images in {out_dir}")
+    status = EXIT_OK
+    if summary.interrupted:
+        status = EXIT_TERMINATED if summary.interrupted == "SIGTERM" else EXIT_INTERRUPTED
+        print(f"interrupted ({summary.interrupted})", file=sys.stderr)
+    elif summary.fatal:
+        status = EXIT_UNAVAILABLE
+        print(f"stopped: {summary.fatal}", file=sys.stderr)
+    elif preds and all(p["error"] for p in preds):
+        status = EXIT_ALL_ERRORS
+    if args.json:
+        _print_json({"predictions": preds, "out": str(out_dir), "exit_status": status})
+    return status
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -432,6 +661,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.reports.html import build_report
 
+    from .paths import writable_folder
+
+    if args.out:
+        writable_folder(Path(args.out).expanduser().parent, "report folder")
+    elif Path(args.run).is_dir():
+        writable_folder(args.run, "report folder (the run folder)")
+
     page = build_report(args.run, args.out, item_ids=args.item, manifest=args.manifest,
                         embed_images=not args.link_images, alpha=args.alpha)
     print(f"report: {page}")
@@ -480,17 +716,22 @@ def _cmd_tools_run(args: argparse.Namespace, registry) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyclaw", description="AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    from .version import __version__
+
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: this project's log lines (requests, retries, tool calls); -vv: their details "
+                             "and the HTTP clients' lines; -vvv: every library's debug output")
+    parser.add_argument("--version", action="version", version=f"anomalyclaw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("eval", help="AUROC per domain and branch from a folder of records")
     p.add_argument("path", help="folder with records.jsonl (this project) or D*.json (released), or a file")
-    p.add_argument("--alpha", type=float, default=0.5, help="fusion weight of the direct branch (default 0.5)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="paired bootstrap resamples for confidence intervals of differences")
+    p.add_argument("--alpha", type=FRACTION, default=0.5, help="fusion weight of the direct branch, 0-1 (default 0.5)")
+    p.add_argument("--bootstrap", type=COUNT, default=0, metavar="N",
+                   help="paired bootstrap resamples for confidence intervals of differences (>= 0)")
     p.add_argument("--compare", metavar="OTHER", help="records of another run: bootstrap this - other per column")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--expert-weight", type=float,
+    p.add_argument("--seed", type=SEED, default=0, help="bootstrap seed")
+    p.add_argument("--expert-weight", type=_number(float, 0),
                    help="weight of the frozen-expert term in the fused column (default 0.2 when there are expert "
                         "scores; 0 gives the paper's two-branch blend)")
     p.add_argument("--expert-scores", action="append", metavar="PATH",
@@ -518,13 +759,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic benchmark (images, masks, manifest.json)")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-test", type=int, default=24, help="test items per domain (default 24)")
-    p.add_argument("--n-calibration", type=int, default=8, help="calibration items per domain (default 8)")
-    p.add_argument("--n-dev", type=int, default=8, help="dev items per domain (default 8)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels, 64-1024 (default 256)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--n-test", type=_number(int, 2), default=24, help="test items per domain, >= 2 (default 24)")
+    p.add_argument("--n-calibration", type=COUNT, default=8, help="calibration items per domain (default 8)")
+    p.add_argument("--n-dev", type=COUNT, default=8, help="dev items per domain (default 8)")
+    p.add_argument("--size", type=_number(int, 64, 1024), default=256, help="image side in pixels, 64-1024 (default 256)")
     p.add_argument("--domains", help="comma-separated codes or names, e.g. S1,coin_count (default: all seven)")
-    p.add_argument("--workers", type=int, help="rendering threads (default: one per core); output does not depend on it")
+    p.add_argument("--workers", type=POSITIVE_INT,
+                   help="rendering threads (default: one per core); output does not depend on it")
     p.add_argument("--mmad", action="store_true",
                    help="also write mmad.json: MMAD-format multiple-choice questions on the test images "
                         "(run them with `anomalyclaw run --task mcqa --manifest OUT/mmad.json`)")
@@ -533,9 +775,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-folder", help="turn an MVTec-style folder into a manifest")
     p.add_argument("root", help="folder of <category>/train/good, <category>/test/<defect>, [ground_truth]")
     p.add_argument("--out", required=True, help="manifest file to write")
-    p.add_argument("--n-refs", type=int, default=5, help="references per item, drawn from train/good")
-    p.add_argument("--seed", type=int, default=0, help="seed of the reference draw")
+    p.add_argument("--n-refs", type=POSITIVE_INT, default=5, help="references per item, drawn from train/good")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the reference draw")
     p.add_argument("--categories", help="comma-separated category names (default: all)")
+    p.add_argument("--traits", action="append", metavar="[CATEGORY=]TRAIT,TRAIT",
+                   help="domain-card traits (aligned, texture, object, rotating, counting, ...) for every category, "
+                        "or with CATEGORY= for one (repeatable); default: texture for the MVTec texture names, "
+                        "else object,aligned")
     p.set_defaults(handler=cmd_import_folder)
 
     def run_options(p: argparse.ArgumentParser, *, backend_default: str = "offline") -> None:
@@ -546,25 +792,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read QWEN_API_BASE/QWEN_API_KEY/QWEN_MODEL (or GPT_*, SEED_*, OPENAI_*)")
         g.add_argument("--base-url", help="endpoint base URL (else ANOMALYCLAW_BASE_URL)")
         g.add_argument("--model", help="model name (else ANOMALYCLAW_MODEL)")
-        g.add_argument("--timeout", type=float, help="seconds per request (default 120)")
+        g.add_argument("--timeout", type=SECONDS, help="seconds per request, > 0 (default 120)")
         g.add_argument("--client", choices=["langchain", "sdk"],
                        help="openai backend's client: langchain (ChatOpenAI, default) or sdk (the openai SDK "
                             "directly, less CPU per request); else ANOMALYCLAW_CLIENT")
-        g.add_argument("--concurrency", type=int, default=8, help="VLM requests in flight (default 8)")
+        g.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="VLM requests in flight, >= 1 (default 8)")
         a = p.add_argument_group("agent")
-        a.add_argument("--max-turns", type=int, help="refutation turns before a forced commit (default 3)")
-        a.add_argument("--alpha", type=float, help="fusion weight of the direct branch (default 0.5)")
-        a.add_argument("--expert-weight", type=float, help="weight of the frozen-expert term (choose on calibration)")
+        a.add_argument("--max-turns", type=POSITIVE_INT, help="refutation turns before a forced commit, >= 1 (default 3)")
+        a.add_argument("--alpha", type=FRACTION, help="fusion weight of the direct branch, 0-1 (default 0.5)")
+        a.add_argument("--expert-weight", type=EXPERT_WEIGHT,
+                       help="weight of the frozen-expert term, 0 to < 1 (choose it on calibration)")
         a.add_argument("--direct-score", choices=["verbalized", "logprob"], help="direct branch reading")
         a.add_argument("--backbone", help="expert backbone: classic (default), dinov2, clip")
         a.add_argument("--backbone-path", help="local folder of the backbone weights")
         a.add_argument("--image-history", choices=["once", "all"], help="send each image once (default) or every turn")
-        a.add_argument("--image-side", type=int, help="longest side of images sent to the VLM (default 768)")
+        a.add_argument("--image-side", type=IMAGE_SIDE, help="longest side of images sent to the VLM, >= 64 (default 768)")
         a.add_argument("--prompts", help="folder of prompt .txt files overriding the defaults")
         a.add_argument("--drop-tools", help="comma-separated tool names to leave out of the catalog")
         o = p.add_argument_group("output")
         o.add_argument("--resume", action="store_true", help="skip items already recorded in OUT")
         o.add_argument("--retry-errors", action="store_true", help="with --resume: judge error records again")
+        o.add_argument("--force", action="store_true",
+                       help="with --resume: continue even when OUT's records were made with other settings")
         o.add_argument("--save-images", action="store_true", help="write tool images under OUT/images")
         o.add_argument("--no-progress", action="store_true", help="no progress bar")
         o.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -577,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="manifest file or folder (mcqa: mmad.json or its folder)")
     p.add_argument("--split", help="calibration, dev or test")
     p.add_argument("--domains", help="comma-separated domain codes or names, e.g. D1,D7 (mcqa: datasets, e.g. VisA)")
-    p.add_argument("--limit", type=int, help="only the first N items (mcqa: questions)")
+    p.add_argument("--limit", type=POSITIVE_INT, help="only the first N items, >= 1 (mcqa: questions)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--strict", action="store_true", help="refuse to start when the manifest has problems")
     m = p.add_argument_group("mcqa (MMAD's question file)")
@@ -593,9 +842,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic benchmark + full pipeline on the offline backend + AUROC")
     p.add_argument("--out", default="anomalyclaw-demo", help="folder for the benchmark and the run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     run_options(p)
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("predict", help="judge one image, or a folder of images, against reference images (no "
+                                       "manifest): score, verdicts, boxes, tool images")
+    p.add_argument("query", nargs="+", help="query image file(s), or a folder of them")
+    p.add_argument("--refs", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="normal reference images: a folder of them, or files (a query among them is left out of "
+                        "its own references)")
+    p.add_argument("--domain-card", metavar="FILE_OR_JSON",
+                   help="what normal means here: a JSON file or object with code, name, normal, anomaly, traits "
+                        "(default: a generic card)")
+    p.add_argument("--traits", metavar="TRAIT,TRAIT",
+                   help="the card's traits, e.g. aligned (fixed pose: pixel comparisons apply), texture, object, "
+                        "rotating, counting")
+    p.add_argument("--out", default="anomalyclaw-predict",
+                   help="folder for the records and tool images (default anomalyclaw-predict; replaced by the "
+                        "next predict)")
+    run_options(p)
+    for action in p._actions:  # these run flags mean nothing for one-off predictions
+        if action.dest in ("resume", "retry_errors", "force", "save_images"):
+            action.help = argparse.SUPPRESS
+    p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks: throughput against a fake endpoint, request bytes, tool and "
                                      "expert latency, the demo's wall time; `bench experts`, `bench tools`")
@@ -618,8 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b = bsub.add_parser("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
                                       "localization per tool and domain")
-    b.add_argument("--size", type=int, default=512, help="synthetic image side in px (latency)")
-    b.add_argument("--repeats", type=int, default=30, help="warm calls per tool (latency)")
+    b.add_argument("--size", type=IMAGE_SIDE, default=512, help="synthetic image side in px (latency)")
+    b.add_argument("--repeats", type=POSITIVE_INT, default=30, help="warm calls per tool (latency)")
     b.add_argument("--tools", help="comma-separated tool names (default: all)")
     b.add_argument("--manifest", help="measure evidence quality on this manifest instead of latency")
     b.add_argument("--split", help="manifest split (quality)")
@@ -640,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="the manifest that was run: adds each item's query and references")
     p.add_argument("--link-images", action="store_true",
                    help="link the images instead of embedding them (smaller page; keep it beside the run)")
-    p.add_argument("--alpha", type=float, default=0.5, help="fusion weight of the direct branch (default 0.5)")
+    p.add_argument("--alpha", type=FRACTION, default=0.5, help="fusion weight of the direct branch, 0-1 (default 0.5)")
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("tools", help="list the tool catalog, or run one tool on one item")
@@ -658,23 +928,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that write a run folder: an interruption tells how to continue.
+RUN_COMMANDS = ("run",)
+
+
+def _log_levels(verbose: int) -> tuple[int, int]:
+    """(this project's level, every other library's level) for ``-v`` counted ``verbose`` times."""
+    ours = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    theirs = {0: logging.WARNING, 1: logging.WARNING, 2: logging.INFO}.get(verbose, logging.DEBUG)
+    return ours, theirs
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    ours, theirs = _log_levels(args.verbose)
+    logging.basicConfig(level=theirs, format="%(levelname)s %(name)s: %(message)s")
+    project_logger = logging.getLogger("anomalyclaw")
+    previous_level = project_logger.level
+    if args.verbose:
+        project_logger.setLevel(ours)
+    previous_term = None
+    if threading.current_thread() is threading.main_thread():
+        previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    where = f"anomalyclaw {args.command}"
+    resume_hint = (f"; finished items are kept in {Path(args.out)}: rerun with --resume to continue"
+                   if args.command in RUN_COMMANDS else "")
     try:
         return handler(args)
-    except (AnomalyClawError, FileNotFoundError, ValueError) as exc:
-        print(f"anomalyclaw {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except AnomalyClawError as exc:
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{where}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         sys.stderr.close()
-        return 0
+        return EXIT_OK
+    except OSError as exc:  # a file system error no check above foresaw: one line, not a traceback
+        target = f" {exc.filename}" if exc.filename else ""
+        print(f"{where}: error: cannot read or write{target}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
-        print(f"anomalyclaw {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{where}: interrupted{resume_hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{where}: terminated (SIGTERM){resume_hint}", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+        if args.verbose:
+            project_logger.setLevel(previous_level)
 
 
 if __name__ == "__main__":

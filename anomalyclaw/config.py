@@ -61,6 +61,8 @@ class EndpointConfig:
     """``langchain``: ``ChatOpenAI`` (langchain-openai); ``sdk``: the openai SDK's async client
     posting the serialised request directly, ~3x less event-loop CPU per request (see the README's
     performance section); ANOMALYCLAW_CLIENT."""
+    preset: str | None = None
+    """The preset whose variables were read (``--preset``), so that errors name them."""
 
     @classmethod
     def from_env(cls, preset: str | None = None, env: dict[str, str] | None = None,
@@ -80,7 +82,7 @@ class EndpointConfig:
                     return value
             return None
 
-        values: dict[str, Any] = {"base_url": pick(0), "model": pick(2)}
+        values: dict[str, Any] = {"base_url": pick(0), "model": pick(2), "preset": preset}
         key = pick(1)
         values["api_key"] = SecretStr(key) if key else None
         key_source = next((PRESETS[n][1] for n in order if env.get(PRESETS[n][1])), "the API key")
@@ -120,13 +122,23 @@ class EndpointConfig:
             raw = self.api_key.get_secret_value() if isinstance(self.api_key, SecretStr) else str(self.api_key)
             object.__setattr__(self, "api_key", SecretStr(check_api_key(raw, warn=False)))
 
+    def variables(self) -> tuple[str, str, str]:
+        """The environment variables these settings are read from: (base URL, key, model)."""
+        return PRESETS[self.preset] if self.preset in PRESETS else PRESETS["anomalyclaw"]
+
+    def _unset(self, index: int) -> str:
+        ours = PRESETS["anomalyclaw"][index]
+        if self.preset and self.preset in PRESETS:
+            return f"--preset {self.preset} reads {PRESETS[self.preset][index]} (then {ours}), and neither is set"
+        return f"{ours} is not set"
+
     def require(self) -> "EndpointConfig":
         """Check that the endpoint can be used; raise a ConfigError saying what to set."""
         if not self.base_url:
-            raise ConfigError("no VLM endpoint: pass --base-url or set ANOMALYCLAW_BASE_URL "
-                              "(e.g. http://localhost:8000/v1 for vLLM), or use --backend offline")
+            raise ConfigError(f"no VLM endpoint: {self._unset(0)}; set one (e.g. http://localhost:8000/v1 for "
+                              "vLLM) or pass --base-url, or use --backend offline")
         if not self.model:
-            raise ConfigError("no model name: pass --model or set ANOMALYCLAW_MODEL")
+            raise ConfigError(f"no model name: {self._unset(2)}; set one or pass --model")
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base URL {self.base_url!r} must start with http:// or https://")
         return self

@@ -61,3 +61,24 @@ def safe_file_name(text: str, *, suffix: str = "") -> str:
     digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
     slug = _UNSAFE.sub("_", str(text))[:SLUG_CHARS].strip("._-")
     return (f"{slug}-{digest}" if slug else digest) + suffix
+
+
+def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and check that a file can be written in it (by writing and
+    removing one); raise :class:`~anomalyclaw.errors.OutputError` naming the folder and the
+    reason (a file in its place, read-only, no space) otherwise. Checked before the work starts,
+    so no work is done that cannot be kept."""
+    from .errors import OutputError
+
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the {what} {folder} is a file, not a folder; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".anomalyclaw-write-test-{os.getpid()}"
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to the {what} {folder}: {exc.strerror or exc}") from None
+    return folder

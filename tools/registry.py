@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import logging
 import re
 import time
 import uuid
@@ -29,6 +30,8 @@ from .factory import CHECKED_KEY, finish
 from .guard import CheckedCall, check_arguments
 from .observation import Observation
 from .regions import BBOX_DESCRIPTION
+
+log = logging.getLogger(__name__)
 
 
 #: The 13 tools of the catalog, in prompt order.
@@ -263,20 +266,20 @@ class ToolRegistry:
         start = time.perf_counter()
         call = self.check_call(name, args, context.item, default_bbox=default_bbox)
         if isinstance(call, Observation):
-            return finish(call, None, start)
+            return _logged(finish(call, None, start), context)
         try:
             message = self._entries[call.tool].tool.invoke(*self._invocation(call, context))
-            return self._observation(call, message, start)
+            return _logged(self._observation(call, message, start), context)
         except Exception as exc:  # plain tools may raise; the catalog's never do
-            return finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}", args=call.args_dict()),
-                          None, start)
+            return _logged(finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}",
+                                                      args=call.args_dict()), None, start), context)
 
     async def arun(self, name: str, args: dict | None, context: ItemContext, *,
                    default_bbox: list[float] | None = None) -> Observation:
         """:meth:`run` for async callers: the image work runs in a worker thread."""
         call = self.check_call(name, args, context.item, default_bbox=default_bbox)
         if isinstance(call, Observation):
-            return finish(call, None, time.perf_counter())
+            return _logged(finish(call, None, time.perf_counter()), context)
         return await self.arun_checked(call, context)
 
     async def arun_checked(self, call: CheckedCall, context: ItemContext) -> Observation:
@@ -284,12 +287,24 @@ class ToolRegistry:
         start = time.perf_counter()
         try:
             message = await self._entries[call.tool].tool.ainvoke(*self._invocation(call, context))
-            return self._observation(call, message, start)
+            return _logged(self._observation(call, message, start), context)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}", args=call.args_dict()),
-                          None, start)
+            return _logged(finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}",
+                                                      args=call.args_dict()), None, start), context)
+
+
+def _logged(obs: Observation, context: ItemContext) -> Observation:
+    """``obs``, after one INFO line saying which tool ran on which item and what came of it
+    (``anomalyclaw -v`` shows these)."""
+    if log.isEnabledFor(logging.INFO):
+        evidence = (obs.data or {}).get("evidence")
+        outcome = (f"evidence {evidence:.3f}" if isinstance(evidence, (int, float)) else "no evidence") \
+            if obs.ok else f"failed: {str(obs.error)[:200]}"
+        log.info("item %s: tool %s %s -> %s (%.0f ms)", context.item.item_id, obs.tool,
+                 json.dumps(obs.args, default=str), outcome, 1000 * (obs.elapsed_s or 0.0))
+    return obs
 
 
 def run_tool_on_item(name: str, item: Item, args: dict | None = None, *, out_dir: str | Path | None = None,

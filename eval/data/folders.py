@@ -30,11 +30,11 @@ import zlib
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from anomalyclaw.domains import DomainCard
+from anomalyclaw.domains import TRAITS, DomainCard
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.eval.data.manifests import data_root_from_env, write_manifest
 from anomalyclaw.items import Item
@@ -107,22 +107,35 @@ def _mask_for(ground_truth: Path, defect: str, image: Path) -> Path | None:
     return None
 
 
-def category_card(category: str) -> DomainCard:
-    """A generic card for an MVTec-style category: ``texture`` for the MVTec texture names,
-    else ``object`` + ``aligned``. Edit ``domain_card`` in the written manifest when a category
-    differs (an object that rotates: add ``rotating``; a part count that matters: ``counting``)."""
+def default_traits(category: str) -> frozenset[str]:
+    """``texture`` for the MVTec texture names, else ``object`` + ``aligned``."""
+    return frozenset({"texture"}) if category.lower() in TEXTURE_CATEGORIES else frozenset({"object", "aligned"})
+
+
+def category_card(category: str, traits: Iterable[str] | None = None) -> DomainCard:
+    """A generic card for an MVTec-style category with ``traits`` (default
+    :func:`default_traits`). A texture card (``texture`` among the traits) describes a surface
+    and is never ``aligned`` unless asked for: a surface has no fixed layout. Pass traits, or
+    edit ``domain_card`` in the written manifest, when a category differs (an object that
+    rotates: ``rotating``; a part count that matters: ``counting``; a fabric: ``texture``)."""
+    chosen = default_traits(category) if traits is None else frozenset(traits)
+    bad = sorted(chosen - set(TRAITS))
+    if bad:
+        raise FolderLayoutError(f"unknown trait(s) {', '.join(bad)} for category '{category}'; known: "
+                                f"{', '.join(sorted(TRAITS))}")
     name = category.replace("_", " ")
-    if category.lower() in TEXTURE_CATEGORIES:
+    if "texture" in chosen:
         return DomainCard(category, name, "RGB", f"a defect-free {name} surface like the references",
                           "scratches, cuts, holes, stains, contamination, colour or texture deviations",
-                          traits=frozenset({"texture"}))
+                          traits=chosen)
     return DomainCard(category, name, "RGB",
                       f"a defect-free {name} like the references, with the same shape, colour and markings",
                       "scratches, dents, cracks, holes, contamination, missing or misplaced parts, "
-                      "colour deviations", traits=frozenset({"object", "aligned"}))
+                      "colour deviations", traits=chosen)
 
 
-def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[tuple[Item, str]]:
+def _category_items(folder: Path, n_refs: int, seed: int, source: str,
+                    traits: Iterable[str] | None = None) -> list[tuple[Item, str]]:
     """The category's test items, each with its path id ``<category>/<defect>/<file name>``."""
     category = folder.name
     train_good, test = folder / "train" / NORMAL_FOLDER, folder / "test"
@@ -143,7 +156,7 @@ def _category_items(folder: Path, n_refs: int, seed: int, source: str) -> list[t
     rng = np.random.default_rng([seed, zlib.crc32(category.encode("utf-8"))])
     picks = sorted(rng.choice(len(pool), size=min(n_refs, len(pool)), replace=False))
     refs = tuple(pool[int(i)].resolve() for i in picks)
-    card = category_card(category)
+    card = category_card(category, traits)
     ground_truth = folder / "ground_truth"
     items: list[tuple[Item, str]] = []
     for path in sorted(test.iterdir()):
@@ -180,8 +193,29 @@ def _unique_ids(items: list[tuple[Item, str]]) -> list[Item]:
     return out
 
 
+def _traits_by_category(traits: Mapping[str, Iterable[str]] | Iterable[str] | None,
+                        found: Sequence[str]) -> dict[str, frozenset[str] | None]:
+    """Each found category's traits: ``traits`` is one list for every category, or a mapping
+    from category name (``"*"``: every other one) to a list."""
+    if traits is None:
+        return {c: None for c in found}
+    if isinstance(traits, str):
+        raise FolderLayoutError(f"traits must be a list of trait names or a mapping, got the string {traits!r}")
+    if not isinstance(traits, Mapping):
+        chosen = frozenset(traits)
+        return {c: chosen for c in found}
+    unknown = sorted(set(traits) - set(found) - {"*"})
+    if unknown:
+        raise FolderLayoutError(f"traits given for category {', '.join(map(repr, unknown))}, which is not imported; "
+                                f"categories: {', '.join(found)}")
+    default = traits.get("*")
+    return {c: frozenset(traits[c]) if c in traits else (frozenset(default) if default is not None else None)
+            for c in found}
+
+
 def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_refs: int = 5, seed: int = 0,
-                        categories: Iterable[str] | str | None = None) -> Path:
+                        categories: Iterable[str] | str | None = None,
+                        traits: Mapping[str, Iterable[str]] | Iterable[str] | None = None) -> Path:
     """Write a manifest for an MVTec-style folder and return its path.
 
     ``out`` is the manifest file (``*.json``) or a folder to write ``manifest.json`` into. One
@@ -190,7 +224,8 @@ def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_re
     ids ``<category>_<defect>_<stem>``, domain and domain code the category name, and a
     ``domain_card`` from :func:`category_card`. Each category's items share ``n_refs`` references
     drawn from train/good with ``seed``. ``categories`` (names, or one comma-separated string)
-    restricts the import. Paths under the manifest's folder are written relative to it, paths
+    restricts the import. ``traits`` sets the cards' traits: one list for every category, or a
+    mapping ``{category: [traits]}`` (``"*"`` for the rest); default :func:`default_traits`. Paths under the manifest's folder are written relative to it, paths
     under ``ANOMALYCLAW_DATA`` as ``{DATA_ROOT}/...``, others absolute.
     Raises :class:`FolderLayoutError` naming the folder that does not fit the layout.
     """
@@ -210,8 +245,10 @@ def import_mvtec_folder(root: str | os.PathLike, out: str | os.PathLike, *, n_re
         raise FolderLayoutError("categories is empty: pass None for every category or name at least one")
     base = base.resolve()
     source = base.name
-    items = _unique_ids([item for folder in _find_categories(base, wanted)
-                         for item in _category_items(folder, int(n_refs), int(seed), source)])
+    folders = _find_categories(base, wanted)
+    chosen = _traits_by_category(traits, [f.name for f in folders])
+    items = _unique_ids([item for folder in folders
+                         for item in _category_items(folder, int(n_refs), int(seed), source, chosen[folder.name])])
     target = Path(out).expanduser()
     if target.suffix.lower() != ".json":
         target = target / "manifest.json"

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from anomalyclaw.domains import DomainCard
-from anomalyclaw.errors import ManifestError
+from anomalyclaw.errors import ManifestError, SelectionError
 from anomalyclaw.items import Item
 from anomalyclaw.paths import DATA_ROOT_PLACEHOLDER, portable_path
 
@@ -143,17 +144,47 @@ def _parse_item(raw: Any, where: str, base: Path, data_root: Path | None
     ), []
 
 
-def _require_data_root(source: str, data: list[Any]) -> None:
-    """One clear error, instead of one per path, when {DATA_ROOT} cannot be resolved at all."""
+def _require_data_root(source: str, data: list[Any], root: Path | None, *, from_env: bool) -> None:
+    """One clear error, instead of one per path, when {DATA_ROOT} cannot be resolved at all:
+    the data root is not set, or is not a folder."""
+    if root is not None and root.is_dir():
+        return
     users = [(i, raw.get("item_id"), key) for i, raw in enumerate(data) if isinstance(raw, dict)
              for key in ("query_path", "ref_paths", "mask_path")
              if PLACEHOLDER in json.dumps(raw.get(key))]
     if users:
         index, rid, key = users[0]
         n_items = len({u[0] for u in users})
+        if root is None:
+            why = "ANOMALYCLAW_DATA is not set"
+        else:
+            name = f"ANOMALYCLAW_DATA={root}" if from_env else f"the data root {root}"
+            why = f"{name} is {'not a folder' if root.exists() else 'a folder that does not exist'}"
         raise ManifestError(source, [(f"item {rid!r} (#{index})", key,
-                                      f"uses {PLACEHOLDER} but ANOMALYCLAW_DATA is not set ({n_items} "
-                                      "items need it): set it to the folder that holds the data sets")])
+                                      f"uses {PLACEHOLDER} but {why} ({n_items} items need it): set it to the "
+                                      "folder that holds the data sets")])
+
+
+def _domain_summary(counts: Counter) -> str:
+    """``D1 (industrial, 120 items), D7 (...)`` for (code, name) counts."""
+    parts = []
+    for (code, name), n in sorted(counts.items(), key=lambda kv: (len(kv[0][0]), kv[0][0])):
+        label = f"{code} ({name}, {n} items)" if name and name != code else f"{code} ({n} items)"
+        parts.append(label)
+    return ", ".join(parts) or "none"
+
+
+def check_files(items: Sequence[Item], n: int = 5) -> list[tuple[Item, str, Path]]:
+    """(item, field, path) for each image file that does not exist among the first ``n`` items
+    (query and references): what a run checks before its first request, so that a wrong data
+    root is one clear error and not one error record per item."""
+    missing = []
+    for item in items[:n]:
+        for name, path in [("query_path", item.query_path),
+                           *((f"ref_paths[{k}]", p) for k, p in enumerate(item.ref_paths))]:
+            if not Path(path).is_file():
+                missing.append((item, name, Path(path)))
+    return missing
 
 
 def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None = None,
@@ -161,8 +192,10 @@ def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
                   ) -> ManifestContents:
     """Parse and validate a manifest, keeping valid items and recording every problem.
 
-    ``split`` and ``domains`` (codes such as ``D1`` or names such as ``industrial``) filter the
-    items; ``data_root`` overrides ``ANOMALYCLAW_DATA``.
+    ``split`` and ``domains`` (codes such as ``D1`` or names such as ``industrial``, in any
+    letter case) filter the items; a split or domain that matches no item raises
+    :class:`SelectionError` listing the manifest's splits or domains. ``data_root`` overrides
+    ``ANOMALYCLAW_DATA``.
     """
     src = resolve_manifest_path(path)
     try:
@@ -176,22 +209,32 @@ def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
     if not isinstance(data, list):
         raise ManifestError(str(src), [(str(src), "(file)", "expected a JSON array of items or {\"items\": [...]}")])
     root = Path(data_root).expanduser() if data_root is not None else data_root_from_env()
-    if root is None:
-        _require_data_root(str(src), data)
+    _require_data_root(str(src), data, root, from_env=data_root is None)
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
+    splits = {s.strip().lower() for s in splits} if splits else None
     if splits and not splits <= set(SPLITS):
         raise ManifestError(str(src), [(str(src), "split", f"unknown split(s) {sorted(splits - set(SPLITS))}; "
                                         f"choose from {list(SPLITS)}")])
-    wanted = None if domains is None else {d.strip() for d in domains if d.strip()}
+    wanted = None if domains is None else [d.strip() for d in domains if d.strip()]
+    wanted_keys = {w.lower() for w in wanted} if wanted else set()
+    matched: set[str] = set()
+    split_counts: Counter = Counter()
+    domain_counts: Counter = Counter()
     out = ManifestContents(source=str(src))
     seen: dict[str, int] = {}
     base = src.parent
     for index, raw in enumerate(data):
         if isinstance(raw, dict):
-            if splits and raw.get("split") not in splits:
+            raw_split = raw.get("split")
+            split_counts[str(raw_split).lower() if raw_split is not None else None] += 1
+            if splits and (not isinstance(raw_split, str) or raw_split.lower() not in splits):
                 continue
-            if wanted and not ({raw.get("domain_code"), raw.get("domain")} & wanted):
+            code, name = raw.get("domain_code"), raw.get("domain")
+            domain_counts[(str(code or name or "generic"), str(name or ""))] += 1
+            keys = {str(k).lower() for k in (code, name) if k is not None}
+            if wanted_keys and not (keys & wanted_keys):
                 continue
+            matched |= keys & wanted_keys
         rid = raw.get("item_id") if isinstance(raw, dict) else None
         where = f"item {rid!r} (#{index})" if isinstance(rid, str) else f"item #{index}"
         if isinstance(rid, str) and rid in seen:
@@ -209,6 +252,17 @@ def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
         if isinstance(rid, str) and rid.strip():
             out.rejected[rid] = [f"{f}: {m}" for f, m in problems]
             out.raw_rejected[rid] = raw
+    if splits and not any(k in splits for k in split_counts):
+        have = ", ".join(f"{k} ({n} items)" for k, n in split_counts.most_common() if k is not None)
+        unsplit = split_counts.get(None, 0)
+        raise SelectionError(f"no item of {src} has split {', '.join(sorted(splits))}; "
+                             + (f"its splits: {have}" if have else "its items have no 'split' field")
+                             + (f" ({unsplit} items without one)" if have and unsplit else ""))
+    unmatched = [w for w in (wanted or []) if w.lower() not in matched]
+    if unmatched:
+        where = f" with split {', '.join(sorted(splits))}" if splits else ""
+        raise SelectionError(f"domain(s) {', '.join(unmatched)} match no item of {src}{where} (codes or names, any "
+                             f"letter case); its domains: {_domain_summary(domain_counts)}")
     return out
 
 

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticSerializationError
 
 from anomalyclaw.config import redact_value
-from anomalyclaw.errors import AnomalyClawError
+from anomalyclaw.errors import AnomalyClawError, OutputError
 from anomalyclaw.items import Item
+from anomalyclaw.paths import writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +320,12 @@ class RecordWriter:
 
     def __init__(self, out_dir: str | os.PathLike, *, fsync: bool = True, secrets: Iterable[str] = ()):
         self.path = Path(out_dir) / RECORDS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_torn_tail(self.path)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_torn_tail(self.path)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write records to {self.path}: {exc.strerror or exc}") from None
         self._lock = threading.Lock()
         self._fsync = fsync
         self._secrets = [s for s in secrets if s]
@@ -345,9 +349,16 @@ class RecordWriter:
                 os.fsync(self._fh.fileno())
 
     def close(self) -> None:
+        """Close the file. A write that failed (disk full) left its line in the buffer; closing
+        tries it once more, and that failure was already reported by :meth:`write`, so it is
+        logged here, not raised: the torn line it may leave is dropped on the next open."""
         with self._lock:
             if not self._fh.closed:
-                self._fh.close()
+                try:
+                    self._fh.close()
+                except OSError as exc:
+                    log.warning("%s: the last record could not be flushed on close (%s); --resume redoes "
+                                "its item", self.path, exc.strerror or exc)
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -389,8 +400,14 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")
+        writable_folder(self.path.parent, "run folder")
+        if self.path.is_dir():
+            raise OutputError(f"{self.path} is a folder, where the run's lock file belongs; remove it "
+                              "(a run keeps nothing in it) and run again")
+        try:
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write the run's lock file {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

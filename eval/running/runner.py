@@ -7,14 +7,27 @@ image, a failing tool or a flaky endpoint costs one item an error record, never 
 endpoint that refuses every request (401/403/404), or a records file that cannot be written,
 stops the run at once. One record per item id (a repeated id is judged once), one run per folder
 at a time (a lock), and the API key is blanked from everything the run writes.
+
+A run folder keeps the fingerprint of what shapes its records (``fingerprint.json``: the
+manifest and its content hash, split, domains, backend, model, prompts, tools, max turns, fusion
+weights, package version); a resume with a different one is refused unless forced, so one
+records file never mixes two runs. :meth:`Runner.request_stop` (what SIGINT and SIGTERM call
+under :func:`run_sync`) stops taking items, abandons the ones in flight (a resume redoes them)
+and still writes the summary.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import signal
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,11 +35,13 @@ from typing import Any, Sequence
 
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, redact, redact_value
-from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
+from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadError, OutputError,
+                                RunMismatchError)
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
-from anomalyclaw.paths import safe_file_name
+from anomalyclaw.paths import safe_file_name, writable_folder
 from anomalyclaw.threads import limit_compute_threads
+from anomalyclaw.version import __version__
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
 from anomalyclaw.graph.messages import warm_images
@@ -42,7 +57,10 @@ from anomalyclaw.eval.running.records import (LOCK_FILE, RECORDS_FILE, Record, R
 log = logging.getLogger(__name__)
 
 
-class RecordWriteError(AnomalyClawError):
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+class RecordWriteError(OutputError):
     """A record could not be appended to the run's records file."""
 
 
@@ -66,6 +84,10 @@ class RunSummary:
     requests: int = 0
     request_bytes: int = 0
     fatal: str | None = None
+    interrupted: str | None = None
+    """The signal that stopped the run early (``SIGINT``, ``SIGTERM``), if one did."""
+    n_abandoned: int = 0
+    """Items in flight when the run was stopped: no record, a resume judges them."""
     cache: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -99,10 +121,16 @@ class Runner:
                  registry: ToolRegistry | None = None, prompts: PromptSet | None = None,
                  expert_pool: Any = None, score_cache: Any = None, item_concurrency: int | None = None,
                  item_timeout_s: float | None = 900.0, save_images: bool = False, progress: bool = True,
-                 secrets: Sequence[str] = (), source: str | None = None):
+                 secrets: Sequence[str] = (), source: str | None = None, inputs: dict[str, Any] | None = None,
+                 command: Sequence[str] | None = None):
         self.vlm = vlm
         self.source = source
         """Where the items came from (the manifest), written into ``run_*.json``."""
+        self.inputs = dict(inputs or {})
+        """What chose the items (``manifest``, ``manifest_sha256``, ``split``, ``domains``): part
+        of the run folder's fingerprint."""
+        self.command = list(command) if command is not None else None
+        """The command line that started the run, kept in ``run_*.json`` (secrets blanked)."""
         self.out_dir = Path(out_dir)
         self.config = config or AgentConfig()
         self.registry = registry or ToolRegistry.default()
@@ -124,6 +152,27 @@ class Runner:
         self.task = "score"
         self.extra_info: dict[str, Any] = {}
         """More settings for ``run_*.json`` (a subclass's: the MMAD file's references...)."""
+        self._stop_reason: str | None = None
+        self._stop_event: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What shapes this run's records; a resume must match it (see :meth:`run`)."""
+        prompts = json.dumps(self.prompts.texts, sort_keys=True).encode("utf-8")
+        fp = {**self.inputs, "backend": self.vlm.backend, "model": self.vlm.model,
+              "prompts": hashlib.sha256(prompts).hexdigest()[:16], "tools": self.registry.names(),
+              "max_turns": self.config.max_turns, "alpha": self.config.alpha,
+              "expert_weight": self.config.expert_weight, "direct_score": self.config.direct_score,
+              "backbone": self.config.backbone, "task": self.task, "version": __version__}
+        return json.loads(json.dumps(fp, default=str))
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop the running :meth:`run` soon: no new items, the ones in flight abandoned (no
+        record; a resume redoes them), the summary written. Safe from a signal handler or
+        another thread."""
+        self._stop_reason = self._stop_reason or reason
+        if self._stop_event is not None:
+            loop, event = self._stop_event
+            loop.call_soon_threadsafe(event.set)
 
     async def judge(self, item: Item) -> Record:
         """One item to one record; only :class:`EndpointFatalError` escapes."""
@@ -164,29 +213,82 @@ class Runner:
             return failed(f"internal: {type(exc).__name__}: {exc}")
 
     async def run(self, items: Sequence[Item], *, rejected: dict[str, list[str]] | None = None,
-                  resume: bool = False, retry_errors: bool = False, lock: RunLock | None = None,
-                  duplicates: int = 0) -> RunSummary:
+                  resume: bool = False, retry_errors: bool = False, force: bool = False,
+                  replace: bool = False, lock: RunLock | None = None, duplicates: int = 0) -> RunSummary:
         """Judge ``items`` (and write an error record for each ``rejected`` manifest entry).
 
         One record per item id: a later item with an id already seen is left out (counted in
         ``n_duplicates``, with the ``duplicates`` the caller already left out, such as a
         manifest's repeated entries). The run folder is locked for the run's duration; a caller
         that took the folder's lock first (to clear the folder under it) passes it as ``lock``.
+        ``resume`` on a folder whose fingerprint differs raises :class:`RunMismatchError` naming
+        the fields, unless ``force``. ``replace`` starts afresh in a folder that an earlier run of
+        the same ``inputs["kind"]`` wrote (``anomalyclaw predict`` does): its records, images and
+        run files are removed under the lock; a folder of any other run is refused.
         """
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.out_dir, "run folder")
         if lock is not None:
             if not lock.held or lock.path.resolve() != (self.out_dir / LOCK_FILE).resolve():
                 raise ValueError(f"lock {lock.path} is not a held lock of the run folder {self.out_dir}")
-            return await self._run_locked(items, rejected or {}, resume, retry_errors, duplicates)
+            if replace:
+                self._clear_folder()
+            return await self._run_locked(items, rejected or {}, resume, retry_errors, duplicates, force)
         with RunLock(self.out_dir):
-            return await self._run_locked(items, rejected or {}, resume, retry_errors, duplicates)
+            if replace:
+                self._clear_folder()
+            return await self._run_locked(items, rejected or {}, resume, retry_errors, duplicates, force)
+
+    def _clear_folder(self) -> None:
+        records_path = self.out_dir / RECORDS_FILE
+        kind = self.inputs.get("kind")
+        if records_path.exists():
+            old = read_fingerprint(self.out_dir) or {}
+            if kind is None or old.get("kind") != kind:
+                made_by = f"anomalyclaw {old['kind']}" if old.get("kind") else "a run"
+                raise AnomalyClawError(f"{self.out_dir} holds the records of {made_by}, which this would replace; "
+                                       "choose another --out folder")
+        try:
+            records_path.unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "images", ignore_errors=True)
+            for stale in self.out_dir.glob("run_*.json"):
+                stale.unlink()
+        except OSError as exc:
+            raise OutputError(f"cannot clear {self.out_dir}: {exc.strerror or exc}") from None
+
+    def _check_fingerprint(self, resume: bool, force: bool) -> None:
+        """Refuse a resume whose settings differ from the folder's (unless ``force``), then
+        record this run's fingerprint."""
+        path = self.out_dir / FINGERPRINT_FILE
+        records_path = self.out_dir / RECORDS_FILE
+        new = self.fingerprint()
+        if resume and records_path.exists() and records_path.stat().st_size > 0:
+            old = read_fingerprint(self.out_dir)
+            if old is None:
+                log.warning("%s has no readable %s (an older version made it): cannot check that this resume "
+                            "uses the same settings", self.out_dir, FINGERPRINT_FILE)
+            else:
+                changed = fingerprint_changes(old, new)
+                if changed and not force:
+                    raise RunMismatchError(
+                        f"{self.out_dir} holds records made with other settings: {'; '.join(changed)}. A resume "
+                        "would mix two runs in one records file: choose another --out folder, or add --force to "
+                        "resume anyway")
+                if changed:
+                    log.warning("resuming %s with other settings (--force): %s", self.out_dir, "; ".join(changed))
+        try:
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(new, indent=1), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     async def _run_locked(self, items: Sequence[Item], rejected: dict[str, list[str]], resume: bool,
-                          retry_errors: bool, duplicates: int = 0) -> RunSummary:
+                          retry_errors: bool, duplicates: int = 0, force: bool = False) -> RunSummary:
         records_path = self.out_dir / RECORDS_FILE
         if records_path.exists() and records_path.stat().st_size > 0 and not resume:
             raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
                                    "another --out folder")
+        self._check_fingerprint(resume, force)
         if resume and retry_errors:
             dropped = drop_error_records(self.out_dir)
             if dropped:
@@ -207,22 +309,29 @@ class Runner:
         info_path = self._write_run_info(summary.n_items)
         start = time.perf_counter()
         with RecordWriter(self.out_dir, secrets=self.secrets) as writer:
-            for rid, reasons in rejected.items():
-                if rid in done:
-                    summary.n_skipped += 1
-                    continue
-                record = Record(item_id=rid, error="manifest: " + "; ".join(reasons), run_id=self.run_id,
-                                backend=self.vlm.backend, model=self.vlm.model, finished_at=now())
-                self._write(writer, record)
-                summary.n_rejected += 1
-                summary.n_errors += 1
-            # Parallelism is across items; one intra-op thread each avoids oversubscription.
-            with limit_compute_threads(1):
-                await self._run_queue(todo, writer, summary)
+            try:
+                for rid, reasons in rejected.items():
+                    if rid in done:
+                        summary.n_skipped += 1
+                        continue
+                    record = Record(item_id=rid, error="manifest: " + "; ".join(reasons), run_id=self.run_id,
+                                    backend=self.vlm.backend, model=self.vlm.model, finished_at=now())
+                    self._write(writer, record)
+                    summary.n_rejected += 1
+                    summary.n_errors += 1
+            except RecordWriteError as exc:
+                summary.fatal = redact(str(exc), self.secrets)
+            if summary.fatal is None:
+                # Parallelism is across items; one intra-op thread each avoids oversubscription.
+                with limit_compute_threads(1):
+                    await self._run_queue(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
-        self._write_run_info(summary.n_items, summary=summary, path=info_path)
+        try:
+            self._write_run_info(summary.n_items, summary=summary, path=info_path)
+        except OutputError as exc:  # the records are what matters, and they are already safe
+            log.warning("the run summary was not written: %s", exc)
         return summary
 
     def _write(self, writer: RecordWriter, record: Record) -> None:
@@ -249,12 +358,15 @@ class Runner:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(todo), unit="item", desc="anomalyclaw", dynamic_ncols=True)
 
+        in_flight: set[str] = set()
+
         async def worker() -> None:
-            while True:
+            while self._stop_reason is None:
                 try:
                     item = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
+                in_flight.add(item.item_id)
                 record = await self.judge(item)
                 # The write ends in an fsync (milliseconds): keep it off the event loop.
                 await asyncio.to_thread(self._write, writer, record)
@@ -263,19 +375,37 @@ class Runner:
                 summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
                 summary.requests += int(record.usage.get("requests", 0))
                 summary.request_bytes += int(record.usage.get("request_bytes", 0))
+                in_flight.discard(item.item_id)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(errors=summary.n_errors, refresh=False)
 
         workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(todo))))]
+        stop = asyncio.Event()
+        self._stop_event = (asyncio.get_running_loop(), stop)
+        if self._stop_reason is not None:
+            stop.set()
+        stopper = asyncio.create_task(stop.wait())
+        everything = asyncio.gather(*workers)
         try:
-            await asyncio.gather(*workers)
+            await asyncio.wait({everything, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if everything.done():
+                everything.result()  # raises what stopped a worker
+            else:  # a stop was requested: abandon the items in flight
+                summary.interrupted = self._stop_reason
+                summary.n_abandoned = len(in_flight)
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(everything, return_exceptions=True)
         except (EndpointFatalError, RecordWriteError) as exc:
             summary.fatal = redact(str(exc), self.secrets)
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         finally:
+            stopper.cancel()
+            self._stop_event = None
+            self._stop_reason = None
             if bar is not None:
                 bar.close()
 
@@ -290,30 +420,100 @@ class Runner:
                 n += 1
                 path = self.out_dir / f"run_{self.run_id}-{n}.json"
         info = {"run_id": self.run_id, "started_at": self.started_at, "source": self.source, "n_items": n_items,
-                "backend": self.vlm.backend, "model": self.vlm.model,
-                "config": asdict(self.config), "prompts": self.prompts.source,
-                "tools": self.registry.names(), "task": self.task, **self.extra_info}
+                "version": __version__, "command": self.command, "backend": self.vlm.backend,
+                "model": self.vlm.model, "config": asdict(self.config), "prompts": self.prompts.source,
+                "tools": self.registry.names(), "task": self.task, "fingerprint": self.fingerprint(),
+                **self.extra_info}
         if summary is not None:
             info.update(finished_at=now(), summary=summary.to_json())
         text = json.dumps(redact_value(json.loads(json.dumps(info, default=str)), self.secrets), indent=1)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path
 
 
-def run_sync(runner: Runner, items: Sequence[Item], **run_kw: Any) -> RunSummary:
+def run_sync(runner: Runner, items: Sequence[Item], *, handle_signals: bool = False, **run_kw: Any) -> RunSummary:
     """``runner.run(items, **run_kw)`` in a new event loop, closing the VLM's connections of
-    that loop at the end (they cannot serve another loop)."""
+    that loop at the end (they cannot serve another loop).
+
+    ``handle_signals`` (the command line's choice; main thread only): SIGINT and SIGTERM call
+    :meth:`Runner.request_stop`, so the run ends with its summary (``interrupted`` names the
+    signal) instead of dying mid-way; the process's own handlers are restored afterwards.
+    """
+    signals = [s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None]
+    handle_signals = handle_signals and threading.current_thread() is threading.main_thread()
+    # A signal the process was told to ignore (a background job's SIGINT) stays ignored.
+    previous = {s: h for s in signals if (h := signal.getsignal(s)) != signal.SIG_IGN} if handle_signals else {}
+
     async def run_and_close() -> RunSummary:
+        loop = asyncio.get_running_loop()
+        for sig in previous:
+            try:
+                loop.add_signal_handler(sig, runner.request_stop, signal.Signals(sig).name)
+            except (NotImplementedError, RuntimeError, ValueError):  # not on this platform
+                pass
         try:
             return await runner.run(items, **run_kw)
         finally:
+            for sig in previous:
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
             close = getattr(runner.vlm, "aclose", None)
             if close is not None:
                 await close()
 
-    return asyncio.run(run_and_close())
+    try:
+        return asyncio.run(run_and_close())
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def read_fingerprint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The fingerprint a run folder holds (``None`` when it has none, or an unreadable one)."""
+    path = Path(out_dir) / FINGERPRINT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field 'old' -> 'new'`` for each field whose value differs (long values shortened)."""
+    def show(value: Any) -> str:
+        text = json.dumps(value) if value is not None else "unset"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{key} {show(old.get(key))} -> {show(new.get(key))}"
+            for key in list(dict.fromkeys([*old, *new])) if old.get(key) != new.get(key)]
+
+
+def _error_kind(message: str) -> str:
+    """An error message with what varies per item (paths, item ids, numbers) blanked, so that
+    the same reason counts once."""
+    text = re.sub(r"(?:[A-Za-z]:)?(?:/|\\)[^\s'\":;,()]+", "<path>", message)
+    text = re.sub(r"'[^']*'", "'...'", text)
+    return re.sub(r"\d+(?:\.\d+)?", "N", text)[:200]
+
+
+def top_errors(records: Sequence[Record], n: int = 3) -> list[tuple[int, str]]:
+    """The ``n`` most common error reasons among ``records``: (count, one example message)."""
+    examples: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for rec in records:
+        if rec.error:
+            kind = _error_kind(rec.error)
+            counts[kind] += 1
+            examples.setdefault(kind, rec.error)
+    return [(count, examples[kind]) for kind, count in counts.most_common(n)]
 
 
 def run_items(items: Sequence[Item], vlm: VLM, out_dir: str | os.PathLike, **kwargs: Any) -> RunSummary:

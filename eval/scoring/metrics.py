@@ -10,7 +10,7 @@ evaluated at any fusion weight.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -18,6 +18,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from anomalyclaw.domains import BUILTIN_CARDS
 from anomalyclaw.scores import NEUTRAL_EXPERT, fuse
 
 from anomalyclaw.eval.running.records import Record
@@ -99,6 +100,16 @@ def by_domain(records: Iterable[Record]) -> dict[str, list[Record]]:
     return dict(sorted(groups.items(), key=lambda kv: domain_order(kv[0])))
 
 
+def domain_name(code: str, records: Iterable[Record] = ()) -> str | None:
+    """A domain's name for tables: the records' most common ``domain`` (when it is not just the
+    code again), else the built-in card's name (released records carry codes only)."""
+    names = Counter(r.domain for r in records if r.domain and r.domain != code)
+    if names:
+        return names.most_common(1)[0][0]
+    card = BUILTIN_CARDS.get(code)
+    return card.name if card else None
+
+
 def domain_order(code: str) -> tuple:
     digits = "".join(c for c in code if c.isdigit())
     return (code.rstrip("0123456789"), int(digits) if digits else 0, code)
@@ -115,7 +126,8 @@ def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: fl
     """Per-domain and macro AUROC of the direct, refutation, blend and fused scores.
 
     Returns ``{"rows", "kept", "left_out": {reason: n}, "alpha", "expert_weight", "macro_auroc":
-    {col: x}, "per_domain": {code: {col: x, "n": n, "n_anomalous": k}}}``. An ``expert`` column
+    {col: x}, "per_domain": {code: {col: x, "n": n, "n_anomalous": k, "name": domain name or
+    None}}}``. An ``expert`` column
     (the expert's unit score alone; a missing one counts as 0.5) is added when any kept row has an
     expert score. ``expert`` (item id -> unit score) replaces the records' own ``expert_score``;
     ``require_expert`` leaves out rows without one ("no expert score"). ``columns`` limits the
@@ -135,7 +147,7 @@ def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: fl
     for code, group in by_domain(rows).items():
         labels = [r.label_gt for r in group]
         entry = {c: auroc(labels, [column(r, c, alpha, expert_weight, expert) for r in group]) for c in cols}
-        entry.update(n=len(group), n_anomalous=int(sum(labels)))
+        entry.update(n=len(group), n_anomalous=int(sum(labels)), name=domain_name(code, group))
         per_domain[code] = entry
     macro = {c: _nanmean(d[c] for d in per_domain.values()) for c in cols}
     return {"rows": len(records), "kept": len(rows), "left_out": left_out, "alpha": alpha,

@@ -21,15 +21,18 @@ def rounded(obj: Any, digits: int = DIGITS) -> Any:
 def format_table(result: dict) -> str:
     """The per-domain AUROC table of :func:`metrics.evaluate`'s result."""
     cols = list(result["macro_auroc"])
-    head = f"{'domain':<10}{'n':>6}{'anom':>6}" + "".join(f"{c:>9}" for c in cols)
-    lines = [head, "-" * len(head)]
+    names = [d.get("name") for d in result["per_domain"].values()]
+    head = f"{'domain':<10}{'n':>6}{'anom':>6}" + "".join(f"{c:>9}" for c in cols) + ("   name" if any(names) else "")
+    width = len(head) + max((len(n) - 4 for n in names if n), default=0)
+    lines = [head, "-" * width]
 
     def fmt(v: float) -> str:
         return f"{v:>9.4f}" if isinstance(v, float) and math.isfinite(v) else f"{'n/a':>9}"
 
     for code, d in result["per_domain"].items():
-        lines.append(f"{code:<10}{d['n']:>6}{d['n_anomalous']:>6}" + "".join(fmt(d[c]) for c in cols))
-    lines.append("-" * len(head))
+        name = f"   {d['name']}" if d.get("name") else ""
+        lines.append(f"{code:<10}{d['n']:>6}{d['n_anomalous']:>6}" + "".join(fmt(d[c]) for c in cols) + name)
+    lines.append("-" * width)
     lines.append(f"{'macro':<10}{result['kept']:>6}{'':>6}" + "".join(fmt(result['macro_auroc'][c]) for c in cols))
     if result["kept"] != result["rows"]:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(result.get("left_out", {}).items(), key=lambda kv: -kv[1]))

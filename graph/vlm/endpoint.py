@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,10 +35,12 @@ from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from anomalyclaw.config import EndpointConfig, redact
-from anomalyclaw.errors import EndpointFatalError
+from anomalyclaw.errors import EndpointFatalError, EndpointUnreachableError
 
 from .seam import STAGE_HEADER, BadResponseError, VLMError, VLMReply, count_images, request_size
 
+
+log = logging.getLogger(__name__)
 
 _TRANSIENT = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
               openai.APITimeoutError, openai.ConflictError, BadResponseError)
@@ -189,6 +192,11 @@ class _EndpointVLM(ABC):
         backoff = wait_random_exponential(multiplier=0.5, max=self.backoff_max_s)(state)
         return min(self.backoff_max_s, hinted) if hinted is not None else backoff
 
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.info("%s request failed (attempt %d of %d: %s); retrying in %.2f s", self.model, state.attempt_number,
+                 self.max_retries + 1, self._what(exc) if exc else "?", state.upcoming_sleep)
+
     @abstractmethod
     def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[Any, int, int]:
         """(request, request bytes, images) for ``messages``; built once, sent on every attempt."""
@@ -205,9 +213,10 @@ class _EndpointVLM(ABC):
         request, nbytes, nimages = self._prepare(messages, logprobs)
         attempts = 0
         start = time.perf_counter()
+        log.debug("%s request: stage %s, %d bytes, %d image(s)", self.model, stage, nbytes, nimages)
         try:
             async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(_is_transient), wait=self._wait,
+                    retry=retry_if_exception(_is_transient), wait=self._wait, before_sleep=self._log_retry,
                     stop=stop_after_attempt(self.max_retries + 1), reraise=True):
                 with attempt:
                     attempts += 1
@@ -218,6 +227,8 @@ class _EndpointVLM(ABC):
             raise EndpointFatalError(self._describe(exc, fatal=True)) from None
         except (openai.OpenAIError, VLMError, asyncio.TimeoutError) as exc:
             raise VLMError(self._describe(exc, attempts=attempts)) from None
+        log.info("%s reply: stage %s in %.2f s after %d attempt(s), %s completion tokens", self.model, stage,
+                  time.perf_counter() - start, attempts, answer.completion_tokens)
         return VLMReply(text=answer.text, stage=stage, latency_s=time.perf_counter() - start,
                         prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
                         request_bytes=nbytes * attempts, images_sent=nimages * attempts,
@@ -232,18 +243,22 @@ class _EndpointVLM(ABC):
             raise RequestDeadlineError(f"no complete reply within the {self.timeout_s:g} s deadline "
                                        "(--timeout / ANOMALYCLAW_TIMEOUT_S)") from None
 
-    def _describe(self, exc: BaseException, *, fatal: bool = False, attempts: int = 1) -> str:
+    @staticmethod
+    def _what(exc: BaseException) -> str:
         status = getattr(exc, "status_code", None)
         if status:
-            what = f"HTTP {status}"
-        elif isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, RequestDeadlineError)):
-            what = "request timed out"
-        elif isinstance(exc, openai.APIConnectionError):
-            what = "connection failed"
-        elif isinstance(exc, BadResponseError):
-            what = "unreadable reply"
-        else:
-            what = type(exc).__name__
+            return f"HTTP {status}"
+        if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, RequestDeadlineError)):
+            return "request timed out"
+        if isinstance(exc, openai.APIConnectionError):
+            return "connection failed"
+        if isinstance(exc, BadResponseError):
+            return "unreadable reply"
+        return type(exc).__name__
+
+    def _describe(self, exc: BaseException, *, fatal: bool = False, attempts: int = 1) -> str:
+        status = getattr(exc, "status_code", None)
+        what = self._what(exc)
         detail = redact(str(exc), self.secrets)[:300]
         if fatal:
             hint = {401: "the API key is wrong or missing (ANOMALYCLAW_API_KEY)",
@@ -416,3 +431,67 @@ def make_openai_client(endpoint: EndpointConfig) -> openai.AsyncOpenAI:
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
     return openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0,
                               http_client=_http_client(endpoint))
+
+
+def check_endpoint(endpoint: EndpointConfig, *, timeout_s: float = 15.0) -> list[str]:
+    """One cheap request before a run's first item, so that a wrong URL or key stops the run at
+    once instead of costing every item its retries: ``GET {base_url}/models``, or, where the
+    server has no such route, a 1-token completion. Returns the model names the endpoint lists
+    (empty when it lists none).
+
+    Raises :class:`EndpointUnreachableError` naming the URL when nothing answers (connection
+    refused, unknown host, no reply within ``timeout_s``) and :class:`EndpointFatalError` when
+    the endpoint refuses the key (401, 403) or, on the completion, the model (404). A model
+    missing from the list is only logged: gateways list names their routes accept in other
+    spellings.
+    """
+    endpoint.require()
+    key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
+    secrets = endpoint.secret_values()
+    url = endpoint.base_url
+    client = openai.OpenAI(base_url=url, api_key=key, timeout=min(timeout_s, endpoint.timeout_s), max_retries=0)
+
+    def unreachable(exc: BaseException) -> EndpointUnreachableError:
+        if isinstance(exc, openai.APITimeoutError):
+            why = f"no answer within {min(timeout_s, endpoint.timeout_s):g} s"
+        else:
+            cause = exc.__cause__ or exc.__context__
+            why = redact(str(cause or exc), secrets)[:200] or type(exc).__name__
+        return EndpointUnreachableError(
+            f"the VLM endpoint {url} does not answer ({why}); check --base-url / ANOMALYCLAW_BASE_URL and that "
+            "the server is running")
+
+    def refused(exc: openai.APIStatusError, what: str) -> EndpointFatalError:
+        hint = {401: f"the API key is wrong or missing ({endpoint.variables()[1]})",
+                403: "the API key may not use this endpoint",
+                404: f"the endpoint does not serve model {endpoint.model!r} or the base URL is wrong"}.get(
+                    exc.status_code, "the endpoint refuses requests")
+        return EndpointFatalError(f"the VLM endpoint {url} refused {what} (HTTP {exc.status_code}): {hint}. "
+                                  f"Detail: {redact(str(exc), secrets)[:300]}")
+
+    try:
+        with client:
+            try:
+                names = [m.id for m in client.models.list().data]
+                log.info("endpoint %s answers and lists %d model(s)", url, len(names))
+                if names and endpoint.model not in names:
+                    log.warning("the endpoint %s does not list model %r (it lists %s); the first request will "
+                                "tell whether it serves it", url, endpoint.model, ", ".join(sorted(names)[:10]))
+                return names
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise refused(exc, "the models list") from None
+            except openai.APIStatusError as exc:  # no /models route: ask for one token instead
+                log.info("endpoint %s: GET /models answered HTTP %d; trying a 1-token completion", url,
+                         exc.status_code)
+            try:
+                client.chat.completions.create(model=endpoint.model, max_tokens=1,
+                                               messages=[{"role": "user", "content": "Reply with one word: ok"}])
+                log.info("endpoint %s answers a 1-token completion", url)
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+                raise refused(exc, "a 1-token completion") from None
+            except openai.APIStatusError as exc:  # a 5xx or 429: the run's retries deal with that
+                log.warning("endpoint %s answered a 1-token completion with HTTP %d; starting anyway", url,
+                            exc.status_code)
+            return []
+    except openai.APIConnectionError as exc:  # refused, unknown host, timed out
+        raise unreachable(exc) from None

@@ -306,6 +306,10 @@ class FakeVLMServer:
                 self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
             def do_GET(self) -> None:  # /v1/models
+                auth = self.headers.get("Authorization", "")
+                if server.api_key is not None and auth != f"Bearer {server.api_key}":  # echoes it, as POST does
+                    return self._error(401, f"Incorrect API key provided: {auth.removeprefix('Bearer ')}.",
+                                       "invalid_request_error")
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
                 else:
