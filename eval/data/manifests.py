@@ -261,7 +261,7 @@ def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
     unmatched = [w for w in (wanted or []) if w.lower() not in matched]
     if unmatched:
         where = f" with split {', '.join(sorted(splits))}" if splits else ""
-        raise SelectionError(f"domain(s) {', '.join(unmatched)} match no item of {src}{where} (codes or names, any "
+        raise SelectionError(f"no items in domain(s) {', '.join(unmatched)} in {src}{where} (codes or names, any "
                              f"letter case); its domains: {_domain_summary(domain_counts)}")
     return out
 

@@ -59,6 +59,7 @@ def _item(i="a1", **kw):
     ({"domain_card": {"code": "X", "name": "x", "traits": ["shiny"]}}, "domain_card", "unknown traits"),
 ])
 def test_bad_item_fields(tmp_path, monkeypatch, bad, field, words):
+    (tmp_path / "data").mkdir()  # a data root that does not exist is one error of its own (issue 15)
     monkeypatch.setenv("ANOMALYCLAW_DATA", str(tmp_path / "data"))
     path = _write(tmp_path, [_item("good"), _item("bad", **bad)])
     with pytest.raises(ManifestError) as err:
