@@ -6,7 +6,8 @@ file, field or value. Exit statuses (the README's "Exit status" table says the s
 
 ====  ===========================================================================================
 0     done (a run where some items errored too: the reasons are printed)
-1     ``tools run``: the tool does not apply to the item, or failed
+1     a check did not pass: ``tools run`` where the tool does not apply or fails; ``eval --strict``
+      when some rows were not read as written
 2     a usage or input mistake: a flag out of range, a missing or invalid file, a split or domain
       that matches nothing, a resume whose settings differ
 3     cannot go on: the endpoint does not answer or refuses the key or model, or an output file or
@@ -30,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import (EXIT_ALL_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_UNAVAILABLE, EXIT_USAGE,
-                     AnomalyClawError)
+from .errors import (EXIT_ALL_ERRORS, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED,
+                     EXIT_UNAVAILABLE, EXIT_USAGE, AnomalyClawError)
 
 log = logging.getLogger("anomalyclaw")
 
@@ -128,7 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         writable_folder(args.plots, "--plots folder")
     records, read = _read_for_eval(args.path, args.merge)
     if not records:
-        raise ValueError(f"{args.path}: no readable records" + (f" ({read.messages()[0]})" if read.messages() else ""))
+        raise ValueError(f"{args.path}: no readable records (see above); eval reads records.jsonl (JSON lines) or "
+                         "released D*.json arrays")
     problems = [] if read.clean else [f"{args.path}: " + "; ".join(read.messages())]
     if args.domains:
         wanted = set(_names(args.domains) or [])
@@ -240,7 +242,7 @@ def _strict_exit(args: argparse.Namespace, problems: list[str]) -> int:
     if args.strict and problems:
         print(f"anomalyclaw eval: --strict: not every row was read as written ({'; '.join(problems)})",
               file=sys.stderr)
-        return 1
+        return EXIT_CHECK_FAILED
     return 0
 
 
@@ -709,7 +711,7 @@ def _cmd_tools_run(args: argparse.Namespace, registry) -> int:
         print(f"images: {', '.join(im.name for im in obs.images)} in {args.out}")
     if args.json:
         print(json.dumps(obs.to_json()))
-    return 0 if obs.ok else 1
+    return EXIT_OK if obs.ok else EXIT_CHECK_FAILED
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -731,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired bootstrap resamples for confidence intervals of differences (>= 0)")
     p.add_argument("--compare", metavar="OTHER", help="records of another run: bootstrap this - other per column")
     p.add_argument("--seed", type=SEED, default=0, help="bootstrap seed")
-    p.add_argument("--expert-weight", type=_number(float, 0),
+    p.add_argument("--expert-weight", type=float,
                    help="weight of the frozen-expert term in the fused column (default 0.2 when there are expert "
                         "scores; 0 gives the paper's two-branch blend)")
     p.add_argument("--expert-scores", action="append", metavar="PATH",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 #: Exit statuses of the ``anomalyclaw`` command (one table in the README says the same).
 EXIT_OK = 0
-EXIT_TOOL_FAILED = 1
+EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_ALL_ERRORS = 4

@@ -12,7 +12,7 @@ import pytest
 
 from anomalyclaw import __version__
 from anomalyclaw.cli import main
-from anomalyclaw.errors import (EXIT_ALL_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_TOOL_FAILED,
+from anomalyclaw.errors import (EXIT_ALL_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_CHECK_FAILED,
                                 EXIT_UNAVAILABLE, EXIT_USAGE)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,13 +48,13 @@ def test_eval_on_a_file_that_is_not_json_names_it(tmp_path, capsys):
     path.write_text("item,score\na,0.5\n")
     assert main(["eval", str(path)]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert f"{path}: not JSON" in err and len(err.strip().splitlines()) == 1
+    assert f"{path}: not valid JSON" in err and f"{path}: no readable records" in err and "Traceback" not in err
 
 
 def test_tools_run_where_the_tool_does_not_apply_exits_non_zero(small_synth, capsys):
     # rotate_align is for rigid objects; S1 is a texture.
     code = main(["tools", "run", "rotate_align", "--manifest", str(small_synth), "--item", "S1_0000"])
-    assert code == EXIT_TOOL_FAILED != EXIT_OK
+    assert code == EXIT_CHECK_FAILED != EXIT_OK
     assert "rotate_align does not apply to this item" in capsys.readouterr().out
 
 
@@ -78,7 +78,7 @@ def test_verbose_levels():
 
 
 def test_one_exit_status_table_everywhere():
-    statuses = {EXIT_OK, EXIT_TOOL_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ALL_ERRORS, EXIT_INTERRUPTED,
+    statuses = {EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_ALL_ERRORS, EXIT_INTERRUPTED,
                 EXIT_TERMINATED}
     assert statuses == {0, 1, 2, 3, 4, 130, 143}
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -96,3 +96,13 @@ def test_json_flag_still_ends_with_one_object(small_synth, tmp_path, capsys):
                  "--no-progress", "--json"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["exit_status"] == 0 and last["top_errors"] == [] and last["per_domain"]["S5"]["name"]
+
+
+def test_demo_and_predict_output_folders_are_ignored_by_git():
+    from anomalyclaw.cli import build_parser
+
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
+    parser = build_parser()
+    for command in ("demo", "predict"):
+        default = parser.parse_args([command] + (["q.png", "--refs", "r"] if command == "predict" else [])).out
+        assert f"/{default}/" in ignored, default

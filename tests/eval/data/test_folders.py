@@ -224,3 +224,28 @@ def test_import_ids_are_unique_by_construction(tmp_path):
     assert len(items) == len(rows)
     from anomalyclaw.eval.data.manifests import read_manifest
     assert not read_manifest(manifest).problems
+
+
+def test_traits_for_every_category_or_one_and_textures_never_aligned(mvtec, tmp_path, capsys):
+    default = {i.category: i.traits for i in load_manifest(import_mvtec_folder(mvtec, tmp_path / "d.json"))}
+    assert default == {"bottle": {"object", "aligned"}, "carpet": {"texture"}}
+    everywhere = load_manifest(import_mvtec_folder(mvtec, tmp_path / "t.json", traits=["texture"]))
+    assert {i.traits for i in everywhere} == {frozenset({"texture"})}
+    card = everywhere[0].domain_card
+    assert "surface" in card.normal and "aligned" not in card.traits
+    one = load_manifest(import_mvtec_folder(mvtec, tmp_path / "o.json",
+                                            traits={"bottle": ["object", "rotating"]}))
+    assert {i.category: i.traits for i in one} == {"bottle": {"object", "rotating"}, "carpet": {"texture"}}
+    with pytest.raises(FolderLayoutError, match="unknown trait.*shiny.*known: aerial"):
+        import_mvtec_folder(mvtec, tmp_path / "x.json", traits=["shiny"])
+    with pytest.raises(FolderLayoutError, match="category 'cable', which is not imported; categories: bottle, carpet"):
+        import_mvtec_folder(mvtec, tmp_path / "x.json", traits={"cable": ["object"]})
+    # From the command line, and the importer says which traits each category got.
+    assert main(["import-folder", str(mvtec), "--out", str(tmp_path / "cli.json"), "--traits", "object,counting",
+                 "--traits", "carpet=texture"]) == 0
+    out = capsys.readouterr().out
+    assert "bottle: traits counting, object" in out and "carpet: traits texture" in out and "--traits" in out
+    assert {i.category: i.traits for i in load_manifest(tmp_path / "cli.json")} == {
+        "bottle": {"object", "counting"}, "carpet": {"texture"}}
+    assert main(["import-folder", str(mvtec), "--out", str(tmp_path / "bad.json"), "--traits", "glossy"]) == 2
+    assert "unknown trait(s) glossy" in capsys.readouterr().err

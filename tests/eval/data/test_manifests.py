@@ -104,3 +104,28 @@ def test_relative_paths_resolve_against_manifest_folder_and_round_trip(tmp_path)
     out = write_manifest([item], tmp_path / "moved" / "manifest.json", relative_to=sub)
     row = json.loads(out.read_text())[0]
     assert row["query_path"] == "img/q.png" and row["ref_paths"] == ["img/r1.png", "img/r2.png"]
+
+
+def test_domains_and_split_match_in_any_case_and_a_miss_lists_what_there_is(tmp_path):
+    from anomalyclaw.errors import SelectionError
+
+    rows = [_item("a", domain="industrial", domain_code="D1", split="test"),
+            _item("b", domain="retail", domain_code="D5", split="dev")]
+    path = _write(tmp_path, rows)
+    assert [i.item_id for i in read_manifest(path, domains=["d1"]).items] == ["a"]
+    assert [i.item_id for i in read_manifest(path, domains=["RETAIL"], split="Dev").items] == ["b"]
+    with pytest.raises(SelectionError) as err:
+        read_manifest(path, domains=["D1", "D13"])
+    assert "no items in domain(s) D13" in str(err.value) and "D1 (industrial, 1 items), D5 (retail, 1 items)" in str(err.value)
+    with pytest.raises(SelectionError, match=r"split calibration; its splits: test \(1 items\), dev \(1 items\)"):
+        read_manifest(path, split="calibration")
+    with pytest.raises(SelectionError, match="no items in domain.*D5.*with split test.*its domains: D1"):
+        read_manifest(path, split="test", domains=["D5"])
+
+
+def test_a_data_root_that_does_not_exist_is_one_error(tmp_path):
+    rows = [_item(f"i{k}", query_path="{DATA_ROOT}/q.png", ref_paths=["{DATA_ROOT}/r.png"]) for k in range(4)]
+    with pytest.raises(ManifestError) as err:
+        read_manifest(_write(tmp_path, rows), data_root=tmp_path / "nowhere")
+    assert len(err.value.problems) == 1
+    assert f"the data root {tmp_path / 'nowhere'} is a folder that does not exist (4 items need it)" in str(err.value)

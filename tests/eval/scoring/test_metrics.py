@@ -107,3 +107,21 @@ def test_expert_weight_is_chosen_on_calibration_records():
     assert choose_expert_weight(rows)[0] == 0.0
     with pytest.raises(ValueError, match="expert_score"):
         choose_expert_weight([_rec(1, 1, 0.5, 0.5)])
+
+
+def test_table_prints_domain_names_beside_codes_and_keeps_the_figures():
+    from anomalyclaw.eval.scoring.tables import format_table
+
+    rows = [_rec(1, 1, 0.9, 0.8), _rec(2, 0, 0.1, 0.2),  # D1: no name in the records, the built-in card's
+            Record(item_id="S2_1", domain_code="S2", domain="coin_count", label_gt=1, direct_score=0.7, refute_score=0.6),
+            Record(item_id="S2_2", domain_code="S2", domain="coin_count", label_gt=0, direct_score=0.2, refute_score=0.9)]
+    result = evaluate(rows)
+    assert result["per_domain"]["D1"]["name"] == "industrial manufacturing (MVTec-AD)"
+    assert result["per_domain"]["S2"]["name"] == "coin_count"
+    lines = format_table(result).splitlines()
+    assert lines[0].split()[-1] == "name"
+    d1 = next(line for line in lines if line.startswith("D1"))
+    s2 = next(line for line in lines if line.startswith("S2"))
+    assert d1.endswith("   industrial manufacturing (MVTec-AD)") and s2.endswith("   coin_count")
+    # The figures are where they were: code, n, anom, then one column per score.
+    assert d1.split()[:4] == ["D1", "2", "1", "1.0000"] and s2.split()[:4] == ["S2", "2", "1", "1.0000"]
