@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from anomalyclaw.eval.scoring.metrics import by_domain, column, kept  # noqa: E402
+from anomalyclaw.eval.scoring.metrics import auroc, by_domain, column, kept  # noqa: E402
 from anomalyclaw.eval.running.records import Record  # noqa: E402
 
 COLOURS = {"direct": "#1f77b4", "refute": "#d62728", "fused": "#2ca02c", "expert": "#9467bd"}
@@ -20,7 +20,9 @@ COLOURS = {"direct": "#1f77b4", "refute": "#d62728", "fused": "#2ca02c", "expert
 
 def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float = 0.5,
                     columns: Sequence[str] = ("direct", "refute", "fused")) -> Path:
-    """One panel per domain with a ROC curve per score column."""
+    """One panel per domain with a ROC curve per score column, each labelled with its AUROC in
+    the panel's legend. Curves are drawn widest first and not clipped at the axes, so that equal
+    curves and a perfect one (which runs along the axes) stay visible."""
     groups = by_domain(kept(records))
     n = max(1, len(groups))
     ncols = min(4, n)
@@ -28,20 +30,26 @@ def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
     for ax, (code, group) in zip(axes.flat, groups.items()):
         y = np.array([r.label_gt for r in group])
-        for col in columns:
+        drawn = 0
+        for k, col in enumerate(columns):
             s = [column(r, col, alpha) for r in group]
             if np.unique(y).size < 2 or any(v is None for v in s):
                 continue
             fpr, tpr, _ = roc_curve(y, s)
-            ax.plot(fpr, tpr, color=COLOURS.get(col), lw=1.4, label=col)
+            ax.plot(fpr, tpr, color=COLOURS.get(col), lw=3.2 - 0.9 * k, clip_on=False, zorder=3 + k,
+                    label=f"{col} AUROC {auroc(y, s):.3f}")
+            drawn += 1
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.set_title(f"{code} (n={len(group)})", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
         ax.tick_params(labelsize=7)
+        if drawn:
+            ax.legend(fontsize=6.5, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "one class only:\nno ROC curve", ha="center", va="center", fontsize=7, color="0.4")
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.supxlabel("false positive rate", fontsize=9)
     fig.supylabel("true positive rate", fontsize=9)
     return _save(fig, path)

@@ -92,6 +92,10 @@ def test_quickstart_runs_end_to_end(kernel_name, tmp_path, monkeypatch):
     # The query, its closest reference, then every image a tool returned (each printed as "[name] caption").
     tool_images = len(re.findall(r"^  \[\w+\] ", streamed, flags=re.M))
     assert n_images(stream) == 2 + tool_images
+    # The showcase item shows the agent doing its job: a tool finds the defect, its images are
+    # in the streamed turns, and the candidate it tested is confirmed.
+    assert "coin_count, ground truth missing_part" in one
+    assert tool_images >= 1 and re.search(r"verdict c\d: confirmed - \w+: evidence 0?\.\d+ \(found\)", streamed)
 
     swap = text_of(code_cell(nb, "registry.drop("))
     dropped = re.search(r"dropped (\w+);", swap).group(1)
