@@ -19,6 +19,7 @@ from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
 from anomalyclaw.items import Item, Question
+from anomalyclaw.paths import writable_folder
 from anomalyclaw.threads import limit_compute_threads
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.messages import warm_images
@@ -70,18 +71,21 @@ class McqRunner(Runner):
         self.extra_info = {"mmad": dict(mmad_info or {})}
 
     async def run(self, images: Sequence[QuestionImage], *, rejected: Sequence[UnaskedQuestion] = (),
-                  resume: bool = False, retry_errors: bool = False) -> RunSummary:  # type: ignore[override]
-        """Answer every question of ``images`` (and write an error record per ``rejected`` one)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+                  resume: bool = False, retry_errors: bool = False,
+                  force: bool = False) -> RunSummary:  # type: ignore[override]
+        """Answer every question of ``images`` (and write an error record per ``rejected`` one).
+        A resume must match the folder's fingerprint unless ``force`` (see :meth:`Runner.run`)."""
+        writable_folder(self.out_dir, "run folder")
         with RunLock(self.out_dir):
-            return await self._run_questions(images, rejected, resume, retry_errors)
+            return await self._run_questions(images, rejected, resume, retry_errors, force)
 
     async def _run_questions(self, images: Sequence[QuestionImage], rejected: Sequence[UnaskedQuestion],
-                             resume: bool, retry_errors: bool) -> RunSummary:
+                             resume: bool, retry_errors: bool, force: bool = False) -> RunSummary:
         records_path = self.out_dir / RECORDS_FILE
         if records_path.exists() and records_path.stat().st_size > 0 and not resume:
             raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
                                    "another --out folder")
+        self._check_fingerprint(resume, force)
         if resume and retry_errors:
             dropped = drop_error_records(self.out_dir)
             if dropped:
