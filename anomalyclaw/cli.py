@@ -314,7 +314,7 @@ def _agent_config(args: argparse.Namespace):
     return AgentConfig().with_(max_turns=args.max_turns, alpha=args.alpha, direct_score=args.direct_score,
                                backbone=args.backbone, backbone_path=args.backbone_path,
                                image_history=args.image_history, expert_weight=args.expert_weight,
-                               image_side=args.image_side)
+                               image_side=args.image_side, tool_calling=args.tool_calling)
 
 
 def _registry(args: argparse.Namespace):
@@ -416,6 +416,8 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str
           f"{summary.n_skipped} already done, {summary.n_errors} errors, {summary.n_partial} judged by one "
           f"branch only, {summary.n_duplicates} duplicate ids left out; backend {vlm.backend} ({vlm.model}); "
           f"{per_item:.2f} VLM requests per item; records: {out_dir / RECORDS_FILE}")
+    if summary.tool_calling != "json":
+        print(f"tool calling: {summary.tool_calling}")
     if result["kept"]:
         print(format_table(result))
     n_errors = sum(1 for r in records if r.error)
@@ -425,7 +427,7 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str
                records=str(out_dir / RECORDS_FILE), items_per_s=summary.items_per_s,
                n_partial=summary.n_partial, n_duplicates=summary.n_duplicates,
                requests_per_item=round(per_item, 3), backend=vlm.backend, fatal=summary.fatal,
-               interrupted=summary.interrupted, top_errors=[{"count": c, "error": m} for c, m in errors],
+               tool_calling=summary.tool_calling, interrupted=summary.interrupted, top_errors=[{"count": c, "error": m} for c, m in errors],
                exit_status=status)
     return out, status
 
@@ -811,6 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--image-side", type=IMAGE_SIDE, help="longest side of images sent to the VLM, >= 64 (default 768)")
         a.add_argument("--prompts", help="folder of prompt .txt files overriding the defaults")
         a.add_argument("--drop-tools", help="comma-separated tool names to leave out of the catalog")
+        a.add_argument("--tool-calling", choices=["json", "native", "auto"],
+                       help="json: the tool call is a JSON action in the reply (default, any endpoint); native: "
+                            "the model is bound to the tools (needs a tool parser); auto: native, JSON after the "
+                            "endpoint refuses tools")
         o = p.add_argument_group("output")
         o.add_argument("--resume", action="store_true", help="skip items already recorded in OUT")
         o.add_argument("--retry-errors", action="store_true", help="with --resume: judge error records again")

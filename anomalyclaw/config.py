@@ -32,6 +32,8 @@ PRESETS: dict[str, tuple[str, str, str]] = {
 
 #: How the ``openai`` backend talks to its endpoint (see :attr:`EndpointConfig.client`).
 CLIENTS = ("langchain", "sdk")
+#: How the refutation branch's model calls its tools (see :attr:`AgentConfig.tool_calling`).
+TOOL_CALLING = ("json", "native", "auto")
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,11 @@ class AgentConfig:
     backbone_path: str | None = None
     """Local directory or hub name of the backbone weights (offline cache only)."""
     device: str = "auto"
+    tool_calling: str = "json"
+    """How the refutation model calls tools: "json" (a JSON action in the reply: the paper's
+    protocol, any endpoint), "native" (the chat model bound to the item's tools; its tool calls
+    are the actions) or "auto" (native until the endpoint refuses tools, then JSON for the rest
+    of the run)."""
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -201,6 +208,8 @@ class AgentConfig:
             raise ConfigError(f"expert_weight must be in [0, 1), got {self.expert_weight}")
         if self.image_history not in ("once", "all"):
             raise ConfigError(f"image_history must be 'once' or 'all', got {self.image_history!r}")
+        if self.tool_calling not in TOOL_CALLING:
+            raise ConfigError(f"tool_calling must be one of {', '.join(TOOL_CALLING)}, got {self.tool_calling!r}")
 
     def with_(self, **changes: Any) -> "AgentConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

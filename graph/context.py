@@ -12,6 +12,7 @@ from anomalyclaw.tools.item_context import ItemContext
 from anomalyclaw.tools.registry import ToolRegistry
 
 from .images import ImageEncoder
+from .toolcalling import ToolCalling
 from .vlm.seam import VLM, RunView
 
 
@@ -31,6 +32,8 @@ class RunContext:
     """The multiple-choice question of this run (``--task mcqa``); None for the score task.
     The questions about one image share one ``item_context`` (its images, expert results and
     tool memos), each in its own RunContext."""
+    tool_calling: ToolCalling = field(default_factory=ToolCalling)
+    """JSON actions or native tool calls (``config.tool_calling``), shared by the items of a run."""
 
     @property
     def item(self) -> Item:
@@ -43,6 +46,11 @@ class RunContext:
             ("applicable_tools", id(self.registry)),
             lambda: tuple(t.name for t, ok, _ in self.registry.applicable(self.item) if ok))
 
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """The applicable tools' function schemas, as native tool calling sends them."""
+        return self.item_context.item_cached(("tool_schemas", id(self.registry)),
+                                             lambda: self.registry.openai_tools(self.applicable_tools()))
+
     def view(self, observations: Sequence[Mapping[str, Any]] = ()) -> RunView:
         """The typed view of this run a number-reading backend gets with each call."""
         return RunView(item_id=self.item.item_id, traits=self.item_context.traits, tools=self.applicable_tools(),
@@ -54,11 +62,13 @@ class RunContext:
 def make_context(item: Item | ItemContext, vlm: VLM, *, registry: ToolRegistry | None = None,
                  prompts: PromptSet | None = None, config: AgentConfig | None = None,
                  expert_pool: Any = None, score_cache: Any = None,
-                 encoder: ImageEncoder | None = None, question: Question | None = None) -> RunContext:
+                 encoder: ImageEncoder | None = None, question: Question | None = None,
+                 tool_calling: ToolCalling | None = None) -> RunContext:
     """A :class:`RunContext` for one item (and, for the multiple-choice task, one question about
     it): the default catalog, prompts and settings unless given, and the process-wide expert pool
     of the configured backbone. Pass the same :class:`ItemContext` for every question about
-    one image, so that they share its work."""
+    one image, so that they share its work. ``tool_calling``: a run's shared
+    :class:`ToolCalling` (default: a new one in ``config.tool_calling``'s mode)."""
     config = config or AgentConfig()
     if isinstance(item, Item):
         if expert_pool is None:
@@ -66,4 +76,4 @@ def make_context(item: Item | ItemContext, vlm: VLM, *, registry: ToolRegistry |
         item = ItemContext(item, work_side=config.work_side, expert_pool=expert_pool, score_cache=score_cache)
     return RunContext(item_context=item, vlm=vlm, registry=registry or ToolRegistry.default(),
                       prompts=prompts or PromptSet.load(), config=config, encoder=encoder or ImageEncoder(),
-                      question=question)
+                      question=question, tool_calling=tool_calling or ToolCalling(config.tool_calling))

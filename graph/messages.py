@@ -1,19 +1,25 @@
 """The messages each VLM call sends: first turns with references and query, observations with
-their images, and the image-history policy that keeps later requests small."""
+their images, and the image-history policy that keeps later requests small.
+
+With native tool calling a tool's result goes back as a ``ToolMessage`` holding its text,
+followed by a user message with the refute prompt and the tool's images (the OpenAI API and
+vLLM refuse images inside tool messages)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from anomalyclaw.imaging import encode_image, to_data_url
 
 from .context import RunContext
 from .images import image_block, text_block
-from .replies import FORMATS
+from .replies import FORMATS, reply_format
 
 #: What replaces an image already sent earlier in the conversation (``image_history="once"``).
 IMAGE_STUB = "[image sent earlier in this conversation]"
+#: The refute prompt's ``$observation`` with native tool calling: the text is in the tool message.
+NATIVE_OBSERVATION = "(the tool's result is the tool message above; its images, if any, follow here)"
 
 
 def shown_reference_indices(run: RunContext) -> list[int]:
@@ -66,16 +72,18 @@ def descriptor(run: RunContext) -> str:
     return f"{card.modality} images of {what}. Normal: {card.normal}. Anomalous: {card.anomaly}."
 
 
-def first_refute_messages(run: RunContext) -> list[BaseMessage]:
-    """System prompt and the propose turn's user message."""
+def first_refute_messages(run: RunContext, *, native: bool = False) -> list[BaseMessage]:
+    """System prompt and the propose turn's user message (``native``: the tool list without
+    argument schemas, which travel as function schemas, and the native reply format)."""
     p, cfg, ctx = run.prompts, run.config, run.item_context
     n_shown = len(shown_reference_indices(run))
     note = ""
     if ctx.n_references > n_shown:
         note = f" (the {n_shown} closest of {ctx.n_references}; tools use all of them)"
     text = p.render("propose", domain_card=ctx.card.describe(ctx.item.category), n_refs=n_shown,
-                    reference_note=note, tools=run.registry.render(ctx.item), max_turns=cfg.max_turns,
-                    max_candidates=cfg.max_candidates, format=FORMATS["propose"])
+                    reference_note=note, tools=run.registry.render(ctx.item, args=not native),
+                    max_turns=cfg.max_turns, max_candidates=cfg.max_candidates,
+                    format=reply_format("propose", native))
     return [SystemMessage(p.render("refute_system")), HumanMessage(content=[text_block(text), *image_blocks(run)])]
 
 
@@ -125,6 +133,22 @@ def observation_message(text: str, images: Sequence[Mapping[str, Any]]) -> Human
     return HumanMessage(content=blocks)
 
 
+def tool_result_messages(call_id: str, tool: str, result: str, prompt: str,
+                         images: Sequence[Mapping[str, Any]]) -> list[BaseMessage]:
+    """A native tool call's answer: the ``ToolMessage`` with the tool's text, then the user
+    message with the refute prompt and the tool's images."""
+    return [ToolMessage(content=result, tool_call_id=call_id, name=tool), observation_message(prompt, images)]
+
+
+def unanswered_tool_calls(messages: Sequence[BaseMessage], why: str) -> list[ToolMessage]:
+    """Tool messages for the tool calls of the last reply that were not run (every call of an
+    assistant message must be answered before the next user message)."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, AIMessage):
+        return []
+    return [ToolMessage(content=why, tool_call_id=tc["id"], name=tc["name"]) for tc in last.tool_calls]
+
+
 def visible(messages: Sequence[BaseMessage], policy: str) -> list[BaseMessage]:
     """The messages as one request carries them.
 
@@ -146,5 +170,12 @@ def visible(messages: Sequence[BaseMessage], policy: str) -> list[BaseMessage]:
     return out
 
 
-def reply_message(text: str) -> AIMessage:
-    return AIMessage(content=text)
+def reply_message(text: str, *, tool_call: Mapping[str, Any] | None = None, message_id: str | None = None) -> AIMessage:
+    """The model's reply as the conversation keeps it: its text, and the one tool call the graph
+    acts on (native tool calling; arguments that were not a JSON object are kept as ``{}``).
+    ``message_id`` (the chat model's) keeps LangGraph's message stream from showing it twice."""
+    calls = []
+    if tool_call is not None:
+        calls = [{"name": tool_call["name"], "args": tool_call.get("args") or {}, "id": tool_call["id"],
+                  "type": "tool_call"}]
+    return AIMessage(content=text, tool_calls=calls, id=message_id)

@@ -3,6 +3,13 @@
 One VLM call per turn (propose, then each refute); ``select_tool`` routes, validates and repairs
 the model's tool choice without a VLM call; ``observe`` runs the LangChain tool; ``commit`` fixes
 the final score and costs a VLM call only when the turn limit forces it.
+
+The tool choice is a JSON action in the reply, or, with native tool calling
+(:mod:`~anomalyclaw.graph.toolcalling`), the reply's tool call: the branch's requests carry the
+item's applicable tools, a call naming no such tool or with arguments that are not a JSON object
+becomes a rejected observation (the one guard, ``ToolRegistry.check_call``, checks the rest), and
+the result goes back as a ``ToolMessage`` plus a user message with the tool's images. ``propose``
+fixes the item's mode (``state["tool_calling"]``) so that one conversation never mixes the two.
 """
 from __future__ import annotations
 
@@ -15,10 +22,11 @@ from langgraph.runtime import Runtime
 from anomalyclaw.tools.guard import CheckedCall
 from anomalyclaw.tools.observation import Observation
 
-from .calls import ask
+from .calls import TurnResult, ask
 from .context import RunContext
-from .messages import first_refute_messages, observation_message, reply_message
-from .replies import FORMATS, CommitReply, ProposeReply, RefuteReply
+from .messages import (NATIVE_OBSERVATION, first_refute_messages, observation_message, reply_message,
+                       tool_result_messages, unanswered_tool_calls)
+from .replies import CommitReply, ProposeReply, RefuteReply, reply_format
 from .state import RefuteState
 
 OPEN = ("open", "uncertain")
@@ -28,27 +36,55 @@ def _open(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in candidates if c.get("status") in OPEN]
 
 
-def _action_dict(action: Any) -> dict[str, Any]:
+def _action_dict(action: Any, turn: TurnResult | None = None) -> dict[str, Any]:
     if action.commit or not action.tool:
         return {"commit": True}
-    return {"tool": action.tool, "args": dict(action.args), "candidate": action.candidate}
+    out = {"tool": action.tool, "args": dict(action.args), "candidate": action.candidate}
+    call = turn.tool_call if turn is not None else None
+    if call is not None:  # native: the call's id (for its ToolMessage) and why its arguments were unusable
+        out["call_id"] = call["id"]
+        if call.get("error"):
+            out["args_error"] = call["error"]
+    return out
+
+
+def _native(state: RefuteState) -> bool:
+    return state.get("tool_calling") == "native"
+
+
+def _tools(run: RunContext, native: bool) -> list[dict[str, Any]] | None:
+    return run.tool_schemas() if native else None
+
+
+def _reply(turn: TurnResult, native: bool):
+    """The model's reply as the conversation keeps it (with the tool call acted on, if native)."""
+    return reply_message(turn.text, tool_call=turn.tool_call if native else None, message_id=turn.message_id)
 
 
 async def propose(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     run = runtime.context
-    messages = first_refute_messages(run)
-    turn = await ask(run, messages, "propose")
-    update: dict[str, Any] = {"messages": messages, "turn": 1, "calls": turn.calls, "fallbacks": turn.fallbacks,
-                              "candidates": [], "pending": {"commit": True}, "score": None, "initial_score": None}
+    native = run.tool_calling.native()
+    messages = first_refute_messages(run, native=native)
+    turn = await ask(run, messages, "propose", tools=_tools(run, native))
+    notes: list[str] = []
+    if turn.tools_unsupported and run.tool_calling.mode == "auto":
+        run.tool_calling.fall_back(turn.tools_unsupported)
+        notes.append(f"tool calling auto: JSON actions instead of native tool calls ({turn.tools_unsupported[:200]})")
+        native = False
+        messages = first_refute_messages(run)
+        turn = await ask(run, messages, "propose")
+    update: dict[str, Any] = {"messages": messages, "turn": 1, "calls": turn.calls,
+                              "fallbacks": notes + turn.fallbacks, "candidates": [], "pending": {"commit": True},
+                              "score": None, "initial_score": None, "tool_calling": "native" if native else "json"}
     if turn.parsed is None:
-        update["fallbacks"] = turn.fallbacks + [f"propose failed: {turn.error}"]
+        update["fallbacks"] = notes + turn.fallbacks + [f"propose failed: {turn.error}"]
         update["history"] = [{"turn": 1, "stage": "propose", "error": turn.error, "reply": turn.text[:2000]}]
         return update
     reply: ProposeReply = turn.parsed  # type: ignore[assignment]
     candidates = [{"id": c.id, "description": c.description, "bbox": c.bbox, "status": "open", "evidence": ""}
                   for c in reply.candidates]
-    pending = _action_dict(reply.action)
-    update.update(messages=messages + [reply_message(turn.text)], candidates=candidates, pending=pending,
+    pending = _action_dict(reply.action, turn)
+    update.update(messages=messages + [_reply(turn, native)], candidates=candidates, pending=pending,
                   score=reply.initial_score, initial_score=reply.initial_score,
                   history=[{"turn": 1, "stage": "propose", "anomaly_score": reply.initial_score,
                             "candidates": candidates, "action": pending, "rationale": reply.rationale}])
@@ -71,11 +107,18 @@ def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, A
     asked = str(pending.get("tool") or "")
     candidate = _find(state.get("candidates", []), pending.get("candidate"))
     cid = (candidate or {}).get("id") or pending.get("candidate")
+    native = {"call_id": pending["call_id"]} if pending.get("call_id") else {}
+    if pending.get("args_error"):
+        why = (f"the arguments of the {asked} call are {pending['args_error']}; send a JSON object that fits "
+               "the tool's schema")
+        rejected = Observation.rejected(asked, why, args={}).to_state()
+        return {"route": "observe", "call": {"tool": asked, "candidate": cid, "rejected": rejected, **native}}
     checked = run.registry.check_call(asked, dict(pending.get("args") or {}), run.item,
                                       default_bbox=(candidate or {}).get("bbox"))
     if isinstance(checked, Observation):
-        return {"route": "observe", "call": {"tool": checked.tool, "candidate": cid, "rejected": checked.to_state()}}
-    return {"route": "observe", "call": {**checked.to_state(), "candidate": cid}}
+        return {"route": "observe",
+                "call": {"tool": checked.tool, "candidate": cid, "rejected": checked.to_state(), **native}}
+    return {"route": "observe", "call": {**checked.to_state(), "candidate": cid, **native}}
 
 
 def _find(candidates: list[dict[str, Any]], cid: Any) -> dict[str, Any] | None:
@@ -109,20 +152,26 @@ async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
     candidates = [dict(c) for c in state.get("candidates", [])]
     open_list = "; ".join(f"{c['id']}: {c['description']}" + (f" bbox {c['bbox']}" if c.get("bbox") else "")
                           for c in _open(candidates)) or "none"
+    native = _native(state)
+    last_turn = "call no tool" if native else 'set "action" to {"commit": true}'
     turns_note = (f"You have {left} more turn(s) after this one." if left > 0
-                  else 'This is your last turn: set "action" to {"commit": true}.')
+                  else f"This is your last turn: {last_turn}.")
+    call_id = call.get("call_id")
     text = run.prompts.render("refute", tool=obs["tool"], turn=turn_no - 1, candidate=call.get("candidate") or "-",
-                              observation=obs["text"], open_candidates=open_list, turns_note=turns_note,
-                              format=FORMATS["refute"])
-    human = observation_message(text, obs["images"])
-    turn = await ask(run, list(state["messages"]) + [human], "refute", observations)
+                              observation=NATIVE_OBSERVATION if call_id else obs["text"], open_candidates=open_list,
+                              turns_note=turns_note, format=reply_format("refute", native))
+    if call_id:
+        sent = tool_result_messages(call_id, obs["tool"], obs["text"], text, obs["images"])
+    else:
+        sent = [observation_message(text, obs["images"])]
+    turn = await ask(run, list(state["messages"]) + sent, "refute", observations, tools=_tools(run, native))
     row: dict[str, Any] = {"turn": turn_no, "stage": "refute", "tool": obs["tool"],
                            "args": call.get("requested", call.get("args")),
                            "candidate": call.get("candidate"), "observation": obs["text"], "obs_ok": obs["ok"],
                            "obs_error": obs["error"], "obs_data": obs["data"]}
     if turn.parsed is None:
         row.update(error=turn.error, reply=turn.text[:2000])
-        return {"messages": [human], "turn": turn_no, "calls": turn.calls, "history": [row],
+        return {"messages": sent, "turn": turn_no, "calls": turn.calls, "history": [row],
                 "fallbacks": turn.fallbacks + [f"refute failed: {turn.error}"], "pending": {"commit": True}}
     reply: RefuteReply = turn.parsed  # type: ignore[assignment]
     verdicts = []
@@ -132,9 +181,9 @@ async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
                 c["status"], c["evidence"] = v.status, v.evidence
                 verdicts.append({"turn": turn_no, "id": v.id, "status": v.status, "evidence": v.evidence,
                                  "tool": obs["tool"]})
-    pending = _action_dict(reply.action)
+    pending = _action_dict(reply.action, turn)
     row.update(anomaly_score=reply.updated_score, verdicts=verdicts, action=pending, rationale=reply.rationale)
-    return {"messages": [human, reply_message(turn.text)], "turn": turn_no, "calls": turn.calls,
+    return {"messages": sent + [_reply(turn, native)], "turn": turn_no, "calls": turn.calls,
             "fallbacks": turn.fallbacks, "candidates": candidates, "verdicts": verdicts, "pending": pending,
             "score": reply.updated_score, "history": [row]}
 
@@ -154,8 +203,14 @@ async def commit(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
     score = state.get("score")
     if not state.get("forced") and score is not None:
         return {"refute_score": score, "refute_rationale": (state.get("history") or [{}])[-1].get("rationale", "")}
-    human = HumanMessage(content=run.prompts.render("commit", summary=_summary(state), format=FORMATS["commit"]))
-    turn = await ask(run, list(state.get("messages", [])) + [human], "commit", state.get("observations", []))
+    native = _native(state)
+    messages = list(state.get("messages", []))
+    # A tool the model asked for on its last turn is not run: its call still needs an answer.
+    unanswered = unanswered_tool_calls(messages, "Not run: the turn limit is reached; commit now.")
+    human = HumanMessage(content=run.prompts.render("commit", summary=_summary(state),
+                                                    format=reply_format("commit", native)))
+    turn = await ask(run, messages + unanswered + [human], "commit", state.get("observations", []),
+                     tools=_tools(run, native))
     row = {"turn": state.get("turn", 0) + 1, "stage": "commit", "forced": True}
     if turn.parsed is None:
         row.update(error=turn.error, reply=turn.text[:2000])
@@ -168,8 +223,8 @@ async def commit(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
         return update
     reply: CommitReply = turn.parsed  # type: ignore[assignment]
     row.update(anomaly_score=reply.anomaly_score, confidence=reply.confidence, rationale=reply.rationale)
-    return {"messages": [human, reply_message(turn.text)], "calls": turn.calls, "fallbacks": turn.fallbacks,
-            "history": [row], "refute_score": reply.anomaly_score, "refute_confidence": reply.confidence,
+    return {"messages": [*unanswered, human, reply_message(turn.text, message_id=turn.message_id)],
+            "calls": turn.calls, "fallbacks": turn.fallbacks, "history": [row], "refute_score": reply.anomaly_score, "refute_confidence": reply.confidence,
             "refute_rationale": reply.rationale}
 
 

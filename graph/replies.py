@@ -43,6 +43,25 @@ LETTER_STAGES = frozenset({"mcq_direct"})
 #: Stages of the multiple-choice task (their parser needs the question's options).
 MCQ_STAGES = frozenset({"mcq_direct", "mcq_propose", "mcq_refute", "mcq_commit"})
 
+#: The same formats with native tool calling (``AgentConfig.tool_calling``): the next action is a
+#: tool call beside the JSON text (no call: commit), and the text names the candidate it tests.
+NATIVE_FORMATS = {
+    **FORMATS,
+    "propose": '{"initial_score": <0..1>, "candidates": [{"id": "c1", "description": "...", "bbox": '
+               '[x0, y0, x1, y1] or null}], "candidate": "<id of the candidate your tool call tests>" or null, '
+               '"rationale": "..."} as the message text, with at most one tool call to test a candidate '
+               '(no tool call: commit)',
+    "refute": '{"verdicts": [{"id": "c1", "status": "refuted" | "confirmed" | "uncertain", "evidence": '
+              '"..."}], "updated_score": <0..1>, "candidate": "<id of the candidate your tool call tests>" or '
+              'null, "rationale": "..."} as the message text, with at most one tool call to test a candidate '
+              '(no tool call: commit)',
+}
+
+
+def reply_format(stage: str, native: bool = False) -> str:
+    """The ``$format`` text of ``stage`` (:data:`NATIVE_FORMATS` when tools are called natively)."""
+    return (NATIVE_FORMATS if native else FORMATS)[stage]
+
 
 # ------------------------------------------------------------------------ writing replies
 # The same shapes as JSON text, for backends that answer without a model (the offline policy,
@@ -92,6 +111,26 @@ def mcq_refute_reply(verdicts: list[dict[str, Any]], answer: str | None, action:
 
 def mcq_commit_reply(answer: str, rationale: str, option_scores: dict[str, float] | None = None) -> str:
     return json.dumps({"answer": answer, "option_scores": option_scores, "rationale": rationale})
+
+
+
+
+def native_reply(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """A JSON-action reply as a model with native tool calling gives it: (content without the
+    ``action`` key but with the tested ``candidate``, tool calls ``[{"name", "arguments"}]`` with
+    the arguments as a JSON string). Text that is not such a reply comes back unchanged."""
+    try:
+        obj = json.loads(text)
+    except (TypeError, ValueError):
+        return text, []
+    if not isinstance(obj, dict) or "action" not in obj:
+        return text, []
+    action = obj.pop("action")
+    calls: list[dict[str, Any]] = []
+    if isinstance(action, dict) and action.get("tool") and not action.get("commit"):
+        obj["candidate"] = action.get("candidate")
+        calls.append({"name": action["tool"], "arguments": json.dumps(action.get("args") or {})})
+    return json.dumps(obj), calls
 
 
 Stage = Literal["propose", "refute", "commit", "direct", "mcq_direct", "mcq_propose", "mcq_refute", "mcq_commit"]
@@ -642,7 +681,8 @@ def _action(obj: dict[str, Any]) -> Action:
 
 
 def parse_reply(stage: Stage, text: str | None, *, image_size: tuple[int, int] | None = None,
-                max_candidates: int = 5, prompt: str | None = None, options: Options | None = None) -> BaseModel:
+                max_candidates: int = 5, prompt: str | None = None, options: Options | None = None,
+                tool_call: dict[str, Any] | None = None) -> BaseModel:
     """Parse the reply of ``stage``; raise :class:`ReplyError` for the repair prompt.
 
     Reasoning is stripped first; of the JSON objects left, the LAST one that validates for
@@ -650,12 +690,25 @@ def parse_reply(stage: Stage, text: str | None, *, image_size: tuple[int, int] |
     loses). An object that appears verbatim in ``prompt`` (the text the model was sent) is the
     model echoing its prompt, such as a JSON example planted in a domain card, and is never
     taken as the answer. The multiple-choice stages need the question's ``options``.
+
+    ``tool_call`` (``{"name", "args"}``, native tool calling) is the reply's action, testing the
+    candidate the JSON names under ``"candidate"``.
     """
     if stage in MCQ_STAGES:
         if not options:
             raise ValueError(f"stage {stage!r} needs the question's options")
         return parse_mcq_reply(stage, text, options, prompt=prompt)
-    return last_valid_object(text, prompt, lambda obj: _validate(stage, obj, image_size, max_candidates))
+    return last_valid_object(text, prompt, lambda obj: _validate(stage, with_tool_call(obj, tool_call), image_size,
+                                                                 max_candidates))
+
+
+def with_tool_call(obj: dict[str, Any], tool_call: dict[str, Any] | None) -> dict[str, Any]:
+    """A reply object with a native ``tool_call`` as its action, testing the candidate the
+    object names under ``"candidate"`` (unchanged without a call)."""
+    if tool_call is None:
+        return obj
+    return {**obj, "action": {"tool": tool_call.get("name"), "args": tool_call.get("args") or {},
+                              "candidate": obj.get("candidate")}}
 
 
 def last_valid_object(text: str | None, prompt: str | None, validate: Callable[[dict[str, Any]], BaseModel]

@@ -38,6 +38,9 @@ class RefuteState(TypedDict, total=False):
     """The checked tool call observe will run (``CheckedCall.to_state()`` plus ``candidate``), or
     ``{"tool", "candidate", "rejected": observation}`` when it cannot run."""
     forced: bool
+    tool_calling: str
+    """How this item's conversation calls tools: "json" (actions in the reply) or "native"
+    (tool calls); fixed by propose."""
     tools_used: Annotated[list[str], operator.add]
     observations: Annotated[list[dict[str, Any]], operator.add]
     """Tool observations as plain data (``Observation.to_state()``: tool, text, images with

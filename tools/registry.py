@@ -4,7 +4,9 @@ The prompt's tool list comes from :meth:`ToolRegistry.render`, so adding, droppi
 a tool needs no prompt edit. :meth:`ToolRegistry.run` / :meth:`ToolRegistry.arun` are how the
 graph calls a tool: :meth:`ToolRegistry.check_call` (the guard: name repair, applicability,
 argument validation) runs once, then the LangChain tool; they never raise, and the observation
-they return is the only one a call produces.
+they return is the only one a call produces. Inside a LangGraph run each call is also a pair of
+``stream_mode="custom"`` events, ``tool_start`` and ``tool_end`` (with its latency).
+:meth:`ToolRegistry.openai_tools` gives the tools' function schemas for native tool calling.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Iterator
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel
 
+from anomalyclaw.events import emit
 from anomalyclaw.items import Item
 
 from .applicability import Applicability
@@ -79,6 +82,7 @@ class ToolRegistry:
         self._entries: dict[str, ToolEntry] = {}
         # JSON schemas are static per tool and pydantic takes ~7 ms to build one: keep them.
         self._schemas: dict[str, dict[str, Any]] = {}
+        self._functions: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def default(cls) -> "ToolRegistry":
@@ -105,12 +109,14 @@ class ToolRegistry:
         tool.metadata = meta
         self._entries[tool.name] = ToolEntry(tool, family, specialty, applicability)
         self._schemas.pop(tool.name, None)
+        self._functions.pop(tool.name, None)
 
     def drop(self, name: str) -> None:
         if name not in self._entries:
             raise KeyError(f"no tool {name!r} in the registry; registered: {self.names()}")
         del self._entries[name]
         self._schemas.pop(name, None)
+        self._functions.pop(name, None)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -197,16 +203,33 @@ class ToolRegistry:
             out[arg] = f"{kind}, {default}" + (f": {description}" if description else "")
         return out
 
-    def render(self, item: Item | None = None) -> str:
+    def render(self, item: Item | None = None, *, args: bool = True) -> str:
         """The tool list for the prompt: one line per tool applicable to ``item`` (all when None):
-        name, one-line specialty, arguments as compact JSON."""
+        name, one-line specialty, arguments as compact JSON (left out with ``args=False``: native
+        tool calling sends each tool's schema beside the messages)."""
         lines = []
         for entry in self._entries.values():
             if item is not None and not entry.applicability.check(item)[0]:
                 continue
-            args = json.dumps(self.compact_args(entry.tool.name), separators=(",", ":"))
-            lines.append(f"- {entry.tool.name}: {entry.specialty}. args {args}")
+            if args:
+                compact = json.dumps(self.compact_args(entry.tool.name), separators=(",", ":"))
+                lines.append(f"- {entry.tool.name}: {entry.specialty}. args {compact}")
+            else:
+                lines.append(f"- {entry.tool.name}: {entry.specialty}")
         return "\n".join(lines)
+
+    def openai_tools(self, names: Any = None) -> list[dict[str, Any]]:
+        """The function schemas of native tool calling (``bind_tools`` / the ``tools`` field of an
+        OpenAI request), for ``names`` (default: every tool): the tool's name and description and
+        its pydantic argument model's JSON schema."""
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        out = []
+        for name in self.names() if names is None else names:
+            if name not in self._functions:
+                self._functions[name] = convert_to_openai_tool(self.get(name))
+            out.append(self._functions[name])
+        return out
 
     def describe(self) -> list[dict[str, Any]]:
         """Every tool as a JSON-ready dict (for ``anomalyclaw tools --json``): name, family,
@@ -267,12 +290,14 @@ class ToolRegistry:
         call = self.check_call(name, args, context.item, default_bbox=default_bbox)
         if isinstance(call, Observation):
             return _logged(finish(call, None, start), context)
+        _started(call, context)
         try:
             message = self._entries[call.tool].tool.invoke(*self._invocation(call, context))
-            return _logged(self._observation(call, message, start), context)
+            obs = self._observation(call, message, start)
         except Exception as exc:  # plain tools may raise; the catalog's never do
-            return _logged(finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}",
-                                                      args=call.args_dict()), None, start), context)
+            obs = finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}", args=call.args_dict()),
+                         None, start)
+        return _finished(_logged(obs, context), context)
 
     async def arun(self, name: str, args: dict | None, context: ItemContext, *,
                    default_bbox: list[float] | None = None) -> Observation:
@@ -285,14 +310,26 @@ class ToolRegistry:
     async def arun_checked(self, call: CheckedCall, context: ItemContext) -> Observation:
         """Run a call that passed :meth:`check_call` (the graph checks in ``select_tool``)."""
         start = time.perf_counter()
+        _started(call, context)
         try:
             message = await self._entries[call.tool].tool.ainvoke(*self._invocation(call, context))
-            return _logged(self._observation(call, message, start), context)
+            obs = self._observation(call, message, start)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return _logged(finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}",
-                                                      args=call.args_dict()), None, start), context)
+            obs = finish(Observation.failure(call.tool, f"{type(exc).__name__}: {exc}", args=call.args_dict()),
+                         None, start)
+        return _finished(_logged(obs, context), context)
+
+
+def _started(call: CheckedCall, context: ItemContext) -> None:
+    emit("tool_start", item_id=context.item.item_id, tool=call.tool, args=call.args_dict())
+
+
+def _finished(obs: Observation, context: ItemContext) -> Observation:
+    emit("tool_end", item_id=context.item.item_id, tool=obs.tool, ok=obs.ok, latency_s=round(obs.elapsed_s, 4),
+         evidence=obs.data.get("evidence"), images=[im.name for im in obs.images], error=obs.error)
+    return obs
 
 
 def _logged(obs: Observation, context: ItemContext) -> Observation:

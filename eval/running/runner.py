@@ -47,6 +47,7 @@ from anomalyclaw.graph.images import ImageEncoder
 from anomalyclaw.graph.messages import warm_images
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
+from anomalyclaw.graph.toolcalling import ToolCalling
 from anomalyclaw.graph.vlm.seam import VLM
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.tools.registry import ToolRegistry
@@ -89,6 +90,8 @@ class RunSummary:
     n_abandoned: int = 0
     """Items in flight when the run was stopped: no record, a resume judges them."""
     cache: dict[str, Any] = field(default_factory=dict)
+    tool_calling: str = "json"
+    """How tools were called: json, native, or auto and whether it fell back to JSON (and why)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +149,8 @@ class Runner:
         self.progress = progress
         self.secrets = [s for s in secrets if s]
         self.encoder = ImageEncoder()
+        self.tool_calling = ToolCalling(self.config.tool_calling)
+        """Shared by the run's items: under ``auto``, the first refusal of tools switches them all."""
         self.graph = build_pipeline()
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.started_at = now()
@@ -186,7 +191,8 @@ class Runner:
             return failed("no reference images: the item needs at least one normal reference (ref_paths is empty)")
         try:
             run = make_context(item, self.vlm, registry=self.registry, prompts=self.prompts, config=self.config,
-                               expert_pool=self.expert_pool, score_cache=self.score_cache, encoder=self.encoder)
+                               expert_pool=self.expert_pool, score_cache=self.score_cache, encoder=self.encoder,
+                               tool_calling=self.tool_calling)
             ctx = run.item_context
             # Decoding, ranking and encoding the first messages' images is CPU work: do it in a
             # worker thread so that the nodes on the event loop find it done.
@@ -328,6 +334,7 @@ class Runner:
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
+        summary.tool_calling = self.tool_calling.describe()
         try:
             self._write_run_info(summary.n_items, summary=summary, path=info_path)
         except OutputError as exc:  # the records are what matters, and they are already safe

@@ -12,7 +12,8 @@
 import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
-    "seam": ["STAGES", "STAGE_HEADER", "VLM", "BadResponseError", "RunView", "VLMError", "VLMReply", "request_size"],
+    "seam": ["STAGES", "STAGE_HEADER", "VLM", "BadResponseError", "RunView", "ToolsUnsupportedError", "VLMError",
+             "VLMReply", "request_size"],
     "endpoint": ["ChatVLM", "OpenAIVLM", "check_endpoint", "make_chat_model", "make_openai_client"],
     "offline": ["OfflinePolicy", "OfflineVLM"],
     "factory": ["BACKENDS", "make_vlm"],

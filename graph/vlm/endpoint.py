@@ -9,6 +9,10 @@ with exponential backoff and jitter (honouring Retry-After); 401/403/404 stop th
 and every call is measured (latency, tokens, request bytes, images, retries). Each request names
 its protocol stage in the :data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER` header. Both clients
 read replies through :class:`BoundedAsyncClient`, so both refuse the same replies.
+With ``tools`` (native tool calling) both clients send the function schemas and read the
+reply's tool calls; an endpoint that answers such a request with a 4xx about tools raises
+:class:`ToolsUnsupportedError`. Inside a LangGraph run, each retry is a ``stream_mode="custom"``
+event (``vlm_retry``).
 
 - :class:`ChatVLM`: any LangChain chat model through ``ainvoke``; the ``openai`` backend's default
   client is ``ChatOpenAI`` (langchain-openai) against an OpenAI-compatible endpoint.
@@ -26,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import httpx2
 import openai
@@ -36,8 +40,10 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from anomalyclaw.config import EndpointConfig, redact
 from anomalyclaw.errors import EndpointFatalError, EndpointUnreachableError
+from anomalyclaw.events import emit
 
-from .seam import STAGE_HEADER, BadResponseError, VLMError, VLMReply, count_images, request_size
+from .seam import (STAGE_HEADER, BadResponseError, ToolsUnsupportedError, VLMError, VLMReply, count_images,
+                   read_tool_call, request_size, tools_size)
 
 
 log = logging.getLogger(__name__)
@@ -130,6 +136,13 @@ def _count(value: Any) -> int | None:
     return None
 
 
+def _refuses_tools(exc: BaseException) -> bool:
+    """A 4xx that blames the request's tools (vLLM: '"auto" tool choice requires
+    --enable-auto-tool-choice ...'; Ollama: '... does not support tools')."""
+    status = getattr(exc, "status_code", None)
+    return status in (400, 422, 501) and "tool" in str(exc).lower()
+
+
 @dataclass
 class _Answer:
     """What one successful request returned."""
@@ -138,6 +151,8 @@ class _Answer:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     top_logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    message_id: str | None = None
 
     def __post_init__(self) -> None:
         self.prompt_tokens = _count(self.prompt_tokens)
@@ -198,8 +213,10 @@ class _EndpointVLM(ABC):
                  self.max_retries + 1, self._what(exc) if exc else "?", state.upcoming_sleep)
 
     @abstractmethod
-    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[Any, int, int]:
-        """(request, request bytes, images) for ``messages``; built once, sent on every attempt."""
+    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool,
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[Any, int, int]:
+        """(request, request bytes, images) for ``messages`` (and ``tools``, the function schemas
+        of native tool calling); built once, sent on every attempt."""
 
     @abstractmethod
     async def _send(self, client: Any, request: Any, logprobs: bool, stage: str) -> _Answer:
@@ -207,16 +224,23 @@ class _EndpointVLM(ABC):
         in the :data:`STAGE_HEADER` header."""
 
     async def acall(self, messages: Sequence[BaseMessage], *, stage: str, view: Any = None,
-                    logprobs: bool = False) -> VLMReply:
+                    logprobs: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> VLMReply:
         """One request for ``stage``, retried as the class docstring says (``view`` is ignored:
         a real model sees only the messages)."""
-        request, nbytes, nimages = self._prepare(messages, logprobs)
+        request, nbytes, nimages = self._prepare(messages, logprobs, tools or None)
         attempts = 0
         start = time.perf_counter()
         log.debug("%s request: stage %s, %d bytes, %d image(s)", self.model, stage, nbytes, nimages)
+
+        def retrying(state: RetryCallState) -> None:
+            self._log_retry(state)
+            exc = state.outcome.exception() if state.outcome else None
+            emit("vlm_retry", stage=stage, attempt=state.attempt_number,
+                 reason=self._describe(exc)[:200] if exc else "", wait_s=round(state.upcoming_sleep, 3))
+
         try:
             async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(_is_transient), wait=self._wait, before_sleep=self._log_retry,
+                    retry=retry_if_exception(_is_transient), wait=self._wait, before_sleep=retrying,
                     stop=stop_after_attempt(self.max_retries + 1), reraise=True):
                 with attempt:
                     attempts += 1
@@ -226,13 +250,20 @@ class _EndpointVLM(ABC):
         except _FATAL as exc:
             raise EndpointFatalError(self._describe(exc, fatal=True)) from None
         except (openai.OpenAIError, VLMError, asyncio.TimeoutError) as exc:
+            if tools and _refuses_tools(exc):
+                detail = redact(str(getattr(exc, "message", None) or exc), self.secrets)[:300]
+                raise ToolsUnsupportedError(
+                    f"the endpoint refused a request with tools (HTTP {getattr(exc, 'status_code', '?')}: {detail}); "
+                    "native tool calling needs a server with a tool parser (vLLM: --enable-auto-tool-choice "
+                    "--tool-call-parser NAME), else use --tool-calling json or auto") from None
             raise VLMError(self._describe(exc, attempts=attempts)) from None
         log.info("%s reply: stage %s in %.2f s after %d attempt(s), %s completion tokens", self.model, stage,
                   time.perf_counter() - start, attempts, answer.completion_tokens)
         return VLMReply(text=answer.text, stage=stage, latency_s=time.perf_counter() - start,
                         prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
                         request_bytes=nbytes * attempts, images_sent=nimages * attempts,
-                        retries=attempts - 1, top_logprobs=answer.top_logprobs)
+                        retries=attempts - 1, top_logprobs=answer.top_logprobs,
+                        tool_calls=(answer.tool_calls or []) if tools else None, message_id=answer.message_id)
 
     async def _send_within_deadline(self, client: Any, request: Any, logprobs: bool, stage: str) -> _Answer:
         """:meth:`_send` under the total deadline: the clients' own timeouts bound each read, not
@@ -287,19 +318,24 @@ class OpenAIVLM(_EndpointVLM):
     async def _disconnect(self, client: openai.AsyncOpenAI) -> None:
         await client.close()
 
-    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[bytes, int, int]:
+    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool,
+                 tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[tuple[bytes, bool], int, int]:
         payload = convert_to_openai_messages(list(messages))
         body: dict[str, Any] = {"model": self.model, "messages": payload, "temperature": self.endpoint.temperature,
                                 "max_tokens": self.endpoint.max_tokens}
         if logprobs:
             body.update(logprobs=True, top_logprobs=5)
+        if tools:
+            body["tools"] = list(tools)
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        return data, len(data), count_images(payload)
+        return (data, bool(tools)), len(data), count_images(payload)
 
-    async def _send(self, client: openai.AsyncOpenAI, request: bytes, logprobs: bool, stage: str) -> _Answer:
-        raw = await client.post("/chat/completions", content=request, cast_to=bytes,
+    async def _send(self, client: openai.AsyncOpenAI, request: tuple[bytes, bool], logprobs: bool,
+                    stage: str) -> _Answer:
+        data, tools = request
+        raw = await client.post("/chat/completions", content=data, cast_to=bytes,
                                 options={"headers": {"Content-Type": "application/json", STAGE_HEADER: stage}})
-        return _read_completion(raw, logprobs)
+        return _read_completion(raw, logprobs, tools)
 
 
 #: Content-part types that carry the model's reasoning, never its answer.
@@ -329,9 +365,10 @@ def _tool_call_text(calls: Any) -> str:
     return args if isinstance(args, str) else ""
 
 
-def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
-    """The text, token counts and first-token top log-probs of a chat-completion body; a body
-    of another shape raises :class:`BadResponseError`."""
+def _read_completion(raw: bytes, logprobs: bool, tools: bool = False) -> _Answer:
+    """The text, token counts, first-token top log-probs and tool calls of a chat-completion
+    body (``tools``: the request offered tools, so a tool call is an action, never the reply's
+    text); a body of another shape raises :class:`BadResponseError`."""
     try:
         body = json.loads(raw)
         if isinstance(body, dict) and body.get("error") and not body.get("choices"):
@@ -340,18 +377,22 @@ def _read_completion(raw: bytes, logprobs: bool) -> _Answer:
             raise BadResponseError(f"the endpoint answered 200 with an error: {str(message)[:200]}")
         choice = body["choices"][0]
         message = choice["message"]
-        text = _text_of(message.get("content")) or _tool_call_text(message.get("tool_calls"))
+        text = _text_of(message.get("content")) or ("" if tools else _tool_call_text(message.get("tool_calls")))
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         top = None
         if logprobs and isinstance(choice.get("logprobs"), dict):
             tokens = choice["logprobs"].get("content")
             if tokens and isinstance(tokens[0], dict):
                 top = tokens[0].get("top_logprobs")
+        calls = [read_tool_call(c.get("id"), (c.get("function") or {}).get("name"),
+                                (c.get("function") or {}).get("arguments"))
+                 for c in choice["message"].get("tool_calls") or ()]
     except _MALFORMED:
         preview = raw[:120].decode("utf-8", "replace").replace("\n", " ")
         raise BadResponseError(f"the reply is not a chat completion: {preview!r}") from None
     return _Answer(text=text, prompt_tokens=usage.get("prompt_tokens"),
-                   completion_tokens=usage.get("completion_tokens"), top_logprobs=top)
+                   completion_tokens=usage.get("completion_tokens"), top_logprobs=top, tool_calls=calls,
+                   message_id=body.get("id") if isinstance(body.get("id"), str) else None)
 
 
 @dataclass
@@ -379,12 +420,17 @@ class ChatVLM(_EndpointVLM):
         if self.endpoint is not None:
             await client.http_async_client.aclose()
 
-    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool) -> tuple[list[BaseMessage], int, int]:
+    def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool,
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 ) -> tuple[tuple[list[BaseMessage], list[dict[str, Any]] | None], int, int]:
         nbytes, nimages = request_size(messages)
-        return list(messages), nbytes, nimages
+        return (list(messages), [dict(t) for t in tools] if tools else None), nbytes + tools_size(tools), nimages
 
-    async def _send(self, client: BaseChatModel, request: list[BaseMessage], logprobs: bool, stage: str) -> _Answer:
-        model = client.bind(logprobs=True, top_logprobs=5) if logprobs else client
+    async def _send(self, client: BaseChatModel, request: tuple[list[BaseMessage], list[dict[str, Any]] | None],
+                    logprobs: bool, stage: str) -> _Answer:
+        request, tools = request
+        model: Any = client.bind_tools(tools) if tools else client
+        model = model.bind(logprobs=True, top_logprobs=5) if logprobs else model
         # Only the ChatOpenAI this object built is known to pass extra headers through; a
         # caller's own chat model gets the messages alone.
         headers = {"extra_headers": {STAGE_HEADER: stage}} if self.endpoint is not None else {}
@@ -396,12 +442,18 @@ class ChatVLM(_EndpointVLM):
             content = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
             if content and isinstance(content[0], dict):
                 top = content[0].get("top_logprobs")
-            text = _text_of(message.content) or _tool_call_text(getattr(message, "tool_calls", None))
+            calls = [read_tool_call(c.get("id"), c.get("name"), c.get("args"))
+                     for c in getattr(message, "tool_calls", None) or ()]
+            calls += [read_tool_call(c.get("id"), c.get("name"), c.get("args"))
+                      for c in getattr(message, "invalid_tool_calls", None) or ()]
+            # Offered no tools, a model that answers with a tool call meant it as its reply.
+            text = _text_of(message.content) or ("" if tools else _tool_call_text(getattr(message, "tool_calls", None)))
         except _MALFORMED as exc:  # a 200 whose body is not a completion (choices: [] is an IndexError)
             raise BadResponseError(f"the reply is not a chat completion: {type(exc).__name__}: "
                                    f"{str(exc)[:200]}") from None
         return _Answer(text=text, prompt_tokens=usage.get("input_tokens"),
-                       completion_tokens=usage.get("output_tokens"), top_logprobs=top)
+                       completion_tokens=usage.get("output_tokens"), top_logprobs=top, tool_calls=calls,
+                       message_id=getattr(message, "id", None))
 
 
 def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
@@ -418,7 +470,10 @@ def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
     return ChatOpenAI(base_url=endpoint.base_url, model=endpoint.model,
                       api_key=endpoint.api_key or "EMPTY", timeout=endpoint.timeout_s, max_retries=0,
                       http_async_client=_http_client(endpoint),
-                      temperature=endpoint.temperature, max_tokens=endpoint.max_tokens)
+                      temperature=endpoint.temperature, max_tokens=endpoint.max_tokens,
+                      # Token counts also when LangGraph streams the reply (``stream_mode="messages"``,
+                      # ``astream_events``): langchain-openai asks for them only from api.openai.com.
+                      stream_usage=True)
 
 
 def _http_client(endpoint: EndpointConfig) -> BoundedAsyncClient:

@@ -7,6 +7,13 @@ prose replies, unknown tool names, scores out of range or NaN, 401, 404). Withou
 answers each stage of the AnomalyClaw protocol with a well-formed reply, so a whole run can go
 through it.
 
+Like a real server it streams when asked (``"stream": true``: server-sent events, one
+``data: {chat.completion.chunk}`` per piece, the usage chunk when ``stream_options.include_usage``
+is set, then ``data: [DONE]``), and it speaks native tool calling: a request that carries
+``tools`` gets the reply's JSON action as ``tool_calls`` (:func:`~anomalyclaw.graph.replies.native_reply`),
+or, with ``tools_supported=False``, the 400 a vLLM started without ``--enable-auto-tool-choice``
+answers.
+
 Each request's stage comes from the ``X-AnomalyClaw-Stage`` header the project's clients send
 (:data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER`); a request without it (another client) is
 matched by the reply format its last user message asks for.
@@ -34,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
 from ..replies import (COMMIT, FORMATS, commit_reply, direct_reply, mcq_commit_reply, mcq_propose_reply,
-                       mcq_refute_reply, propose_reply, refute_reply, tool_action)
+                       mcq_refute_reply, native_reply, propose_reply, refute_reply, tool_action)
 from .seam import STAGE_HEADER, STAGES
 
 #: Fault kinds the server can inject, by name.
@@ -50,6 +57,8 @@ FATAL = ("401", "404")
 #: prompt; token counts as strings.
 HOSTILE = ("slow_drip", "huge", "no_choices", "null_content", "parts", "tool_calls", "error_200", "sse",
            "redirect", "bad_gzip", "deep", "think", "echo", "string_tokens")
+#: What a vLLM without ``--enable-auto-tool-choice`` answers (HTTP 400) to a request with ``tools``.
+TOOLS_UNSUPPORTED = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
 
 
 def _user_text(msg: dict[str, Any]) -> str:
@@ -174,6 +183,12 @@ class ServerStats:
     faults: Counter = field(default_factory=Counter)
     stages: Counter = field(default_factory=Counter)
     max_in_flight: int = 0
+    streamed: int = 0
+    """Completions sent as server-sent events (``"stream": true``)."""
+    with_tools: int = 0
+    """Requests that carried ``tools`` (native tool calling)."""
+    tool_calls: int = 0
+    """Tool calls answered."""
 
 
 class FakeVLMServer:
@@ -185,8 +200,13 @@ class FakeVLMServer:
     ``"mcq_propose"``, ``"mcq_refute"``, ``"mcq_commit"`` for the multiple-choice task: the
     branches run concurrently, so
     per-stage order is the one that repeats), or a callable ``body -> str``; when a list runs
-    out, :func:`default_reply` answers. ``fault_rate``: the probability that a
+    out, :func:`default_reply` answers. A script entry may also be a dict ``{"content": str,
+    "tool_calls": [{"name", "arguments"}]}`` (``arguments`` as the raw string sent, which need not
+    be valid JSON): the reply exactly as given. ``fault_rate``: the probability that a
     request gets a fault drawn from ``faults`` (seeded, so runs repeat).
+
+    ``tools_supported=False`` answers every request that carries ``tools`` with HTTP 400 and
+    :data:`TOOLS_UNSUPPORTED`, as a vLLM without a tool parser does.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
@@ -194,7 +214,7 @@ class FakeVLMServer:
                  script: list[str] | dict[str, list[str]] | Callable[[dict], str] | None = None, fault_rate: float = 0.0,
                  faults: Iterable[str] = FAULTS, seed: int = 0, hang_s: float = 30.0,
                  retry_after_s: float = 0.05, record_bodies: bool = False, drip_s: float = 0.2,
-                 huge_bytes: int = 50 * 2**20):
+                 huge_bytes: int = 50 * 2**20, tools_supported: bool = True):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the fake endpoint only listens on loopback")
         self.latency_s = latency_s
@@ -212,6 +232,7 @@ class FakeVLMServer:
         """Size of a ``huge`` reply's body."""
         self.retry_after_s = retry_after_s
         self.record_bodies = record_bodies
+        self.tools_supported = tools_supported
         self.bodies: list[dict[str, Any]] = []
         self.stats = ServerStats()
         self._script: deque[str] | None = deque(script) if isinstance(script, list) else None
@@ -248,13 +269,14 @@ class FakeVLMServer:
         self.stop()
 
     # ------------------------------------------------------------------ decisions
-    def _next_action(self, body: dict[str, Any], stage: str, raw: bytes) -> tuple[str | None, str | None]:
-        """(fault kind or None, reply text or None) for one completion request."""
+    def _next_action(self, body: dict[str, Any], stage: str, raw: bytes) -> tuple[str | None, str | dict | None]:
+        """(fault kind or None, reply text (or a scripted reply dict) or None) for one completion
+        request."""
         with self._lock:
             queue = self._script or self._stage_script.get(stage)
             if queue:
                 entry = queue.popleft()
-                if entry.startswith("!"):
+                if isinstance(entry, str) and entry.startswith("!"):
                     return entry[1:], None
                 return None, entry
             draw = self._rng.random()
@@ -276,6 +298,22 @@ class FakeVLMServer:
 
             def log_message(self, fmt: str, *args: Any) -> None:  # quiet
                 return
+
+            def _stream(self, events: list[dict[str, Any]]) -> None:
+                """Server-sent events in HTTP chunks, as OpenAI and vLLM stream: one ``data:``
+                line per completion chunk, then ``data: [DONE]``."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for data in [json.dumps(e) for e in events] + ["[DONE]"]:
+                    payload = f"data: {data}\n\n".encode()
+                    self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+                with server._lock:
+                    server.stats.by_status[200] += 1
+                    server.stats.streamed += 1
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()
@@ -348,6 +386,12 @@ class FakeVLMServer:
                 if server.record_bodies:
                     with server._lock:
                         server.bodies.append(body)
+                tools = body.get("tools") or None
+                if tools:
+                    with server._lock:
+                        server.stats.with_tools += 1
+                    if not server.tools_supported:
+                        return self._error(400, TOOLS_UNSUPPORTED, "BadRequestError")
                 stage = reply_stage(body, self.headers.get(STAGE_HEADER))
                 fault, text = server._next_action(body, stage, raw)
                 with server._lock:
@@ -392,13 +436,17 @@ class FakeVLMServer:
                     return self._hostile(fault, body, stage, raw)
                 if fault:
                     text = faulty_reply(fault, body, stage=stage, raw=raw)
+                message = _message(text or "", bool(tools), stage, raw)
                 with server._lock:
                     server.stats.completions += 1
-                self._send(200, _completion(body, text or "", len(raw)))
+                    server.stats.tool_calls += len(message.get("tool_calls") or ())
+                if body.get("stream"):
+                    return self._stream(_chunks(body, message, len(raw)))
+                self._send(200, _completion(body, message, len(raw)))
 
             def _hostile(self, fault: str, body: dict[str, Any], stage: str, raw: bytes) -> None:
                 good = default_reply(body, stage=stage, raw=raw)
-                completion = _completion(body, good, len(raw))
+                completion = _completion(body, _message(good, False, stage, raw), len(raw))
                 message = completion["choices"][0]["message"]
                 if fault == "slow_drip":
                     # A whole, valid completion, 8 bytes every drip_s: each read is quick, the
@@ -508,17 +556,73 @@ def _last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
-def _completion(body: dict[str, Any], text: str, prompt_chars: int) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+def _message(reply: str | dict[str, Any], tools: bool, stage: str, raw: bytes) -> dict[str, Any]:
+    """The assistant message of a reply: a scripted dict as given, else the reply text, whose
+    JSON action becomes a tool call when the request offered tools."""
+    if isinstance(reply, dict):
+        content, calls = reply.get("content", ""), list(reply.get("tool_calls") or ())
+    elif tools:
+        content, calls = native_reply(reply)
+    else:
+        content, calls = reply, []
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        tag = hashlib.sha256(raw).hexdigest()[:8]
+        message["tool_calls"] = [{"id": c.get("id") or f"call_{stage}_{tag}_{i}", "type": "function",
+                                  "function": {"name": c["name"], "arguments": c.get("arguments", "{}")}}
+                                 for i, c in enumerate(calls)]
+    return message
+
+
+def _usage(message: dict[str, Any], prompt_chars: int) -> dict[str, int]:
+    out = len(message.get("content") or "") + sum(len(json.dumps(c)) for c in message.get("tool_calls") or ())
+    return {"prompt_tokens": prompt_chars // 4, "completion_tokens": max(1, out // 4),
+            "total_tokens": prompt_chars // 4 + max(1, out // 4)}
+
+
+def _completion(body: dict[str, Any], message: dict[str, Any], prompt_chars: int) -> dict[str, Any]:
+    finish = "tool_calls" if message.get("tool_calls") else "stop"
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
     if body.get("logprobs"):
-        choice["logprobs"] = {"content": _logprobs(text, int(body.get("top_logprobs") or 5))}
+        choice["logprobs"] = {"content": _logprobs(message["content"], int(body.get("top_logprobs") or 5))}
     return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-        "model": body.get("model"), "choices": [choice],
-        "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": max(1, len(text) // 4),
-                  "total_tokens": prompt_chars // 4 + max(1, len(text) // 4)},
+        "model": body.get("model"), "choices": [choice], "usage": _usage(message, prompt_chars),
     }
+
+
+def _pieces(text: str, n: int = 4) -> list[str]:
+    """``text`` in up to ``n`` consecutive pieces (a stream sends a reply a few tokens at a time)."""
+    step = max(1, -(-len(text) // n))
+    return [text[i:i + step] for i in range(0, len(text), step)]
+
+
+def _chunks(body: dict[str, Any], message: dict[str, Any], prompt_chars: int) -> list[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects a streaming server sends for ``message``: the role,
+    the content in pieces (log-probs with the first), each tool call's name then its arguments
+    in pieces, the finish reason, and the usage when ``stream_options.include_usage`` asks."""
+    head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": body.get("model")}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    for k, piece in enumerate(_pieces(message.get("content") or "")):
+        extra = {}
+        if k == 0 and body.get("logprobs"):
+            extra["logprobs"] = {"content": _logprobs(message["content"], int(body.get("top_logprobs") or 5))}
+        out.append(chunk({"content": piece}, **extra))
+    for i, call in enumerate(message.get("tool_calls") or ()):
+        fn = call["function"]
+        out.append(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                          "function": {"name": fn["name"], "arguments": ""}}]}))
+        for piece in _pieces(fn["arguments"], 3):
+            out.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}))
+    out.append(chunk({}, "tool_calls" if message.get("tool_calls") else "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        out.append({**head, "choices": [], "usage": _usage(message, prompt_chars)})
+    return out
 
 
 def _logprobs(text: str, top: int) -> list[dict[str, Any]]:

@@ -25,6 +25,9 @@ expert map's peak for "where?"; no evidence, hence the first option, for "how ma
 whole-image comparisons for a defect, then ``segment_anomaly``; ``blob_layout_viz`` for counts
 and for missing, extra, moved or resized parts) and answers from the tool's numbers.
 
+Offered ``tools`` (native tool calling), it answers as a model with a tool parser does: the
+action becomes a tool call beside the JSON text.
+
 Its thresholds live in :class:`OfflinePolicy`; the defaults were chosen on a synthetic benchmark
 generated with seed 1, never on the seed-0 benchmark the demo reports.
 """
@@ -46,8 +49,8 @@ from anomalyclaw.items import Question
 from anomalyclaw.scores import logistic, logit
 
 from ..replies import (COMMIT, commit_reply, direct_reply, mcq_commit_reply, mcq_propose_reply, mcq_refute_reply,
-                       propose_reply, refute_reply, tool_action)
-from .seam import RunView, VLMReply, request_size
+                       native_reply, propose_reply, refute_reply, tool_action)
+from .seam import RunView, VLMReply, read_tool_call, request_size, tools_size
 
 
 @dataclass(frozen=True)
@@ -372,10 +375,11 @@ class OfflineVLM:
         self.policy = policy or OfflinePolicy()
 
     async def acall(self, messages: Sequence[BaseMessage], *, stage: str, view: RunView | None = None,
-                    logprobs: bool = False) -> VLMReply:
+                    logprobs: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> VLMReply:
         if view is None:
             raise ValueError("the offline backend needs the run's view (it reads tool and expert numbers)")
         nbytes, nimages = request_size(messages)
+        nbytes += tools_size(tools)
         # The expert's first reading fits it on the references: CPU work, off the event loop.
         p = await asyncio.to_thread(glance, view)
         if stage == "direct_logprob":
@@ -396,7 +400,12 @@ class OfflineVLM:
             text = _mcq_reply(self.policy, stage, view, p)
         else:
             raise ValueError(f"the offline backend has no policy for stage {stage!r}")
-        return VLMReply(text=text, stage=stage, request_bytes=nbytes, images_sent=nimages)
+        calls = None
+        if tools:
+            text, wire = native_reply(text)
+            calls = [read_tool_call(f"call_{stage}_{len(view.observations)}_{k}", c["name"], c["arguments"])
+                     for k, c in enumerate(wire)]
+        return VLMReply(text=text, stage=stage, request_bytes=nbytes, images_sent=nimages, tool_calls=calls)
 
     @staticmethod
     def _direct(p: float) -> str:

@@ -2,7 +2,9 @@
 
 A backend answers ``acall(messages, stage=..., view=...)`` with a :class:`VLMReply`. ``messages``
 are what a chat model sees; ``view`` is an explicit, typed view of the run for backends that
-decide from numbers instead of pixels (the offline policy). A real model ignores it.
+decide from numbers instead of pixels (the offline policy). A real model ignores it. ``tools``
+(OpenAI-format function schemas) asks for native tool calling: the reply's ``tool_calls`` are the
+model's calls, and an endpoint that cannot take tools raises :class:`ToolsUnsupportedError`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ class VLMError(AnomalyClawError):
     """A request that failed after its retries (or could never succeed, such as a 400)."""
 
 
+class ToolsUnsupportedError(VLMError):
+    """The endpoint refused a request because it carried ``tools`` (a vLLM started without
+    ``--enable-auto-tool-choice`` answers 400): native tool calling is not available there."""
+
+
 class BadResponseError(VLMError):
     """The endpoint answered 200 with a body that is not a chat completion (a gateway's HTML
     error page, a truncated body): worth another try, like a 5xx."""
@@ -49,11 +56,20 @@ class VLMReply:
     images_sent: int = 0
     retries: int = 0
     top_logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """With ``tools`` offered: the model's calls, ``{"id", "name", "args", "error"}`` each, ``args``
+    a dict (None with ``error`` saying why when the arguments were not a JSON object); else None."""
+    message_id: str | None = None
+    """The id of the chat model's reply message, when it has one (LangGraph's message stream
+    shows each message once by id)."""
 
     def usage(self) -> dict[str, Any]:
-        return {"stage": self.stage, "latency_s": round(self.latency_s, 4), "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "request_bytes": self.request_bytes,
-                "images_sent": self.images_sent, "retries": self.retries}
+        out = {"stage": self.stage, "latency_s": round(self.latency_s, 4), "prompt_tokens": self.prompt_tokens,
+               "completion_tokens": self.completion_tokens, "request_bytes": self.request_bytes,
+               "images_sent": self.images_sent, "retries": self.retries}
+        if self.tool_calls is not None:
+            out["tool_calls"] = [c.get("name") for c in self.tool_calls]
+        return out
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,26 @@ class VLM(Protocol):
     model: str
 
     async def acall(self, messages: Sequence[BaseMessage], *, stage: str, view: RunView | None = None,
-                    logprobs: bool = False) -> VLMReply: ...
+                    logprobs: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> VLMReply: ...
+
+
+def read_tool_call(call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
+    """One tool call as :attr:`VLMReply.tool_calls` holds it, from the wire's name and arguments
+    (a JSON string, or an already parsed dict)."""
+    args, error = arguments, None
+    if isinstance(arguments, str):
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            args, error = None, f"not valid JSON ({exc.msg} at position {exc.pos}): {arguments[:200]!r}"
+    if error is None and not isinstance(args, dict):
+        args, error = None, f"not a JSON object: {str(arguments)[:200]!r}"
+    return {"id": str(call_id) if call_id else None, "name": str(name or ""), "args": args, "error": error}
+
+
+def tools_size(tools: Sequence[Mapping[str, Any]] | None) -> int:
+    """Bytes the ``tools`` field adds to a request body."""
+    return len(json.dumps(list(tools), separators=(",", ":"))) + len(',"tools":') if tools else 0
 
 
 def count_images(payload: list[dict[str, Any]]) -> int:

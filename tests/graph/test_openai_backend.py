@@ -1,5 +1,8 @@
 """The openai backend against a local fake endpoint, through both of its clients: the real
-``ChatOpenAI`` (langchain, the default) and the openai SDK (``client="sdk"``)."""
+``ChatOpenAI`` (langchain, the default) and the openai SDK (``client="sdk"``). The end-to-end
+tests of a tool call also run in each tool-calling mode (``json``, ``native``, ``auto``): the
+fake endpoint turns a scripted JSON action into a native tool call when the request offers
+tools."""
 from __future__ import annotations
 
 import json
@@ -32,6 +35,11 @@ def client(request):
     return request.param
 
 
+@pytest.fixture(params=["json", "native", "auto"])
+def mode(request):
+    return request.param
+
+
 def _vlm(server, client, **kw):
     endpoint = EndpointConfig.from_env(base_url=server.base_url, model="fake-vlm", api_key=KEY,
                                        timeout_s=kw.pop("timeout_s", 5.0), max_retries=kw.pop("max_retries", 3),
@@ -49,10 +57,12 @@ def item(small_items):
     return next(it for it in small_items if it.label == 1)
 
 
-async def test_tool_call_with_repaired_name(item, client):
+async def test_tool_call_with_repaired_name(item, client, mode):
     with FakeVLMServer(api_key=KEY, script={"propose": [PROPOSE_ZOOM], "refute": [REFUTE_COMMIT],
                                             "direct": [DIRECT_OK]}, record_bodies=True) as server:
-        state = await _judge(item, _vlm(server, client))
+        state = await _judge(item, _vlm(server, client), tool_calling=mode)
+    assert state["tool_calling"] == ("json" if mode == "json" else "native")
+    assert server.stats.tool_calls == (0 if mode == "json" else 1)
     assert state["tools_used"] == ["region_zoom"]
     assert any("repaired" in f for f in state["fallbacks"])
     assert state["refute_score"] == pytest.approx(0.2) and state["direct_score"] == pytest.approx(0.2)
@@ -63,11 +73,12 @@ async def test_tool_call_with_repaired_name(item, client):
     assert images and images[0]["image_url"]["url"].startswith("data:image/")
 
 
-async def test_repair_retry_then_success(item, client):
+async def test_repair_retry_then_success(item, client, mode):
     with FakeVLMServer(api_key=KEY, script={"propose": ["I think it is fine.", PROPOSE_ZOOM],
                                             "refute": [REFUTE_COMMIT], "direct": ['{"image_label": "normal"',
                                                                                   DIRECT_OK]}) as server:
-        state = await _judge(item, _vlm(server, client))
+        state = await _judge(item, _vlm(server, client), tool_calling=mode)
+    assert state["tools_used"] == ["region_zoom"]
     assert state["refute_score"] == pytest.approx(0.2) and state["direct_score"] == pytest.approx(0.2)
     assert any("repaired after: the reply holds no JSON object" in f for f in state["fallbacks"])
     assert any("cut off" in f for f in state["direct_fallbacks"])
@@ -109,12 +120,12 @@ async def test_unknown_model_is_404_fatal(item, client):
             await _judge(item, _vlm(server, client))
 
 
-async def test_unknown_tool_becomes_an_observation_listing_valid_names(item, client):
+async def test_unknown_tool_becomes_an_observation_listing_valid_names(item, client, mode):
     bad = json.dumps({"initial_score": 0.5, "candidates": [{"id": "c1", "description": "x"}],
                       "action": {"tool": "magic_detector", "args": {}}})
     with FakeVLMServer(api_key=KEY, script={"propose": [bad], "refute": [REFUTE_COMMIT]},
                        record_bodies=True) as server:
-        state = await _judge(item, _vlm(server, client))
+        state = await _judge(item, _vlm(server, client), tool_calling=mode)
     obs = state["observations"][0]
     assert not obs["ok"] and "unknown tool 'magic_detector'" in obs["text"] and "side_by_side_compare" in obs["text"]
     assert state.get("tools_used", []) == []
