@@ -76,16 +76,16 @@ async def test_native_sends_the_items_tools_and_answers_with_a_tool_message(item
 
 
 async def test_native_unknown_tool_is_a_rejected_observation(item, client):
-    script = {"propose": [{"content": PROPOSE_TEXT, "tool_calls": [{"name": "texture_fft", "arguments": "{}"}]}],
+    script = {"propose": [{"content": PROPOSE_TEXT, "tool_calls": [{"name": "tool_domain_knowledge", "arguments": "{}"}]}],
               "refute": [REFUTE_COMMIT]}
     with FakeVLMServer(script=script, record_bodies=True) as server:
         state = await _judge(item, _vlm(server, client))
     obs = state["observations"][0]
-    assert not obs["ok"] and "unknown tool 'texture_fft'" in obs["text"] and "side_by_side_compare" in obs["text"]
+    assert not obs["ok"] and "unknown tool 'tool_domain_knowledge'" in obs["text"] and "side_by_side_compare" in obs["text"]
     assert state.get("tools_used", []) == []
     refute = [b for b in server.bodies if b.get("tools")][-1]
     tool = next(m for m in refute["messages"] if m["role"] == "tool")
-    assert tool["content"].startswith("No tool was run: unknown tool 'texture_fft'")
+    assert tool["content"].startswith("No tool was run: unknown tool 'tool_domain_knowledge'")
     assert state["refute_score"] == pytest.approx(0.2)
 
 
