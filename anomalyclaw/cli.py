@@ -623,6 +623,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_experts(result))
         print(f"{result['items']} items, backbone {args.backbone}, pool {result['pool']}, "
               f"{time.perf_counter() - started:.1f} s")
+    elif args.bench_command == "tool-calling":
+        from anomalyclaw.eval.bench.toolcalling import format_tool_calling, run_tool_calling_bench
+
+        items = None
+        if args.manifest:
+            from anomalyclaw.eval.data.manifests import load_manifest
+
+            items = load_manifest(args.manifest, split=args.split)[: args.limit]
+        result = run_tool_calling_bench(items, client=args.client)
+        print(format_tool_calling(result))
     elif args.bench_command == "tools":
         from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
 
@@ -881,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
-    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools")
+    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling")
     b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
     b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
@@ -902,6 +912,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--manifest", help="measure evidence quality on this manifest instead of latency")
     b.add_argument("--split", help="manifest split (quality)")
     b.add_argument("--domains", help="comma-separated domain codes (quality)")
+    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    b = bsub.add_parser("tool-calling", help="requests and request bytes per item, JSON actions against native "
+                                             "tool calling, on the same scripted items (fake endpoint)")
+    b.add_argument("--manifest", help="items to use (default: a small synthetic benchmark, two items per domain)")
+    b.add_argument("--split", default="test", help="manifest split (default: test)")
+    b.add_argument("--limit", type=int, default=7, help="items from the manifest (default 7)")
+    b.add_argument("--client", choices=["langchain", "sdk"], default="langchain", help="endpoint client")
     b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 

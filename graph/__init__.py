@@ -8,12 +8,14 @@ Names are imported on first use, so importing one module of the package stays ch
 import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
-    "pipeline": ["build_pipeline"],
+    "pipeline": ["build_pipeline", "thread_config"],
     "refutation": ["build_refutation_graph"],
     "direct": ["build_direct_graph"],
     "context": ["RunContext", "make_context"],
     "state": ["DirectState", "PipelineState", "RefuteState", "new_state"],
     "images": ["ImageEncoder"],
+    "stream": ["format_event", "format_update"],
+    "toolcalling": ["ToolCalling"],
     "replies": ["FORMATS", "ReplyError", "parse_reply"],
     "vlm": ["VLM", "ChatVLM", "OfflineVLM", "OpenAIVLM", "RunView", "VLMError", "VLMReply", "make_vlm"],
 })

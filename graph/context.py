@@ -1,10 +1,12 @@
 """The run context every node reads (LangGraph ``context_schema``): item, VLM, tools, prompts."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from anomalyclaw.config import AgentConfig
+from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.experts.pool import DEFAULT_EXPERT, default_pool
 from anomalyclaw.items import Item, Question
 from anomalyclaw.prompts import PromptSet
@@ -77,3 +79,28 @@ def make_context(item: Item | ItemContext, vlm: VLM, *, registry: ToolRegistry |
     return RunContext(item_context=item, vlm=vlm, registry=registry or ToolRegistry.default(),
                       prompts=prompts or PromptSet.load(), config=config, encoder=encoder or ImageEncoder(),
                       question=question, tool_calling=tool_calling or ToolCalling(config.tool_calling))
+
+
+
+def run_context(context: Any, state: Mapping[str, Any]) -> RunContext:
+    """The :class:`RunContext` a node works with: the run's context itself, or what a settings
+    context (such as :class:`~anomalyclaw.graph.studio.StudioContext`, whose fields a LangGraph
+    server fills from JSON) resolves for the item in ``state``."""
+    if isinstance(context, RunContext):
+        return context
+    resolve = getattr(context, "resolve", None)
+    if callable(resolve):
+        return resolve(state)
+    raise AnomalyClawError(
+        "the graph has no run context: run it with context=make_context(item, vlm), e.g. "
+        "graph.ainvoke(new_state(item.item_id), context=make_context(item, make_vlm('offline')))")
+
+
+async def arun_context(context: Any, state: Mapping[str, Any]) -> RunContext:
+    """:func:`run_context` for async nodes: a settings context resolves in a worker thread (it
+    reads the manifest and the item's images, which must not block the event loop)."""
+    if isinstance(context, RunContext):
+        return context
+    if callable(getattr(context, "resolve", None)):
+        return await asyncio.to_thread(run_context, context, state)
+    return run_context(context, state)

@@ -14,7 +14,7 @@ from langgraph.runtime import Runtime
 from anomalyclaw.errors import EndpointFatalError
 
 from .calls import ask
-from .context import RunContext
+from .context import RunContext, arun_context
 from .messages import direct_messages, visible
 from .replies import DirectReply, parse_label_logprobs
 from .state import DirectState
@@ -34,7 +34,7 @@ async def _logprob_score(run: RunContext) -> tuple[float | None, dict[str, Any] 
 
 
 async def direct(state: DirectState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     update: dict[str, Any] = {"direct_calls": [], "direct_fallbacks": []}
     if run.config.direct_score == "logprob":
         p, usage, problem = await _logprob_score(run)
@@ -59,9 +59,10 @@ async def direct(state: DirectState, runtime: Runtime[RunContext]) -> dict[str, 
     return update
 
 
-def build_direct_graph(*, checkpointer: Any = None, name: str = "direct"):
+def build_direct_graph(*, checkpointer: Any = None, name: str = "direct", context_schema: type = RunContext,
+                       input_schema: type | None = None):
     """The one-node direct-judgment graph; run it with ``context=make_context(...)``."""
-    graph = StateGraph(DirectState, context_schema=RunContext)
+    graph = StateGraph(DirectState, context_schema=context_schema, input_schema=input_schema)
     graph.add_node("direct", direct)
     graph.add_edge(START, "direct")
     graph.add_edge("direct", END)

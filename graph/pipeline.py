@@ -19,7 +19,7 @@ from langgraph.runtime import Runtime
 from anomalyclaw.experts.pool import DEFAULT_EXPERT
 from anomalyclaw.scores import fuse as fuse_scores
 
-from .context import RunContext
+from .context import RunContext, arun_context
 from .direct import direct
 from .mcqa import add_mcqa_nodes
 from .refutation import add_refutation_nodes
@@ -27,7 +27,7 @@ from .state import PipelineState
 
 
 async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     cfg = run.config
     expert = None
     fallbacks: list[str] = []
@@ -46,16 +46,36 @@ async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, 
 TASKS = ("score", "mcqa")
 
 
-def build_pipeline(*, task: str = "score", checkpointer: Any = None, name: str = "anomalyclaw"):
+def thread_config(item: Any) -> dict[str, Any]:
+    """The run config that puts one item's run on its own checkpointed thread (``thread_id`` =
+    the item id; ``item`` is an Item or an id), so that ``graph.get_state_history(config)``
+    replays that item's turns."""
+    item_id = getattr(item, "item_id", item)
+    return {"configurable": {"thread_id": str(item_id)}}
+
+
+def build_pipeline(*, task: str = "score", checkpointer: Any = None, name: str = "anomalyclaw",
+                   context_schema: type = RunContext, input_schema: type | None = None):
     """Both branches and the fusion as one compiled LangGraph.
 
     Run one item with ``await graph.ainvoke(new_state(item_id), context=make_context(item, vlm))``
     or watch it with ``graph.astream(..., stream_mode="updates")``. ``task="mcqa"`` answers the
     multiple-choice question in the context (``make_context(..., question=...)``) instead.
+
+    With a ``checkpointer`` (LangGraph's ``InMemorySaver``, or ``AsyncSqliteSaver`` from
+    langgraph-checkpoint-sqlite for a file), pass ``thread_config(item)`` as the run config:
+    every step of the item is kept, to inspect (``aget_state_history``), to stop and resume
+    (``interrupt_before=[...]``, then ``ainvoke(None, config, context=...)`` with a fresh
+    context), or to fork from an earlier step. The state holds plain data and LangChain
+    messages only, so it checkpoints under ``LANGGRAPH_STRICT_MSGPACK=true`` too. A thread is one
+    run of one item: invoking the same thread again continues it, so a second run wants a new
+    saver (or thread). Resuming a batch run is the records file's job (``--resume``).
+
+    ``context_schema`` / ``input_schema``: what LangGraph Studio builds (``anomalyclaw.studio``).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    graph = StateGraph(PipelineState, context_schema=RunContext)
+    graph = StateGraph(PipelineState, context_schema=context_schema, input_schema=input_schema)
     if task == "mcqa":
         add_mcqa_nodes(graph)
     else:

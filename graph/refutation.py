@@ -23,7 +23,7 @@ from anomalyclaw.tools.guard import CheckedCall
 from anomalyclaw.tools.observation import Observation
 
 from .calls import TurnResult, ask
-from .context import RunContext
+from .context import RunContext, arun_context, run_context
 from .messages import (NATIVE_OBSERVATION, first_refute_messages, observation_message, reply_message,
                        tool_result_messages, unanswered_tool_calls)
 from .replies import CommitReply, ProposeReply, RefuteReply, reply_format
@@ -62,7 +62,7 @@ def _reply(turn: TurnResult, native: bool):
 
 
 async def propose(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     native = run.tool_calling.native()
     messages = first_refute_messages(run, native=native)
     turn = await ask(run, messages, "propose", tools=_tools(run, native))
@@ -95,7 +95,7 @@ def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, A
     """Route to ``observe`` or ``commit``; check the tool call with the registry's guard (name
     repair, applicability, arguments) without a VLM call. A call that cannot run still goes to
     ``observe``, as an observation that tells the model why."""
-    run = runtime.context
+    run = run_context(runtime.context, state)
     pending = state.get("pending") or {"commit": True}
     if pending.get("commit"):
         return {"route": "commit", "forced": False, "call": None}
@@ -131,7 +131,7 @@ def _find(candidates: list[dict[str, Any]], cid: Any) -> dict[str, Any] | None:
 
 async def observe(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     """Run the checked call through the LangChain tool (or report why it could not run)."""
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     call = state.get("call") or {}
     if "rejected" in call:
         obs = call["rejected"]
@@ -143,7 +143,7 @@ async def observe(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str,
 
 
 async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     observations = state["observations"]
     obs = observations[-1]
     call = state.get("call") or {}
@@ -199,7 +199,7 @@ def _summary(state: RefuteState) -> str:
 async def commit(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     """Fix the final score: the model's latest one, or a forced final call at the turn limit
     (also when no usable score exists yet)."""
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     score = state.get("score")
     if not state.get("forced") and score is not None:
         return {"refute_score": score, "refute_rationale": (state.get("history") or [{}])[-1].get("rationale", "")}
@@ -248,9 +248,10 @@ def add_refutation_nodes(graph: StateGraph, *, propose: Any = propose, refute: A
     graph.add_edge("refute", "select_tool")
 
 
-def build_refutation_graph(*, checkpointer: Any = None, name: str = "refutation"):
+def build_refutation_graph(*, checkpointer: Any = None, name: str = "refutation", context_schema: type = RunContext,
+                           input_schema: type | None = None):
     """The refutation branch as a compiled LangGraph; run it with ``context=make_context(...)``."""
-    graph = StateGraph(RefuteState, context_schema=RunContext)
+    graph = StateGraph(RefuteState, context_schema=context_schema, input_schema=input_schema)
     add_refutation_nodes(graph)
     graph.add_edge(START, "propose")
     graph.add_edge("commit", END)

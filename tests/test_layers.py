@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 #: Rank of each part; a module may import parts of a lower rank, and its own part.
 RANKS = {"core": 0, "experts": 1, "prompts": 1, "tools": 2, "graph": 3, "eval": 4, "top": 5}
 #: Modules of the core package that may import any part (they sit above everything).
-TOP = {"anomalyclaw", "anomalyclaw.cli", "anomalyclaw.__main__"}
+#: (``anomalyclaw.studio`` is the LangGraph Studio entry point: like the command line, it wires
+#: the graphs to the data layer.)
+TOP = {"anomalyclaw", "anomalyclaw.cli", "anomalyclaw.__main__", "anomalyclaw.studio"}
 
 
 def package_dirs() -> dict[str, Path]:

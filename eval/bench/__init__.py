@@ -1,10 +1,12 @@
 """The benchmarks behind ``anomalyclaw bench``: runner throughput against a local endpoint
-(``throughput``), the frozen experts' AUROC (``experts``) and the tools' evidence and latency
-(``tools``)."""
+(``throughput``), the frozen experts' AUROC (``experts``), the tools' evidence and latency
+(``tools``), and requests and bytes per item with JSON actions against native tool calling
+(``toolcalling``)."""
 import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "throughput": ["BenchPlan", "format_bench", "full_plan", "quick_plan", "run_bench"],
     "experts": ["run_expert_benchmark"],
     "tools": ["evaluate_tools", "run_tool_benchmark"],
+    "toolcalling": ["format_tool_calling", "run_tool_calling_bench"],
 })
