@@ -14,6 +14,7 @@ from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.replies import parse_reply
 from anomalyclaw.graph.state import new_state
+from anomalyclaw.graph.stream import format_event, format_update
 from anomalyclaw.graph.vlm import make_vlm
 from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
 
@@ -110,7 +111,22 @@ async def test_custom_events_offline_and_no_op_outside_a_graph(small_items):
     obs = ToolRegistry.default().run("anomaly_vfm_score", {}, ItemContext(item))
     assert obs.ok
     ctx = make_context(item, make_vlm("offline"))
-    kinds = [e["event"] async for e in build_pipeline().astream(new_state(item.item_id), context=ctx,
-                                                                 stream_mode="custom")]
+    kinds, lines = [], []
+    async for mode, chunk in build_pipeline().astream(new_state(item.item_id), context=ctx,
+                                                      stream_mode=["updates", "custom"]):
+        if mode == "custom":
+            kinds.append(chunk["event"])
+            lines.append(format_event(chunk))
+        else:
+            raw = len(repr(chunk))
+            text = format_update(chunk)
+            assert len(text) < 2000 and len(text) < raw
+            lines.append(text)
     assert kinds.count("vlm_request") == kinds.count("vlm_reply") >= 2
     assert kinds.count("tool_start") == kinds.count("tool_end")
+    printed = "\n".join(lines)
+    for node in ("direct:", "propose:", "commit", "fuse: anomaly score"):
+        assert node in printed
+    assert "base64" not in printed and "data:image" not in printed
+    assert format_update(("ns", {"custom_node": {"x": b"123", "url": "data:image/png;base64,AAAA"}})) == \
+        "custom_node: x=<3 bytes>, url=<image/png data URL, 0 KB>"
