@@ -485,6 +485,9 @@ def _run_mcqa(args: argparse.Namespace) -> int:
     if args.split:
         raise ValueError("--split does not apply to --task mcqa: an MMAD file has no splits (use --domains to pick "
                          "its datasets, e.g. DS-MVTec,VisA)")
+    if args.tool_calling not in (None, "json"):
+        raise ValueError(f"--tool-calling {args.tool_calling} applies to the score task; the multiple-choice task's "
+                         "refutation names its tools in JSON actions (leave --tool-calling out)")
     contents = read_mmad(args.manifest, data_root=args.data_root, refs=args.mmad_refs, n_refs=args.mmad_shots,
                          domain_knowledge=args.domain_knowledge, datasets=_names(args.domains))
     for where, fld, msg in contents.problems[:20]:
