@@ -168,6 +168,8 @@ class Runner:
               "max_turns": self.config.max_turns, "alpha": self.config.alpha,
               "expert_weight": self.config.expert_weight, "direct_score": self.config.direct_score,
               "backbone": self.config.backbone, "task": self.task, "version": __version__}
+        if self.config.tool_calling != "json":  # (absent for json, so earlier folders keep their fingerprint)
+            fp["tool_calling"] = self.config.tool_calling
         return json.loads(json.dumps(fp, default=str))
 
     def request_stop(self, reason: str = "stop requested") -> None:

@@ -183,13 +183,17 @@ def test_cli_run_says_how_tools_were_called(small_synth, tmp_path, capsys):
     from anomalyclaw.cli import main
 
     with FakeVLMServer(tools_supported=False) as server:
-        code = main(["run", "--manifest", str(small_synth), "--split", "test", "--limit", "2", "--backend",
-                     "openai", "--base-url", server.base_url, "--model", "fake-vlm", "--tool-calling", "auto",
-                     "--out", str(tmp_path / "run"), "--no-progress", "--json"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "tool calling: auto (fell back to json:" in out
-    assert json.loads(out.strip().splitlines()[-1])["tool_calling"].startswith("auto (fell back to json")
+        run = ["run", "--manifest", str(small_synth), "--split", "test", "--limit", "2", "--backend", "openai",
+               "--base-url", server.base_url, "--model", "fake-vlm", "--out", str(tmp_path / "run"), "--no-progress"]
+        code = main(run + ["--tool-calling", "auto", "--json"])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "tool calling: auto (fell back to json:" in out
+        assert json.loads(out.strip().splitlines()[-1])["tool_calling"].startswith("auto (fell back to json")
+        # the mode shapes the records: resuming the folder in another mode is refused, naming it
+        code = main(run + ["--resume"])
+    err = capsys.readouterr().err
+    assert code != 0 and "tool_calling" in err and "backend" not in err
 
 
 def test_tool_calling_mode_is_validated():
