@@ -56,6 +56,12 @@ def n_images(cell) -> int:
                and ({"image/png", "image/jpeg"} & set(out.data)))
 
 
+def tagged_cell(nb, tag: str):
+    cells = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"expected one cell tagged {tag!r}, found {len(cells)}"
+    return cells[0]
+
+
 def endpoint_cell(nb):
     cells = [c for c in nb.cells if "endpoint" in c.metadata.get("tags", [])]
     assert len(cells) == 1
@@ -115,6 +121,18 @@ def test_quickstart_runs_end_to_end(kernel_name, tmp_path, monkeypatch):
     page = Path(re.search(r"open (\S+) in a browser", text_of(code_cell(nb, "build_report("))).group(1))
     assert page.is_file() and page.is_relative_to(tmp_path)
     assert "S7_0001" in page.read_text(encoding="utf-8")
+
+    # section 7: custom events, a checkpointed thread in memory, then SQLite with native tool calls
+    events = text_of(tagged_cell(nb, "langgraph-events"))
+    assert "VLM propose answered" in events and "tool rotate_align ok in" in events
+    assert "fuse: anomaly score" in events and "base64" not in events and len(events) < 8000
+    threads = text_of(tagged_cell(nb, "langgraph-threads"))
+    assert re.search(r"\d+ checkpoints on thread 'S2_\d+'", threads) and "next refute" in threads
+    rerun = re.search(r"re-run from step \d+: refute (\S+) \(first run (\S+)\)", threads)
+    assert rerun and rerun.group(1) == rerun.group(2)  # the offline policy replays its episode
+    sqlite = text_of(tagged_cell(nb, "langgraph-sqlite"))
+    assert "stopped before: ('refute',)" in sqlite and "resumed: refute" in sqlite
+    assert "AI -> Tool -> Human" in sqlite  # native: the tool's answer is a tool message, its images a user message
 
     real = text_of(endpoint_cell(nb))
     assert "openai (fake-vlm)" in real and "skipped" not in real
