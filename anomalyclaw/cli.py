@@ -74,7 +74,7 @@ POSITIVE_INT = _number(int, 1)
 COUNT = _number(int, 0)
 SEED = _number(int, 0)
 FRACTION = _number(float, 0.0, 1.0)
-EXPERT_WEIGHT = _number(float, 0.0, 1.0, high_open=True)
+EXPERT_WEIGHT = _number(float, 0.0)
 SECONDS = _number(float, 0.0, low_open=True)
 IMAGE_SIDE = _number(int, 64)
 
@@ -120,7 +120,7 @@ def _mcqa_report(records, args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.scoring.mcqa import split_records
-    from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate, kept
+    from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate, kept, records_expert_weight
     from anomalyclaw.eval.scoring.tables import format_table
     from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, check_expert_weight
 
@@ -170,6 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         why = "chosen on calibration"
         print("expert weight chosen on calibration: " + f"{weight:.2f} (macro fused AUROC there: "
               + ", ".join(f"{w:.2f}: {a:.4f}" for w, a in tried.items()) + ")")
+    elif join is None and (own := records_expert_weight(records)) is not None:
+        weight, why = own, "the records' own w_expert"
     else:
         weight, why = (DEFAULT_EXPERT_WEIGHT, "the default") if has_expert else (0.0, "no expert scores")
     if has_expert:
@@ -219,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"  P(diff<=0)={b.p_le_zero:.3f}  ({b.n_items} paired items, {b.n_boot} resamples)")
     if args.plots:
         from anomalyclaw.eval.reports.plots import plot_domain_bars, plot_roc_curves
-        roc = plot_roc_curves(records, Path(args.plots) / "roc_curves.png", alpha=args.alpha)
+        roc = plot_roc_curves(records, Path(args.plots) / "roc_curves.png", alpha=args.alpha, **fusion)
         bars = plot_domain_bars(result, Path(args.plots) / "domain_auroc.png")
         print(f"plots: {roc} {bars}")
     if args.json:
@@ -410,7 +412,8 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str
     except (OSError, ValueError) as exc:  # the records file itself is what failed (summary.fatal says how)
         log.warning("cannot read the records back: %s", exc)
         records = []
-    result = evaluate(records, alpha=runner.config.alpha)
+    weight = runner.config.expert_weight if runner.config.expert_score else 0.0
+    result = evaluate(records, alpha=runner.config.alpha, expert_weight=weight)
     per_item = summary.requests / summary.n_done if summary.n_done else 0.0
     print(f"\n{summary.n_done} items judged in {summary.elapsed_s:.1f} s ({summary.items_per_s:.2f} items/s), "
           f"{summary.n_skipped} already done, {summary.n_errors} errors, {summary.n_partial} judged by one "
@@ -615,6 +618,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT
+
     if args.bench_command == "experts":
         from anomalyclaw.eval.bench.experts import format_table as format_experts
         from anomalyclaw.eval.bench.experts import positional_params, run_expert_benchmark
@@ -636,6 +641,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             items = load_manifest(args.manifest, split=args.split)[: args.limit]
         result = run_tool_calling_bench(items, client=args.client)
         print(format_tool_calling(result))
+    elif args.bench_command == "fusion":
+        from anomalyclaw.eval.bench.fusion import format_fusion, run_fusion_benchmark
+
+        started = time.perf_counter()
+        result = run_fusion_benchmark(args.dir, seed=args.seed, synth_manifest=args.synth, only=args.only,
+                                      weight=DEFAULT_EXPERT_WEIGHT if args.weight is None else args.weight)
+        print(format_fusion(result))
+        print(f"benchmarks and runs in {args.dir}, {time.perf_counter() - started:.1f} s")
     elif args.bench_command == "tools":
         from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
 
@@ -748,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired bootstrap resamples for confidence intervals of differences (>= 0)")
     p.add_argument("--compare", metavar="OTHER", help="records of another run: bootstrap this - other per column")
     p.add_argument("--seed", type=SEED, default=0, help="bootstrap seed")
-    p.add_argument("--expert-weight", type=float,
+    p.add_argument("--expert-weight", type=EXPERT_WEIGHT,
                    help="weight of the frozen-expert term in the fused column (default 0.2 when there are expert "
                         "scores; 0 gives the paper's two-branch blend)")
     p.add_argument("--expert-scores", action="append", metavar="PATH",
@@ -818,7 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--max-turns", type=POSITIVE_INT, help="refutation turns before a forced commit, >= 1 (default 3)")
         a.add_argument("--alpha", type=FRACTION, help="fusion weight of the direct branch, 0-1 (default 0.5)")
         a.add_argument("--expert-weight", type=EXPERT_WEIGHT,
-                       help="weight of the frozen-expert term, 0 to < 1 (choose it on calibration)")
+                       help="weight of the frozen-expert term in the fused score, >= 0 (default 0.2; 0 gives the "
+                            "paper's two-branch blend exactly)")
         a.add_argument("--direct-score", choices=["verbalized", "logprob"], help="direct branch reading")
         a.add_argument("--backbone", help="expert backbone: classic (default), dinov2, clip")
         a.add_argument("--backbone-path", help="local folder of the backbone weights")
@@ -894,7 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
-    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling")
+    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion")
     b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
     b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
@@ -906,6 +920,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomaly_vfm search: 'traits' (positional, radius 1, on aligned domains only; the "
                         "default), 'off' (free search everywhere) or a radius N in cells for every item")
     b.add_argument("--out", metavar="FILE", help="also write the full report (with per-item scores) here")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b = bsub.add_parser("fusion", help="fused AUROC with and without the expert term per domain, offline, on the "
+                                       "synthetic benchmark and an MVTec-style folder drawn from other images")
+    b.add_argument("--dir", default="anomalyclaw-bench-fusion", help="folder for the benchmarks and runs")
+    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic benchmark and the folder")
+    b.add_argument("--synth", metavar="MANIFEST", help="use this synthetic benchmark (its test split) instead of "
+                                                       "generating one")
+    b.add_argument("--weight", type=EXPERT_WEIGHT, help="expert weight of the runs, >= 0 (default 0.2)")
+    b.add_argument("--only", choices=["synthetic", "folder"], help="run one of the two benchmarks")
+    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b = bsub.add_parser("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
                                       "localization per tool and domain")

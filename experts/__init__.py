@@ -13,7 +13,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "base": ["Expert", "ExpertResult"],
     "patchknn": ["PatchKNNExpert"],
     "subspace": ["SubspaceExpert"],
-    "pool": ["DEFAULT_EXPERT", "EXPERTS", "ExpertPool", "default_params", "default_pool"],
+    "pool": ["DEFAULT_EXPERT", "EXPERTS", "ExpertPool", "FUSION_EXPERTS", "default_params", "default_pool"],
     "released": ["ReleasedScoreCache", "RetrievalIndex"],
     "maps": ["normalize_map", "overlay_heatmap", "suggest_bbox", "top_regions"],
 })

@@ -58,19 +58,27 @@ class ExpertResult:
         """True when the query scores above every reference's leave-one-out score."""
         return self.score > self.threshold
 
-    def unit_score(self) -> float | None:
-        """The image score as a probability-like value in [0, 1]: a logistic of its z-score
-        against the references' own leave-one-out scores, so 0.5 is a typical reference and
-        values near 1 lie far above every reference. ``rank`` when there are no reference
-        scores; None when the score is not finite."""
+    def z_score(self) -> float | None:
+        """The image score's z-score against the references' own leave-one-out scores: 0 is a
+        typical reference, 1 one spread above them (the spread is at least
+        ``MIN_RELATIVE_SPREAD`` of their mean, so a few alike references do not blow small
+        differences up). None when the score is not finite or there are no reference scores."""
         refs = np.asarray(self.reference_scores, dtype=float)
-        if not math.isfinite(float(self.score)):
+        if not math.isfinite(float(self.score)) or refs.size == 0:
             return None
-        if refs.size == 0:
-            return float(self.rank)
         spread = float(refs.std()) if refs.size > 1 else 0.0
         spread = max(spread, MIN_RELATIVE_SPREAD * abs(float(refs.mean())), 1e-6)
-        return logistic((float(self.score) - float(refs.mean())) / spread)
+        return (float(self.score) - float(refs.mean())) / spread
+
+    def unit_score(self) -> float | None:
+        """The image score as a probability-like value in [0, 1]: the logistic of
+        :meth:`z_score`, so 0.5 is a typical reference and values near 1 lie far above every
+        reference. ``rank`` when there are no reference scores; None when the score is not
+        finite."""
+        if not math.isfinite(float(self.score)):
+            return None
+        z = self.z_score()
+        return float(self.rank) if z is None else logistic(z)
 
     def summary(self) -> dict[str, Any]:
         """The scalars, JSON-ready (no arrays), for records and tool observations."""

@@ -20,6 +20,9 @@ EXPERTS: dict[str, type[Expert]] = {PatchKNNExpert.name: PatchKNNExpert, Subspac
 #: The expert whose score and map the agent reads by default (the direct branch's offline
 #: glance, the fused expert term, the map tools): patch nearest neighbours.
 DEFAULT_EXPERT = PatchKNNExpert.name
+#: The experts whose scores the fusion's expert term averages (each as a z-score against the
+#: item's references' leave-one-out scores): patch nearest neighbours and the PCA subspace.
+FUSION_EXPERTS = (PatchKNNExpert.name, SubspaceExpert.name)
 #: Positional search radius (patch cells) for patch kNN on aligned domains.
 ALIGNED_RADIUS = 1
 

@@ -16,8 +16,9 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from anomalyclaw.experts.pool import DEFAULT_EXPERT
+from anomalyclaw.experts.pool import FUSION_EXPERTS
 from anomalyclaw.scores import fuse as fuse_scores
+from anomalyclaw.scores import logistic
 
 from .context import RunContext, arun_context
 from .direct import direct
@@ -27,19 +28,35 @@ from .state import PipelineState
 
 
 async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+    """The fused score: the paper's blend plus the expert term (``anomalyclaw.scores.fuse``).
+
+    The expert term is the mean of the per-item z-scores of :data:`FUSION_EXPERTS` (each
+    against the item's references' leave-one-out scores), recorded as ``expert_score`` =
+    ``logistic(mean z)`` with the z-scores themselves in ``expert_z``. An expert that fails is
+    left out of the mean (the record's fallbacks say so); with none, the expert term counts as
+    typical. ``AgentConfig.expert_score = False`` skips the experts (the fusion is the blend).
+    """
     run = await arun_context(runtime.context, state)
     cfg = run.config
-    expert = None
     fallbacks: list[str] = []
-    if cfg.expert_score or cfg.expert_weight > 0:
-        try:
-            result = await asyncio.to_thread(run.item_context.expert_result, DEFAULT_EXPERT)
-            expert = result.unit_score()
-        except Exception as exc:  # the expert is optional: its failure must not lose the item
-            fallbacks.append(f"expert score unavailable: {type(exc).__name__}: {exc}")
-    score = fuse_scores(state.get("direct_score"), state.get("refute_score"), cfg.alpha, expert, cfg.expert_weight)
-    return {"anomaly_score": score, "expert_score": expert, "fallbacks": fallbacks,
-            "weights": {"direct": cfg.alpha, "refute": 1 - cfg.alpha, "expert": cfg.expert_weight}}
+    zs: dict[str, float] = {}
+    if cfg.expert_score:
+        for name in FUSION_EXPERTS:
+            try:
+                result = await asyncio.to_thread(run.item_context.expert_result, name)
+            except Exception as exc:  # the expert is optional: its failure must not lose the item
+                fallbacks.append(f"expert {name} unavailable: {type(exc).__name__}: {exc}")
+                continue
+            z = result.z_score()
+            if z is None:
+                fallbacks.append(f"expert {name} gave no finite z-score")
+            else:
+                zs[name] = round(z, 6)
+    expert = logistic(sum(zs.values()) / len(zs)) if zs else None
+    weight = cfg.expert_weight if cfg.expert_score else 0.0
+    score = fuse_scores(state.get("direct_score"), state.get("refute_score"), cfg.alpha, expert, weight)
+    return {"anomaly_score": score, "expert_score": expert, "expert_z": zs, "fallbacks": fallbacks,
+            "weights": {"direct": cfg.alpha, "refute": 1 - cfg.alpha, "expert": weight}}
 
 
 #: The tasks the pipeline runs.

@@ -81,6 +81,7 @@ class PipelineState(RefuteState, DirectState, total=False):
     """Both branches of one item and their fusion."""
 
     expert_score: float | None
+    expert_z: dict[str, float]
     anomaly_score: float | None
     weights: dict[str, float]
     mcq_answer: dict[str, str | None]

@@ -6,4 +6,5 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submodules=["synth"], sub
     "manifests": ["ManifestContents", "load_manifest", "read_manifest", "write_manifest"],
     "folders": ["FolderLayoutError", "import_mvtec_folder"],
     "mmad": ["MCQuestion", "MMADContents", "MMADImage", "MMAD_TYPES", "read_mmad"],
+    "parts": ["write_parts_folder"],
 })

@@ -12,18 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from anomalyclaw.eval.scoring.metrics import auroc, by_domain, column, kept  # noqa: E402
+from anomalyclaw.eval.scoring.metrics import auroc, by_domain, column, scored  # noqa: E402
 from anomalyclaw.eval.running.records import Record  # noqa: E402
 
 COLOURS = {"direct": "#1f77b4", "refute": "#d62728", "fused": "#2ca02c", "expert": "#9467bd"}
 
 
 def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float = 0.5,
-                    columns: Sequence[str] = ("direct", "refute", "fused")) -> Path:
+                    columns: Sequence[str] = ("direct", "refute", "fused"), expert_weight: float = 0.0,
+                    expert: dict[str, float] | None = None, require_expert: bool = False) -> Path:
     """One panel per domain with a ROC curve per score column, each labelled with its AUROC in
-    the panel's legend. Curves are drawn widest first and not clipped at the axes, so that equal
-    curves and a perfect one (which runs along the axes) stay visible."""
-    groups = by_domain(kept(records))
+    the panel's legend (``fused`` at ``expert_weight``, with ``expert`` scores by item id in
+    place of the records' own when given). Curves are drawn widest first and not clipped at the
+    axes, so that equal curves and a perfect one (which runs along the axes) stay visible."""
+    groups = by_domain(scored(records, expert=expert, require_expert=require_expert))
     n = max(1, len(groups))
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
@@ -32,7 +34,7 @@ def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float
         y = np.array([r.label_gt for r in group])
         drawn = 0
         for k, col in enumerate(columns):
-            s = [column(r, col, alpha) for r in group]
+            s = [column(r, col, alpha, expert_weight, expert) for r in group]
             if np.unique(y).size < 2 or any(v is None for v in s):
                 continue
             fpr, tpr, _ = roc_curve(y, s)

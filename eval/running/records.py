@@ -93,7 +93,9 @@ class Record(BaseModel):
     mode: str = "anomaly_detection"
 
     anomaly_score: float | None = None
-    """The fused score: w_direct*direct_score + w_v9*refute_score (+ w_expert*expert_score)."""
+    """The fused score: the blend ``w_direct*direct_score + w_v9*refute_score``, and with
+    ``w_expert`` > 0 the expert term, ``(blend + 4*w_expert*expert_score) / (1 + 4*w_expert)``
+    (``anomalyclaw.scores.fuse``)."""
     direct_score: float | None = None
     refute_score: float | None = None
     v9_score: float | None = None
@@ -101,6 +103,9 @@ class Record(BaseModel):
     v9_initial_score: float | None = None
     v9_updated_score: float | None = None
     expert_score: float | None = None
+    """The expert term's unit score in [0, 1]: the logistic of the mean of ``expert_z``."""
+    expert_z: dict[str, float] = Field(default_factory=dict)
+    """Each expert's z-score against the item's references' leave-one-out scores, by name."""
     w_direct: float = 0.5
     w_v9: float = 0.5
     w_expert: float = 0.0
@@ -245,7 +250,7 @@ def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend
         split=item.split, label_gt=item.label, anomaly_type_gt=item.anomaly_type,
         anomaly_score=state.get("anomaly_score"), direct_score=direct_score, refute_score=refute_score,
         v9_initial_score=state.get("initial_score"), v9_updated_score=updates[-1] if updates else None,
-        expert_score=state.get("expert_score"),
+        expert_score=state.get("expert_score"), expert_z=dict(state.get("expert_z") or {}),
         w_direct=weights.get("direct", 0.5), w_v9=weights.get("refute", 0.5), w_expert=weights.get("expert", 0.0),
         rationale=state.get("refute_rationale") or "", confidence=state.get("refute_confidence"),
         n_turns=len({h.get("turn") for h in history}), tools_used=list(state.get("tools_used", [])),

@@ -85,6 +85,13 @@ def scored(records: Iterable[Record], *, expert: dict[str, float] | None = None,
     return rows
 
 
+def records_expert_weight(records: Iterable[Record]) -> float | None:
+    """The expert weight the records were fused with (``w_expert``), when every kept record with
+    an expert score agrees on it; None otherwise (or when none has an expert score)."""
+    weights = {float(r.w_expert) for r in kept(records) if r.expert_score is not None}
+    return weights.pop() if len(weights) == 1 else None
+
+
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """scikit-learn AUROC; NaN when only one class is present."""
     y = np.asarray(labels)

@@ -31,7 +31,7 @@ def test_version(capsys):
     (["run", "--manifest", "m", "--out", "o", "--alpha", "1.5"], "argument --alpha: expected a number >= 0 and <= 1, got '1.5'"),
     (["run", "--manifest", "m", "--out", "o", "--alpha", "nan"], "argument --alpha: expected a number >= 0 and <= 1"),
     (["run", "--manifest", "m", "--out", "o", "--timeout", "0"], "argument --timeout: expected a number > 0"),
-    (["run", "--manifest", "m", "--out", "o", "--expert-weight", "1"], "--expert-weight: expected a number >= 0 and < 1"),
+    (["run", "--manifest", "m", "--out", "o", "--expert-weight", "-0.1"], "--expert-weight: expected a number >= 0, got"),
     (["eval", "x", "--alpha", "-0.1"], "argument --alpha: expected a number >= 0 and <= 1, got '-0.1'"),
     (["eval", "x", "--bootstrap", "-5"], "argument --bootstrap: expected a whole number >= 0, got '-5'"),
     (["demo", "--concurrency", "-1"], "argument --concurrency: expected a whole number >= 1"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from anomalyclaw.config import AgentConfig
+from anomalyclaw.experts.pool import FUSION_EXPERTS
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.direct import build_direct_graph
 from anomalyclaw.graph.pipeline import build_pipeline
@@ -11,6 +12,7 @@ from anomalyclaw.graph.refutation import build_refutation_graph
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.graph.vlm import make_vlm
 from anomalyclaw.prompts import PromptSet
+from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, fuse, logistic
 from anomalyclaw.tools.registry import ToolRegistry
 
 
@@ -46,13 +48,27 @@ async def test_direct_graph_one_call(small_items):
     assert state["direct_label"] in ("normal", "anomalous") and 0 <= state["direct_score"] <= 1
 
 
-async def test_pipeline_runs_both_branches_and_fuses(small_items):
+async def test_pipeline_fuses_the_expert_term_by_default_and_weight_zero_is_the_blend(small_items):
     item = _anomalous(small_items)
     state = await build_pipeline().ainvoke(new_state(item.item_id),
                                            context=make_context(item, make_vlm("offline"), config=AgentConfig(alpha=0.3)))
-    expected = 0.3 * state["direct_score"] + 0.7 * state["refute_score"]
-    assert state["anomaly_score"] == pytest.approx(expected)
-    assert state["weights"] == {"direct": 0.3, "refute": pytest.approx(0.7), "expert": 0.0}
+    zs = state["expert_z"]
+    assert set(zs) == set(FUSION_EXPERTS) == {"anomaly_vfm", "subspace_ad"}
+    assert state["expert_score"] == pytest.approx(logistic(sum(zs.values()) / 2))
+    expected = fuse(state["direct_score"], state["refute_score"], 0.3, state["expert_score"], DEFAULT_EXPERT_WEIGHT)
+    assert state["anomaly_score"] == pytest.approx(expected) and 0.0 <= state["anomaly_score"] <= 1.0
+    assert state["weights"] == {"direct": 0.3, "refute": pytest.approx(0.7), "expert": 0.2}
+
+    off = await build_pipeline().ainvoke(new_state(item.item_id), context=make_context(
+        item, make_vlm("offline"), config=AgentConfig(alpha=0.3, expert_weight=0)))
+    assert off["anomaly_score"] == 0.3 * off["direct_score"] + (1 - 0.3) * off["refute_score"]  # exactly the paper's
+    assert (off["direct_score"], off["refute_score"]) == (state["direct_score"], state["refute_score"])
+    assert off["expert_score"] == state["expert_score"] and off["weights"]["expert"] == 0.0  # still recorded
+
+    skipped = await build_pipeline().ainvoke(new_state(item.item_id), context=make_context(
+        item, make_vlm("offline"), config=AgentConfig(alpha=0.3, expert_score=False)))
+    assert skipped["expert_score"] is None and skipped["weights"]["expert"] == 0.0
+    assert skipped["anomaly_score"] == off["anomaly_score"]
 
 
 async def test_max_turns_one_forces_commit_without_tools(small_items):

@@ -157,16 +157,23 @@ def test_an_ensemble_averages_the_normalised_experts():
     assert all(u == pytest.approx(logistic(0.0)) for u in join.units.values())  # they cancel exactly
 
 
-def test_own_records_expert_score_is_fused_at_the_default_weight(tmp_path, capsys):
-    recs = [r.model_copy(update={"expert_score": 0.2 + 0.6 * r.label_gt}) for r in _records()]
+def test_own_records_are_fused_at_their_own_weight(tmp_path, capsys):
+    recs = [r.model_copy(update={"expert_score": 0.2 + 0.6 * r.label_gt, "w_expert": 0.2}) for r in _records()]
     (tmp_path / RECORDS_FILE).write_text("".join(r.to_line() + "\n" for r in recs))
     _, last, out, _ = _eval(capsys, str(tmp_path))
     assert last["expert_weight"] == 0.2 and last["macro_auroc"]["expert"] == 1.0
     assert last["macro_auroc"]["fused"] > last["macro_auroc"]["blend"]
+    assert "expert weight 0.2 (the records' own w_expert" in out
+    # Records fused at different weights: eval uses the default and says so.
+    mixed = [r.model_copy(update={"w_expert": 0.1 * (k % 2)}) for k, r in enumerate(recs)]
+    (tmp_path / RECORDS_FILE).write_text("".join(r.to_line() + "\n" for r in mixed))
+    _, last, out, _ = _eval(capsys, str(tmp_path))
+    assert last["expert_weight"] == DEFAULT_EXPERT_WEIGHT and "(the default" in out
     _, off, _, _ = _eval(capsys, str(tmp_path), "--expert-weight", "0")
     assert off["macro_auroc"]["fused"] == off["macro_auroc"]["blend"]
-    assert main(["eval", str(tmp_path), "--expert-weight", "-1"]) == 2
-    assert "expert weight must be a finite number >= 0" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf", "x"):
+        assert main(["eval", str(tmp_path), "--expert-weight", bad]) == 2
+        assert "argument --expert-weight: expected a number >= 0" in capsys.readouterr().err
 
 
 def test_the_caches_old_ids_name_other_datasets_and_ids_leak_labels(reference_dir):
