@@ -61,7 +61,8 @@ def run_fusion_benchmark(out_dir: str | Path, *, seed: int = 0, synth_manifest: 
     """Both benchmarks, each run once at ``weight``, scored with and without the expert term.
 
     ``synth_manifest`` reuses a written synthetic benchmark (its test split); else one is
-    generated under ``out_dir/synth`` with ``seed`` and ``n_test`` test items per domain. The
+    generated under ``out_dir/synth`` as ``anomalyclaw synth`` would (``seed``, ``n_test`` test
+    items per domain), so that with the defaults its run is ``anomalyclaw demo``'s. The
     folder is written to ``out_dir/parts`` with ``seed``. ``only`` ("synthetic" or "folder")
     runs one of the two.
     """
@@ -75,8 +76,7 @@ def run_fusion_benchmark(out_dir: str | Path, *, seed: int = 0, synth_manifest: 
     plan = []
     if only != "folder":
         if synth_manifest is None:
-            synth_manifest = generate_benchmark(out / "synth", seed=seed, n_test_per_domain=n_test, n_calibration=0,
-                                                n_dev=0)
+            synth_manifest = generate_benchmark(out / "synth", seed=seed, n_test_per_domain=n_test)
         plan.append(("synthetic", Path(synth_manifest), "test"))
     if only != "synthetic":
         folder = write_parts_folder(out / "parts", seed=seed)

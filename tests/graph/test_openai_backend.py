@@ -17,6 +17,7 @@ from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.graph.vlm import make_vlm
+from anomalyclaw.scores import fuse
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -97,7 +98,10 @@ async def test_500_storm_fails_the_branch_not_the_item(item, client):
     with FakeVLMServer(api_key=KEY, script={"direct": storm}) as server:
         state = await _judge(item, _vlm(server, client, max_retries=2))
     assert state["direct_score"] is None and "HTTP 500" in state["direct_error"]
-    assert state["refute_score"] is not None and state["anomaly_score"] == state["refute_score"]
+    assert state["refute_score"] is not None
+    # The surviving branch stands in for the blend; the expert term is fused on top as usual.
+    assert state["anomaly_score"] == fuse(None, state["refute_score"], 0.5, state["expert_score"],
+                                          state["weights"]["expert"])
 
 
 async def test_timeout_is_retried_then_reported(item, client):
