@@ -201,7 +201,8 @@ def _run_section(records: Sequence[Record], infos: list[dict[str, Any]], source:
 
 
 def _metrics_section(records: Sequence[Record], alpha: float) -> str:
-    result = evaluate(records, alpha=alpha)
+    result = evaluate(records, alpha=alpha)  # fused at the records' own expert weight
+    weight = result["expert_weight"]
     if not result["kept"]:
         return ("<h2>AUROC</h2><p class=\"muted\">No record has a label, both branch scores and no error: "
                 "nothing to evaluate.</p>")
@@ -217,17 +218,19 @@ def _metrics_section(records: Sequence[Record], alpha: float) -> str:
             "or a missing label).</p>") if left_out else ""
     # A plot with no domain holding both classes would be empty axes.
     has_curve = any(math.isfinite(v) for v in result["macro_auroc"].values())
-    plots = _plots(records, result, alpha) if has_curve else ""
-    return (f"<h2>AUROC per domain</h2><p class=\"muted\">Fused = {alpha:g} × direct + {1 - alpha:g} × refute; "
-            "n/a: a domain with one class only (left out of the macro mean).</p>"
+    plots = _plots(records, result, alpha, weight) if has_curve else ""
+    fused = (f"fused = the blend with the expert term at weight {weight:g}" if weight
+             else "fused = the blend (no expert term)")
+    return (f"<h2>AUROC per domain</h2><p class=\"muted\">Blend = {alpha:g} × direct + {1 - alpha:g} × refute; "
+            f"{fused}; n/a: a domain with one class only (left out of the macro mean).</p>"
             f"<table>{head}{''.join(rows)}</table>{note}{plots}")
 
 
-def _plots(records: Sequence[Record], result: dict, alpha: float) -> str:
+def _plots(records: Sequence[Record], result: dict, alpha: float, weight: float = 0.0) -> str:
     from anomalyclaw.eval.reports.plots import plot_domain_bars, plot_roc_curves  # matplotlib only when a page has plots
 
     with tempfile.TemporaryDirectory(prefix="anomalyclaw-report-") as tmp:
-        roc = plot_roc_curves(records, Path(tmp) / "roc_curves.png", alpha=alpha)
+        roc = plot_roc_curves(records, Path(tmp) / "roc_curves.png", alpha=alpha, expert_weight=weight)
         bars = plot_domain_bars(result, Path(tmp) / "domain_auroc.png")
         return (f'<h3>ROC curves</h3><img class="plot" src="{_png_data_url(roc)}" alt="ROC curves per domain">'
                 f'<h3>AUROC by domain</h3><img class="plot" src="{_png_data_url(bars)}" alt="AUROC per domain">')

@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from anomalyclaw.domains import BUILTIN_CARDS
-from anomalyclaw.scores import NEUTRAL_EXPERT, fuse
+from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, NEUTRAL_EXPERT, check_expert_weight, fuse
 
 from anomalyclaw.eval.running.records import Record
 
@@ -127,7 +127,20 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: float = 0.0,
+def resolve_expert_weight(records: Sequence[Record], expert_weight: float | None,
+                          expert: dict[str, float] | None = None) -> float:
+    """``expert_weight`` when given; else the records' own ``w_expert`` when they agree on one
+    (and no external ``expert`` replaces their scores); else the default weight when there is an
+    expert score; else 0."""
+    if expert_weight is not None:
+        return check_expert_weight(expert_weight)
+    if expert is None and (own := records_expert_weight(records)) is not None:
+        return own
+    has_expert = bool(expert) or any(r.expert_score is not None for r in kept(records))
+    return DEFAULT_EXPERT_WEIGHT if has_expert else 0.0
+
+
+def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: float | None = None,
              expert: dict[str, float] | None = None, require_expert: bool = False,
              columns: Sequence[str] | None = None) -> dict:
     """Per-domain and macro AUROC of the direct, refutation, blend and fused scores.
@@ -137,10 +150,12 @@ def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: fl
     None}}}``. An ``expert`` column
     (the expert's unit score alone; a missing one counts as 0.5) is added when any kept row has an
     expert score. ``expert`` (item id -> unit score) replaces the records' own ``expert_score``;
-    ``require_expert`` leaves out rows without one ("no expert score"). ``columns`` limits the
+    ``require_expert`` leaves out rows without one ("no expert score"). ``expert_weight`` None
+    is :func:`resolve_expert_weight`'s choice (the records' own). ``columns`` limits the
     columns scored (a sweep needs only ``fused``). Domains with a single class get NaN and are
     left out of the macro mean.
     """
+    expert_weight = resolve_expert_weight(records, expert_weight, expert)
     rows = scored(records, expert=expert, require_expert=require_expert)
     left_out = left_out_counts(records)
     if require_expert and len(kept(records)) > len(rows):
@@ -234,11 +249,13 @@ def paired_bootstrap(scores_a: dict[str, float], scores_b: dict[str, float],
 
 def bootstrap_columns(records: Sequence[Record], col_a: str, col_b: str, *, alpha: float = 0.5,
                       n_boot: int = 1000, seed: int = 0, other: Sequence[Record] | None = None,
-                      expert_weight: float = 0.0, expert: dict[str, float] | None = None,
+                      expert_weight: float | None = None, expert: dict[str, float] | None = None,
                       require_expert: bool = False) -> BootstrapResult:
     """Bootstrap ``col_a`` of ``records`` against ``col_b`` of ``other`` (or of the same run).
     The expert term (``expert_weight``, ``expert``) is held fixed across resamples: its
-    per-domain normalisation is computed once, on all evaluated items."""
+    per-domain normalisation is computed once, on all evaluated items. ``expert_weight`` None
+    is :func:`resolve_expert_weight`'s choice for ``records``."""
+    expert_weight = resolve_expert_weight(records, expert_weight, expert)
     rows_a = scored(records, expert=expert, require_expert=require_expert)
     rows_b = kept(other) if other is not None else rows_a
     sa = {r.item_id: column(r, col_a, alpha, expert_weight, expert) for r in rows_a}

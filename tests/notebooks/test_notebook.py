@@ -117,6 +117,9 @@ def test_quickstart_runs_end_to_end(kernel_name, tmp_path, monkeypatch):
     evaluation = code_cell(nb, "Runner(")
     assert "14 items in" in text_of(evaluation) and "macro" in text_of(evaluation)
     assert n_images(evaluation) == 1
+    fusion = text_of(code_cell(nb, "evaluate(records, expert_weight=0)"))
+    assert re.search(r"fused with the expert term \(weight 0\.2\): \d\.\d{3}; without it \(weight 0\): (\d\.\d{3}), "
+                     r"the blend \1", fusion) and "'expert_z': {'anomaly_vfm'" in fusion
 
     page = Path(re.search(r"open (\S+) in a browser", text_of(code_cell(nb, "build_report("))).group(1))
     assert page.is_file() and page.is_relative_to(tmp_path)
