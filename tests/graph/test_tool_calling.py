@@ -14,6 +14,7 @@ from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.graph.vlm import make_vlm
 from anomalyclaw.graph.vlm.fake_server import TOOLS_UNSUPPORTED, FakeVLMServer
+from anomalyclaw.scores import fuse
 
 REFUTE_COMMIT = json.dumps({"verdicts": [{"id": "c1", "status": "refuted", "evidence": "also in reference 2"}],
                             "updated_score": 0.2, "action": {"commit": True}, "rationale": "explained"})
@@ -135,7 +136,9 @@ async def test_native_without_a_tool_parser_fails_the_branch_with_the_fix(item, 
         state = await _judge(item, _vlm(server, client))
     assert state.get("refute_score") is None and "--enable-auto-tool-choice" in state["refute_error"]
     assert "--tool-calling json or auto" in state["refute_error"]
-    assert state["direct_score"] is not None and state["anomaly_score"] == state["direct_score"]
+    assert state["direct_score"] is not None  # the surviving branch stands in for the blend, fused as usual
+    assert state["anomaly_score"] == fuse(state["direct_score"], None, 0.5, state["expert_score"],
+                                          state["weights"]["expert"])
 
 
 async def test_auto_falls_back_to_json_once_for_the_rest_of_the_run(small_items, client, tmp_path, caplog):
