@@ -101,7 +101,10 @@ class ReleasedScoreCache:
         row is the same question: its split, domain code and label agree with the item's.
 
         The cache predates the current ids, so an id can name a different image there; on
-        the test split 678 of the 687 shared ids agree (measured on the released files).
+        the test split 678 of the 687 shared ids agree (measured on the released files). That
+        agreement does not show the images are the same: ids are numbered normals first in every
+        domain, so labels agree across revisions even where the dataset changed. Only D1 and D5
+        keep their domain (``row["domain"]``); the README's results section has the figures.
         """
         row = self.entries.get(_canonical(expert), {}).get(item.item_id)
         if row is None:
