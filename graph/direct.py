@@ -12,6 +12,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
 from anomalyclaw.errors import EndpointFatalError
+from anomalyclaw.events import emit
 
 from .calls import ask
 from .context import RunContext, arun_context
@@ -23,12 +24,16 @@ from .vlm.seam import VLMError
 
 async def _logprob_score(run: RunContext) -> tuple[float | None, dict[str, Any] | None, str | None]:
     messages = visible(direct_messages(run, logprob=True), run.config.image_history)
+    item_id = run.item.item_id
+    emit("vlm_request", item_id=item_id, stage="direct_logprob", repair=False, tools=0)
     try:
         reply = await run.vlm.acall(messages, stage="direct_logprob", view=run.view(), logprobs=True)
     except EndpointFatalError:
         raise
     except VLMError as exc:
+        emit("vlm_error", item_id=item_id, stage="direct_logprob", error=str(exc)[:300])
         return None, None, str(exc)
+    emit("vlm_reply", item_id=item_id, **reply.usage())
     p = parse_label_logprobs(reply.top_logprobs or [])
     return p, reply.usage(), None if p is not None else "no usable log-probs in the reply"
 

@@ -11,6 +11,7 @@ import pytest
 from anomalyclaw.config import AgentConfig, EndpointConfig
 from anomalyclaw.events import emit
 from anomalyclaw.graph.context import make_context
+from anomalyclaw.graph.direct import build_direct_graph
 from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.replies import parse_reply
 from anomalyclaw.graph.state import new_state
@@ -124,6 +125,11 @@ async def test_custom_events_offline_and_no_op_outside_a_graph(small_items):
             lines.append(text)
     assert kinds.count("vlm_request") == kinds.count("vlm_reply") >= 2
     assert kinds.count("tool_start") == kinds.count("tool_end")
+    ctx = make_context(item, make_vlm("offline"), config=AgentConfig(direct_score="logprob"))
+    logprob = [e async for e in build_direct_graph().astream(new_state(item.item_id), context=ctx,
+                                                              stream_mode="custom")]
+    assert [(e["event"], e["stage"]) for e in logprob] == [("vlm_request", "direct_logprob"),
+                                                          ("vlm_reply", "direct_logprob")]
     printed = "\n".join(lines)
     for node in ("direct:", "propose:", "commit", "fuse: anomaly score"):
         assert node in printed
