@@ -1,8 +1,14 @@
 """The one image loader, and the encoders that turn arrays into PNG/JPEG bytes and data URLs.
 
 Every image the project reads goes through :func:`load_image`, which turns whatever is on disk
-(16-bit, greyscale, RGBA, CMYK, palette, EXIF-rotated, huge) into an ``H x W x 3`` uint8 RGB
-array, or raises :class:`ImageLoadError` naming the file and the reason.
+(16-bit, greyscale, RGBA, CMYK, palette, EXIF-rotated, float with NaN, the first frame of an
+animated GIF/WebP or a multi-page TIFF, huge) into an ``H x W x 3`` uint8 RGB array, or raises
+:class:`ImageLoadError` naming the file and the reason.
+
+Decoding memory is bounded per process: a decode reserves its pixels' bytes from one
+:class:`DecodeBudget` first (ANOMALYCLAW_DECODE_BUDGET_MB, default 1024), so many large images
+in flight wait for each other instead of all decoding at once; and a large image is reduced right
+after decoding, before any copy is made.
 """
 from __future__ import annotations
 
@@ -10,13 +16,16 @@ import base64
 import io
 import os
 import struct
+import threading
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError
 
@@ -25,6 +34,97 @@ from .errors import ImageLoadError
 DEFAULT_MAX_PIXELS = 80_000_000
 #: Images whose shorter side is below this carry no usable evidence.
 MIN_SIDE = 8
+#: Longest side over shortest side beyond which an image is refused: at the tools' working size
+#: (512 px) a 100000 x 10 strip would be one pixel high.
+MAX_ASPECT = 64
+#: Bytes of decoded pixels in flight across all threads, unless ANOMALYCLAW_DECODE_BUDGET_MB says.
+DEFAULT_DECODE_BUDGET_MB = 1024
+#: Pillow modes that ``Image.reduce`` handles directly.
+_REDUCIBLE = frozenset({"L", "RGB", "RGBA", "LA", "I", "F", "CMYK", "RGBX"})
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+class DecodeBudget:
+    """The bytes of decoded pixels in flight in this process, across threads.
+
+    :meth:`reserve` waits until the bytes fit beside what is in flight; an image larger than the
+    whole budget decodes alone. Peak decode memory is then about the budget plus one image,
+    whatever the concurrency (12 images of 72 MP at concurrency 32 would otherwise decode at
+    once).
+    """
+
+    def __init__(self, capacity_bytes: int | None = None):
+        self._capacity = capacity_bytes
+        self._cond = threading.Condition()
+        self.in_flight = 0
+        self.peak = 0
+        self.waits = 0
+
+    @property
+    def capacity(self) -> int:
+        if self._capacity is not None:
+            return self._capacity
+        raw = os.environ.get("ANOMALYCLAW_DECODE_BUDGET_MB")
+        try:
+            mb = float(raw) if raw else DEFAULT_DECODE_BUDGET_MB
+        except ValueError:
+            mb = DEFAULT_DECODE_BUDGET_MB
+        return max(1, int(mb * 2**20))
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        nbytes = max(0, int(nbytes))
+        with self._cond:
+            if self.in_flight and self.in_flight + nbytes > self.capacity:
+                self.waits += 1
+                while self.in_flight and self.in_flight + nbytes > self.capacity:
+                    self._cond.wait()
+            self.in_flight += nbytes
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_flight -= nbytes
+                self._cond.notify_all()
+
+
+#: The process's one decode budget.
+DECODE_BUDGET = DecodeBudget()
+
+
+def _decoded_bytes(im: Image.Image) -> int:
+    """What decoding ``im`` costs at its (drafted) size, with the array copy made from it."""
+    bands = len(im.getbands())
+    per_sample = 4 if im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else 1
+    w, h = im.size
+    return w * h * (bands * per_sample + 3)  # the decoded image plus its RGB array
+
+
+def _png_without_text(path: Path) -> io.BytesIO:
+    """The PNG at ``path`` with its text chunks (tEXt, zTXt, iTXt) left out: metadata that
+    Pillow refuses to decompress (above MAX_TEXT_CHUNK) must not cost the pixels."""
+    out = io.BytesIO()
+    with open(path, "rb") as fh:
+        signature = fh.read(8)
+        if signature != b"\x89PNG\r\n\x1a\n":
+            raise ValueError("not a PNG")
+        out.write(signature)
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                break
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"tEXt", b"zTXt", b"iTXt"):
+                fh.seek(length + 4, os.SEEK_CUR)
+                continue
+            out.write(head + fh.read(length + 4))
+            if kind == b"IEND":
+                break
+    out.seek(0)
+    return out
 
 
 def max_image_pixels() -> int:
@@ -52,15 +152,19 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         im = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
-def _upright(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; a malformed EXIF block is ignored (the pixels are fine)."""
+def _upright(original: Image.Image, im: Image.Image) -> Image.Image:
+    """``im`` (``original`` or its reduction) turned as ``original``'s EXIF orientation says; a
+    malformed EXIF block is ignored (the pixels are fine). No copy when there is nothing to do."""
     try:
-        return ImageOps.exif_transpose(im)
+        orientation = original.getexif().get(0x0112, 1)
     except Exception:  # PIL raises several types for broken EXIF: the orientation is optional
         return im
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(method) if method is not None else im
 
 
 def _draft_size(w: int, h: int, longest: float) -> tuple[int, int]:
@@ -74,9 +178,11 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None) -> np.nd
 
     ``max_side`` downscales (area interpolation) so that the longer side is at most that; a JPEG
     is then decoded at a reduced scale straight away (a 6000 x 4000 photo decodes in a tenth of
-    the time). Images above :func:`max_image_pixels` are refused, except JPEGs, which are decoded
-    at a scale under the limit. Raises :class:`ImageLoadError` for a missing, empty, truncated,
-    non-image, too-small or too-large file.
+    the time), any other format is reduced right after decoding. Images above
+    :func:`max_image_pixels` are refused, except JPEGs, which are decoded at a scale under the
+    limit. Each decode first reserves its bytes from :data:`DECODE_BUDGET`. Raises
+    :class:`ImageLoadError` for a missing, empty, truncated, non-image, too-small, too-large or
+    too-elongated file.
     """
     p = Path(path)
     if not p.exists():
@@ -85,19 +191,40 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None) -> np.nd
         raise ImageLoadError(str(p), "not a regular file")
     if p.stat().st_size == 0:
         raise ImageLoadError(str(p), "file is empty (0 bytes)")
+    try:
+        arr = _decode(p, p, max_side)
+    except ValueError as exc:
+        if "MAX_TEXT_CHUNK" not in str(exc) and "text chunks" not in str(exc):
+            raise ImageLoadError(str(p), f"truncated or corrupt image data ({exc})") from None
+        try:  # metadata too large to decompress: the pixels without it
+            arr = _decode(p, _png_without_text(p), max_side)
+        except ValueError as again:
+            raise ImageLoadError(str(p), f"truncated or corrupt image data ({again})") from None
+    if max_side is not None:
+        arr = resize_longest(arr, max_side)
+    return arr
+
+
+def _decode(p: Path, source: Path | io.BytesIO, max_side: int | None) -> np.ndarray:
+    """:func:`load_image`'s decoding, from ``source`` (the file, or its bytes)."""
     limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                w, h = im.size
-                if im.format == "JPEG" and (w * h > limit or (max_side is not None and max(w, h) > max_side)):
+            with Image.open(source) as opened:
+                w, h = opened.size
+                if min(w, h) < MIN_SIDE:
+                    raise ImageLoadError(str(p), f"image is {w}x{h} px, smaller than {MIN_SIDE} px on a side")
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ImageLoadError(str(p), f"image is {w}x{h} px: its long side is more than {MAX_ASPECT} times "
+                                         "its short side, too thin for any tool at its working size; crop it into tiles")
+                if opened.format == "JPEG" and (w * h > limit or (max_side is not None and max(w, h) > max_side)):
                     # Decode at a reduced scale (1/2, 1/4 or 1/8): memory and time stay bounded.
                     # The decoder rounds up to less than twice the size asked for, so ask for
                     # half the longest side the pixel limit allows.
                     longest = min(max_side or max(w, h), 0.5 * max(w, h) * (limit / (w * h)) ** 0.5)
-                    im.draft("RGB", _draft_size(w, h, longest))
-                    if im.size[0] * im.size[1] > limit:
+                    opened.draft("RGB", _draft_size(w, h, longest))
+                    if opened.size[0] * opened.size[1] > limit:
                         raise ImageLoadError(str(p), f"image is {w}x{h} px, above the {limit:,} px "
                                              "decompression-bomb limit even at 1/8 scale; downscale it "
                                              "or raise ANOMALYCLAW_MAX_IMAGE_PIXELS")
@@ -106,28 +233,33 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None) -> np.nd
                         str(p), f"image is {w}x{h} px ({w * h / 1e6:.0f} MP), above the "
                         f"{limit / 1e6:.0f} MP decompression-bomb limit; downscale it or "
                         "raise ANOMALYCLAW_MAX_IMAGE_PIXELS")
-                im.load()
-                mode = im.mode
-                im = _upright(im)
-                try:
-                    arr = _to_rgb_array(im)
-                except ValueError as exc:
-                    raise ImageLoadError(str(p), f"unsupported colour mode {mode!r} ({exc}); save it as "
-                                         "RGB or greyscale PNG/JPEG") from None
+                with DECODE_BUDGET.reserve(_decoded_bytes(opened)):
+                    opened.load()  # the first frame of an animation or page of a TIFF
+                    mode = opened.mode
+                    im = _reduced(opened, max_side)
+                    im = _upright(opened, im)
+                    try:
+                        return _to_rgb_array(im)
+                    except ValueError as exc:
+                        raise ImageLoadError(str(p), f"unsupported colour mode {mode!r} ({exc}); save it as "
+                                             "RGB or greyscale PNG/JPEG") from None
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(str(p), f"above the decompression-bomb limit ({exc}); downscale the image") from None
     except UnidentifiedImageError:
         raise ImageLoadError(str(p), "not an image file (content is not a known image format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+    except (OSError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
         raise ImageLoadError(str(p), f"truncated or corrupt image data ({exc})") from None
-    h, w = arr.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise ImageLoadError(str(p), f"image is {w}x{h} px, smaller than {MIN_SIDE} px on a side")
-    if max_side is not None:
-        arr = resize_longest(arr, max_side)
-    return arr
+
+
+def _reduced(im: Image.Image, max_side: int | None) -> Image.Image:
+    """``im`` box-reduced by the largest whole factor that keeps its longer side at least
+    ``max_side`` (the final area resize does the rest), so no full-size copy is ever made."""
+    if max_side is None or im.mode not in _REDUCIBLE:
+        return im
+    factor = max(im.size) // max_side
+    return im.reduce(factor) if factor >= 2 else im
 
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -173,3 +173,26 @@ async def test_token_counts_as_strings_cost_nothing(two_items, clean_scores, tmp
     for item_id, rec in records.items():
         assert (rec.direct_score, rec.refute_score) == clean_scores["sdk"][item_id]
         assert isinstance(rec.usage["prompt_tokens"], int) and rec.usage["prompt_tokens"] > 0
+
+
+async def test_a_huge_rationale_is_cut_not_stored_four_times(two_items, tmp_path):
+    """Issue 17 item 13: a reply's rationale went into the conversation, the history, the
+    record's rationale and the direct rationale at full length (a 50 MB rationale stored four
+    times, and sent back to the model every turn). Replies above the byte bound are refused;
+    below it, what is kept is cut to a bound."""
+    from anomalyclaw.graph.replies import MAX_FIELD_CHARS, MAX_REPLY_CHARS
+
+    blob = "the surface looks fine " * 50_000  # 1.2 MB, twice in a reply: under the 4 MB bound
+    propose = json.dumps({"initial_score": 0.4, "candidates": [{"id": "c1", "description": blob, "bbox": None}],
+                          "action": {"commit": True}, "rationale": blob})
+    direct = json.dumps({"image_label": "normal", "confidence": 0.8, "evidence": blob})
+    with FakeVLMServer(script={"propose": [propose], "direct": [direct]}, record_bodies=True) as server:
+        runner = Runner(_vlm(server, "langchain"), out_dir=tmp_path, progress=False, config=FAST)
+        summary = await runner.run(two_items[:1])
+    line = (tmp_path / RECORDS_FILE).read_text(encoding="utf-8")
+    rec = Record.model_validate(json.loads(line))
+    assert summary.n_errors == 0 and rec.direct_score == pytest.approx(0.2) and rec.refute_score == 0.4
+    assert len(line) < 8 * MAX_FIELD_CHARS + 4 * MAX_REPLY_CHARS, len(line)
+    assert "characters cut" in rec.rationale and len(rec.rationale) < MAX_FIELD_CHARS + 100
+    sent = [len(json.dumps(body)) for body in server.bodies]
+    assert max(sent) < 2**20  # the 2.3 MB reply is not sent back to the model
