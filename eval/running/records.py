@@ -319,7 +319,9 @@ class RecordWriter:
     does not parse is dropped and its item redone; a complete one only gets its newline).
     ``secrets`` (an API key) are replaced by ``***`` in every value of every record, whatever put
     them there (an endpoint that echoes the key in a reply, an exception message), before the
-    record is serialised; each line is checked to parse before it is written. Thread-safe;
+    record is serialised; each line is checked to parse before it is written. Lines go straight
+    to the file, unbuffered: a write that fails (disk full) is cut back to the last whole line, so
+    the file always ends at a record boundary and nothing is left to flush at close. Thread-safe;
     usable as a context manager.
     """
 
@@ -328,7 +330,7 @@ class RecordWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             repair_torn_tail(self.path)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "ab", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot write records to {self.path}: {exc.strerror or exc}") from None
         self._lock = threading.Lock()
@@ -346,17 +348,27 @@ class RecordWriter:
         if not isinstance(back, dict) or not isinstance(back.get("item_id"), str) or "\n" in line:
             raise RecordLineError(f"the record of item {record.item_id[:200]!r} does not serialise to one "
                                   "JSON line; nothing was written for it")
-        line += "\n"
+        data = (line + "\n").encode("utf-8")
         with self._lock:
-            self._fh.write(line)
-            self._fh.flush()
-            if self._fsync:
-                os.fsync(self._fh.fileno())
+            fd = self._fh.fileno()
+            start = os.fstat(fd).st_size
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+                if self._fsync:
+                    os.fsync(fd)
+            except OSError:
+                try:  # leave no torn line behind: the file ends where the last record did
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
+                raise
 
     def close(self) -> None:
-        """Close the file. A write that failed (disk full) left its line in the buffer; closing
-        tries it once more, and that failure was already reported by :meth:`write`, so it is
-        logged here, not raised: the torn line it may leave is dropped on the next open."""
+        """Close the file. Writes are unbuffered (a failed one was already cut back and reported
+        by :meth:`write`), so nothing is pending; should closing still fail, it is logged, not
+        raised."""
         with self._lock:
             if not self._fh.closed:
                 try:
