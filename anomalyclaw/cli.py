@@ -641,6 +641,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             items = load_manifest(args.manifest, split=args.split)[: args.limit]
         result = run_tool_calling_bench(items, client=args.client)
         print(format_tool_calling(result))
+    elif args.bench_command == "memory":
+        from anomalyclaw.eval.bench.memory import format_memory, run_memory_bench
+
+        result = run_memory_bench(args.items, baseline_items=args.baseline_items, image_size=args.size,
+                                  concurrency=args.concurrency)
+        print(format_memory(result))
     elif args.bench_command == "fusion":
         from anomalyclaw.eval.bench.fusion import format_fusion, run_fusion_benchmark
 
@@ -903,12 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("bench", help="benchmarks: throughput against a fake endpoint, request bytes, tool and "
-                                     "expert latency, the demo's wall time; `bench experts`, `bench tools`")
+                                     "expert latency, the demo's wall time; `bench experts`, `bench tools`, `bench memory`")
     p.add_argument("--quick", action="store_true", help="a smaller plan (about two minutes)")
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
-    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion")
+    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory")
     b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
     b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
@@ -920,6 +926,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomaly_vfm search: 'traits' (positional, radius 1, on aligned domains only; the "
                         "default), 'off' (free search everywhere) or a radius N in cells for every item")
     b.add_argument("--out", metavar="FILE", help="also write the full report (with per-item scores) here")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b = bsub.add_parser("memory", help="peak resident memory of a long run that reuses a few images, against "
+                                       "a run of a tenth as many items")
+    b.add_argument("--items", type=POSITIVE_INT, default=5000, help="items in the long run (default 5000)")
+    b.add_argument("--baseline-items", type=POSITIVE_INT, help="items in the short run (default a tenth)")
+    b.add_argument("--size", type=IMAGE_SIDE, default=128, help="side of the synthetic images in px (default 128)")
+    b.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="the runs' --concurrency (default 8)")
+    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b = bsub.add_parser("fusion", help="fused AUROC with and without the expert term per domain, offline, on the "
                                        "synthetic benchmark and an MVTec-style folder drawn from other images")
