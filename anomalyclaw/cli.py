@@ -828,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read QWEN_API_BASE/QWEN_API_KEY/QWEN_MODEL (or GPT_*, SEED_*, OPENAI_*)")
         g.add_argument("--base-url", help="endpoint base URL (else ANOMALYCLAW_BASE_URL)")
         g.add_argument("--model", help="model name (else ANOMALYCLAW_MODEL)")
-        g.add_argument("--timeout", type=SECONDS, help="seconds per request, > 0 (default 120)")
+        g.add_argument("--timeout", type=SECONDS,
+                       help="total seconds per request: connect, send, whole reply; > 0 (default 120)")
         g.add_argument("--client", choices=["langchain", "sdk"],
                        help="openai backend's client: langchain (ChatOpenAI, default) or sdk (the openai SDK "
                             "directly, less CPU per request); else ANOMALYCLAW_CLIENT")
