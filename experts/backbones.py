@@ -247,7 +247,11 @@ class ClassicBackbone:
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Mean and standard deviation of the cell descriptors over the grid, L2-normalised:
         float32 ``[N, 2 * D]``. Close embeddings mean similar colour and texture statistics."""
-        features = self.patch_features(images)
+        return self.embed_features(self.patch_features(images))
+
+    @staticmethod
+    def embed_features(features: np.ndarray) -> np.ndarray:
+        """:meth:`embed` from patch features ``[N, gh, gw, D]`` already computed."""
         n = features.shape[0]
         flat = features.reshape(n, -1, features.shape[-1])
         pooled = np.concatenate([flat.mean(axis=1), flat.std(axis=1)], axis=1)

@@ -40,8 +40,16 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
 
 
+_CHANNEL_SUM = np.ones((1, 3), np.float32)
+
+
 def delta_e(lab_a: np.ndarray, lab_b: np.ndarray) -> np.ndarray:
     """Per-pixel CIE76 colour difference, float32 (H, W); ``lab_b`` may broadcast (one colour)."""
+    if (lab_a.shape == lab_b.shape and lab_a.ndim == 3 and lab_a.shape[2] == 3
+            and lab_a.dtype == lab_b.dtype == np.float32):
+        # OpenCV's element-wise ops: the same float32 sums, several times faster than einsum.
+        d = cv2.subtract(lab_a, lab_b)
+        return cv2.sqrt(cv2.transform(cv2.multiply(d, d), _CHANNEL_SUM))
     d = (lab_a - lab_b).astype(np.float32, copy=False)
     return np.sqrt(np.einsum("hwc,hwc->hw", d, d))
 

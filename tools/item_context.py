@@ -10,6 +10,7 @@ calibrates against.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -49,6 +50,9 @@ _REFERENCE_SETS = LRUCache("tools.reference_sets", max_items=64)
 #: Calibrations of one ordered pair of reference files (a registered difference map), so items
 #: that draw different subsets from one reference pool share them: float16, <= 200 KB each.
 _REFERENCE_PAIRS = LRUCache("tools.reference_pairs", max_items=256)
+#: Layout descriptors of single reference files (12 KB each), so a new reference set ranks its
+#: references without describing the images it shares with sets seen before.
+_REFERENCE_THUMBNAILS = LRUCache("tools.reference_thumbnails", max_items=4096)
 
 
 def _file_key(path: Path) -> tuple[str, float, int]:
@@ -101,6 +105,8 @@ class ItemContext:
         self._ranking: list[tuple[int, float]] | None = None
         self._expert_results: dict[str, "ExpertResult"] = {}
         self._memo: dict[Any, Any] = {}
+        self._computing: dict[Any, threading.Lock] = {}
+        self._file_keys: dict[int, tuple[str, float, int]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -127,11 +133,19 @@ class ItemContext:
     def n_references(self) -> int:
         return len(self.item.ref_paths)
 
+    def reference_file_key(self, index: int) -> tuple[str, float, int]:
+        """(path, mtime, size) of reference ``index``: what the process-wide caches key its
+        values by (a file edited in place gets new ones). Read once per item."""
+        key = self._file_keys.get(index)
+        if key is None:
+            key = self._file_keys[index] = _file_key(Path(self.item.ref_paths[index]))
+        return key
+
     def reference(self, index: int) -> np.ndarray:
         """Reference ``index`` at work size (cached across items that share the file)."""
         if index not in self._references:
             path = Path(self.item.ref_paths[index])
-            key = (*_file_key(path), self.work_side)
+            key = (*self.reference_file_key(index), self.work_side)
             self._references[index] = _REFERENCE_IMAGES.get_or_compute(
                 key, lambda: load_image(path, max_side=self.work_side))
         return self._references[index]
@@ -168,7 +182,8 @@ class ItemContext:
         """Reference ``index`` resized to the shape of :attr:`query_full` (for zoom crops)."""
         path = Path(self.item.ref_paths[index])
         side = max(ZOOM_SOURCE_SIDE, self.work_side)
-        full = _REFERENCE_FULL.get_or_compute((*_file_key(path), side), lambda: load_image(path, max_side=side))
+        full = _REFERENCE_FULL.get_or_compute((*self.reference_file_key(index), side),
+                                              lambda: load_image(path, max_side=side))
         return resize_to(full, self.query_full.shape[:2])
 
     def preload(self) -> "ItemContext":
@@ -186,29 +201,38 @@ class ItemContext:
         return _REFERENCE_SETS.get_or_compute(key, compute)
 
     def item_cached(self, key: Any, compute: Callable[[], T]) -> T:
-        """Memoise ``compute()`` on this item (e.g. a difference map that several tools read)."""
+        """Memoise ``compute()`` on this item (e.g. a difference map that several tools read);
+        two threads asking for one key compute it once."""
         with self._lock:
             if key in self._memo:
                 return self._memo[key]
-        value = compute()
-        with self._lock:
-            return self._memo.setdefault(key, value)
+            gate = self._computing.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self._memo:
+                    return self._memo[key]
+            value = compute()
+            with self._lock:
+                self._computing.pop(key, None)
+                return self._memo.setdefault(key, value)
 
     def reference_file_cached(self, index: int, name: str, compute: Callable[[], T]) -> T:
         """Memoise ``compute()`` for reference ``index`` (by file, at the query's shape), shared by
         every item whose references include that file."""
-        key = (_file_key(Path(self.item.ref_paths[index])), self.work_side, name, tuple(self.query.shape))
+        key = (self.reference_file_key(index), self.work_side, name, tuple(self.query.shape))
         return _REFERENCE_FILES.get_or_compute(key, compute)
 
     def reference_pair_cached(self, moving: int, fixed: int, name: str, compute: Callable[[], T]) -> T:
         """Memoise ``compute()`` for an ordered pair of references (by file) at the query's shape."""
-        key = (_file_key(Path(self.item.ref_paths[moving])), _file_key(Path(self.item.ref_paths[fixed])),
-               self.work_side, name, tuple(self.query.shape))
+        key = (self.reference_file_key(moving), self.reference_file_key(fixed), self.work_side, name,
+               tuple(self.query.shape))
         return _REFERENCE_PAIRS.get_or_compute(key, compute)
 
     def _reference_thumbnails(self) -> np.ndarray:
-        return self.reference_cached("thumbnails", lambda: np.stack(
-            [thumbnail_descriptor(r) for r in self.references]))
+        """``[R, 3072]``: each reference's :func:`thumbnail_descriptor`, computed once per file."""
+        return np.stack([_REFERENCE_THUMBNAILS.get_or_compute(
+            (self.reference_file_key(i), self.work_side), lambda i=i: thumbnail_descriptor(self.reference(i)))
+            for i in range(self.n_references)])
 
     def reference_ranking(self) -> list[tuple[int, float]]:
         """References ordered from most to least similar to the query, as (index, similarity):
@@ -259,12 +283,29 @@ class ItemContext:
             return cached
         from anomalyclaw.experts.pool import default_params
 
-        expert = self.get_expert_pool().expert(name, self.item.reference_set_key, lambda: self.references,
-                                               **default_params(name, self.traits))
-        result = expert.score(self.query)
+        start = time.perf_counter()
+        pool = self.get_expert_pool()
+        expert = pool.expert(name, self.item.reference_set_key, lambda: self.references,
+                             **default_params(name, self.traits))
+        result = expert.score_features(self.query_features(pool.backbone), self.query.shape[:2], started=start)
         with self._lock:
             self._expert_results[name] = result
         return result
+
+    def query_features(self, backbone: Any) -> np.ndarray:
+        """The query's patch features ``[gh, gw, D]`` from ``backbone``, computed once per item
+        (every expert and the retriever read them)."""
+        return self.item_cached(("query_features", id(backbone)),
+                                lambda: np.asarray(backbone.patch_features([self.query])[0], np.float32))
+
+    def reference_features(self, backbone: Any) -> np.ndarray:
+        """``[R, gh, gw, D]`` patch features of the references from ``backbone``, each image's
+        computed once for the run (the expert pool's per-image cache, when the pool holds this
+        backbone)."""
+        pool = self.get_expert_pool()
+        if pool.backbone is backbone:
+            return pool.image_features(self.item.reference_set_key, lambda: self.references)
+        return np.asarray(backbone.patch_features(self.references), np.float32)
 
     def has_expert_result(self, name: str) -> bool:
         with self._lock:

@@ -42,9 +42,20 @@ MAX_RETRIEVAL_POOL = 32
 
 def _reference_embeddings(ctx: ItemContext, backbone) -> np.ndarray:
     n = min(ctx.n_references, MAX_RETRIEVAL_POOL)
-    return ctx.reference_cached(f"embed:{getattr(backbone, 'name', type(backbone).__name__)}",
-                                lambda: np.asarray(backbone.embed([ctx.reference(i) for i in range(n)]),
-                                                   np.float32))
+
+    def compute() -> np.ndarray:
+        if hasattr(backbone, "embed_features") and n == ctx.n_references:
+            # Pooled patch features: each image's come from the run's per-image cache.
+            return np.asarray(backbone.embed_features(ctx.reference_features(backbone)), np.float32)
+        return np.asarray(backbone.embed([ctx.reference(i) for i in range(n)]), np.float32)
+
+    return ctx.reference_cached(f"embed:{getattr(backbone, 'name', type(backbone).__name__)}", compute)
+
+
+def _query_embedding(ctx: ItemContext, backbone) -> np.ndarray:
+    if hasattr(backbone, "embed_features"):
+        return np.asarray(backbone.embed_features(ctx.query_features(backbone)[None]), np.float32)[0]
+    return np.asarray(backbone.embed([ctx.query]), np.float32)[0]
 
 
 def reference_retriever(ctx: ItemContext, args: RetrieverArgs) -> Observation:
@@ -55,7 +66,7 @@ def reference_retriever(ctx: ItemContext, args: RetrieverArgs) -> Observation:
     backbone = ctx.get_backbone()
     refs = _reference_embeddings(ctx, backbone)
     k = int(clamp_arg(args, "k", 1, min(MAX_RETRIEVED, refs.shape[0]), notes))
-    q = np.asarray(backbone.embed([ctx.query]), np.float32)[0]
+    q = _query_embedding(ctx, backbone)
     sims = refs @ q
     order = np.argsort(-sims, kind="stable")[:k]
     own = refs @ refs.T

@@ -24,6 +24,8 @@ event (``vlm_retry``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from abc import ABC, abstractmethod
 import json
 import logging
@@ -153,6 +155,8 @@ class _Answer:
     top_logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     message_id: str | None = None
+    request_bytes: int | None = None
+    """The body's length when the client learnt it only while sending (``_prepare`` gave 0)."""
 
     def __post_init__(self) -> None:
         self.prompt_tokens = _count(self.prompt_tokens)
@@ -247,6 +251,8 @@ class _EndpointVLM(ABC):
                     slots, client = self._loop_state()
                     async with slots:
                         answer = await self._send_within_deadline(client, request, logprobs, stage)
+                    if answer.request_bytes:
+                        nbytes = answer.request_bytes
         except _FATAL as exc:
             raise EndpointFatalError(self._describe(exc, fatal=True)) from None
         except (openai.OpenAIError, VLMError, asyncio.TimeoutError) as exc:
@@ -423,8 +429,13 @@ class ChatVLM(_EndpointVLM):
     def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool,
                  tools: Sequence[Mapping[str, Any]] | None = None,
                  ) -> tuple[tuple[list[BaseMessage], list[dict[str, Any]] | None], int, int]:
+        tool_list = [dict(t) for t in tools] if tools else None
+        if self.endpoint is not None:
+            # The ChatOpenAI we built serialises the body itself (see PreparedCompletions) and
+            # reports its length; counting images needs no conversion.
+            return (list(messages), tool_list), 0, _count_message_images(messages)
         nbytes, nimages = request_size(messages)
-        return (list(messages), [dict(t) for t in tools] if tools else None), nbytes + tools_size(tools), nimages
+        return (list(messages), tool_list), nbytes + tools_size(tools), nimages
 
     async def _send(self, client: BaseChatModel, request: tuple[list[BaseMessage], list[dict[str, Any]] | None],
                     logprobs: bool, stage: str) -> _Answer:
@@ -434,6 +445,8 @@ class ChatVLM(_EndpointVLM):
         # Only the ChatOpenAI this object built is known to pass extra headers through; a
         # caller's own chat model gets the messages alone.
         headers = {"extra_headers": {STAGE_HEADER: stage}} if self.endpoint is not None else {}
+        sizes: list[int] = []
+        token = _BODY_SIZES.set(sizes)
         try:
             message = await model.ainvoke(request, **headers)
             usage = getattr(message, "usage_metadata", None) or {}
@@ -451,9 +464,11 @@ class ChatVLM(_EndpointVLM):
         except _MALFORMED as exc:  # a 200 whose body is not a completion (choices: [] is an IndexError)
             raise BadResponseError(f"the reply is not a chat completion: {type(exc).__name__}: "
                                    f"{str(exc)[:200]}") from None
+        finally:
+            _BODY_SIZES.reset(token)
         return _Answer(text=text, prompt_tokens=usage.get("input_tokens"),
                        completion_tokens=usage.get("output_tokens"), top_logprobs=top, tool_calls=calls,
-                       message_id=getattr(message, "id", None))
+                       message_id=getattr(message, "id", None), request_bytes=sizes[-1] if sizes else None)
 
 
 def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
@@ -467,13 +482,100 @@ def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
     from langchain_openai import ChatOpenAI
 
     endpoint.require()
-    return ChatOpenAI(base_url=endpoint.base_url, model=endpoint.model,
-                      api_key=endpoint.api_key or "EMPTY", timeout=endpoint.timeout_s, max_retries=0,
-                      http_async_client=_http_client(endpoint),
-                      temperature=endpoint.temperature, max_tokens=endpoint.max_tokens,
-                      # Token counts also when LangGraph streams the reply (``stream_mode="messages"``,
-                      # ``astream_events``): langchain-openai asks for them only from api.openai.com.
-                      stream_usage=True)
+    _cache_langchain_block_types()
+    model = ChatOpenAI(base_url=endpoint.base_url, model=endpoint.model,
+                       api_key=endpoint.api_key or "EMPTY", timeout=endpoint.timeout_s, max_retries=0,
+                       http_async_client=_http_client(endpoint),
+                       temperature=endpoint.temperature, max_tokens=endpoint.max_tokens,
+                       # Token counts also when LangGraph streams the reply (``stream_mode="messages"``,
+                       # ``astream_events``): langchain-openai asks for them only from api.openai.com.
+                       stream_usage=True)
+    model.async_client = PreparedCompletions(model.root_async_client)
+    return model
+
+
+#: The body lengths :class:`PreparedCompletions` posted in this context (ChatVLM reads them).
+_BODY_SIZES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("anomalyclaw_body_sizes",
+                                                                               default=None)
+class PreparedCompletions:
+    """``ChatOpenAI.async_client`` for OpenAI-compatible chat completions: the payload ChatOpenAI
+    built is serialised once (in a worker thread when it holds images) and posted with the SDK's
+    own client, its auth, errors and response parsing. Streamed requests go through the SDK's
+    own ``create`` unchanged.
+
+    ``openai``'s ``chat.completions.create`` first walks every content part of every message
+    against the request's typed schema (its ``transform``); for a request with a few images that
+    walk costs more CPU than the HTTP exchange itself, and it changes nothing in a chat-completion
+    body (it renames no keys and formats no values there). ``anomalyclaw bench`` measures the
+    CPU per item.
+    """
+
+    def __init__(self, client: openai.AsyncOpenAI, *, raw: bool = False):
+        self._client = client
+        self._raw = raw
+
+    @property
+    def with_raw_response(self) -> "PreparedCompletions":
+        return PreparedCompletions(self._client, raw=True)
+
+    async def create(self, *, extra_headers: dict[str, str] | None = None, extra_query: dict[str, Any] | None = None,
+                     extra_body: dict[str, Any] | None = None, timeout: Any = None, **body: Any) -> Any:
+        from openai._constants import RAW_RESPONSE_HEADER
+        from openai.types.chat import ChatCompletion
+
+        if body.get("stream"):
+            sdk = self._client.chat.completions
+            return await (sdk.with_raw_response if self._raw else sdk).create(
+                extra_headers=extra_headers, extra_query=extra_query, extra_body=extra_body,
+                **({"timeout": timeout} if timeout is not None else {}), **body)
+        if extra_body:
+            body.update(extra_body)
+        if _has_images(body.get("messages") or ()):
+            data = await asyncio.to_thread(_dump_body, body)
+        else:
+            data = _dump_body(body)
+        sizes = _BODY_SIZES.get()
+        if sizes is not None:
+            sizes.append(len(data))
+        headers = {"Content-Type": "application/json", **(extra_headers or {})}
+        if self._raw:
+            headers[RAW_RESPONSE_HEADER] = "true"
+        options: dict[str, Any] = {"headers": headers}
+        if extra_query:
+            options["params"] = extra_query
+        if timeout is not None:
+            options["timeout"] = timeout
+        return await self._client.post("/chat/completions", content=data, cast_to=ChatCompletion, options=options)
+
+
+def _dump_body(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _has_images(messages: Sequence[Any]) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
+
+
+def _count_message_images(messages: Sequence[BaseMessage]) -> int:
+    """Image parts in LangChain messages (what ``count_images`` counts after conversion)."""
+    return sum(1 for m in messages if isinstance(m.content, list)
+               for part in m.content if isinstance(part, dict) and part.get("type") in ("image_url", "image"))
+
+
+@functools.cache
+def _cache_langchain_block_types() -> None:
+    """langchain-core's ``is_data_content_block`` (run by ChatOpenAI on every content part of
+    every message) recomputes ``typing.get_type_hints`` of five TypedDicts each time it is
+    called, about a millisecond per request with a few images; the answer is a constant of the
+    installed version, so remember it. Left alone when langchain-core lacks the function."""
+    try:
+        from langchain_core.messages import content as lc_content
+    except ImportError:
+        return
+    fn = getattr(lc_content, "_get_data_content_block_types", None)
+    if callable(fn) and not hasattr(fn, "cache_info"):
+        lc_content._get_data_content_block_types = functools.cache(fn)
 
 
 def _http_client(endpoint: EndpointConfig) -> BoundedAsyncClient:

@@ -187,3 +187,29 @@ def test_one_vlm_serves_one_event_loop_after_another(client):
 
         texts.append(asyncio.run(call_then_close()))
     assert texts == ["one", "two", "three"]
+
+
+async def test_request_bytes_are_the_bytes_the_endpoint_received(item, client):
+    """ChatOpenAI posts the body it serialised once (PreparedCompletions): its length is what
+    the record reports, and the endpoint read exactly that many bytes."""
+    with FakeVLMServer(api_key=KEY, script={"propose": [PROPOSE_ZOOM], "refute": [REFUTE_COMMIT]},
+                       record_bodies=True) as server:
+        state = await _judge(item, _vlm(server, client))
+    calls = state["calls"] + state["direct_calls"]
+    assert sum(c["request_bytes"] for c in calls) == server.stats.bytes_in
+    assert all(c["images_sent"] >= 1 for c in calls if c["stage"] in ("propose", "direct"))
+    first = next(b for b in server.bodies if reply_stage(b) == "propose")
+    assert first["model"] == "fake-vlm" and first["temperature"] == 0.0
+    assert 1024 in (first.get("max_tokens"), first.get("max_completion_tokens"))
+
+
+def test_langchain_block_types_are_remembered_not_recomputed():
+    from langchain_core.messages import content as lc_content
+
+    from anomalyclaw.graph.vlm.endpoint import _cache_langchain_block_types
+
+    _cache_langchain_block_types()
+    fn = lc_content._get_data_content_block_types
+    assert fn() == fn.__wrapped__() and "image" in fn()
+    assert lc_content.is_data_content_block({"type": "image", "url": "https://x/y.png"})
+    assert not lc_content.is_data_content_block({"type": "image_url", "image_url": {"url": "data:,"}})

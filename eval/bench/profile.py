@@ -1,0 +1,279 @@
+"""Where a run's CPU goes, per item: ``anomalyclaw bench profile``.
+
+The runner (``openai`` backend, default :class:`~anomalyclaw.config.AgentConfig`) judges copies
+of synthetic items against the fake endpoint (its own process, so its CPU is not counted). A
+warm-up pass first calibrates the reference sets, as in a long run; with ``new_sets`` the
+measured items instead bring reference sets never seen before (the real-data case: 61% of
+CrossDomainVAD-12's test items do).
+
+The profiler is a CPU-time-weighted stack sampler in this process (:class:`CPUSampler`): every
+few milliseconds it reads each thread's own CPU clock and its Python stack, and charges the CPU
+the thread used since the last sample to that stack's category (:func:`categorize`: the
+innermost frame that belongs to a category; NumPy, OpenCV, pydantic and other generic
+libraries decide nothing, so their time goes to the code that called them). So the table's
+milliseconds are CPU time, they add up to the process's CPU per item, and what no thread's clock
+accounts for (threads that ended between two samples) is shown as such. A sampling profiler
+from outside (py-spy) was tried first: on this 2-core machine its "active thread" heuristic
+charged several times the process's CPU time (threads waiting on a queue or the GIL counted as
+running), so its shares could not be read as CPU.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+from anomalyclaw.config import AgentConfig
+
+#: Categories in table order (``other``: frames of none of them).
+CATEGORY_ORDER = ("tools", "experts", "image decode/resize", "image encode + base64", "request building", "HTTP",
+                  "LangGraph", "LangChain runtime", "agent logic", "runner", "records", "progress",
+                  "event loop", "other")
+
+
+def _package_dir(module: str) -> str:
+    mod = sys.modules.get(module)
+    if mod is None:
+        __import__(module)
+        mod = sys.modules[module]
+    where = mod.__file__ if getattr(mod, "__file__", None) else os.path.join(list(mod.__path__)[0], "_")
+    return str(Path(where).resolve().parent) + os.sep
+
+
+def _site_dirs() -> dict[str, str]:
+    """Top-level library name -> its folder, for the libraries the rules name."""
+    out = {}
+    for name in ("tqdm", "langgraph", "langchain_core", "langchain_openai", "openai", "httpx", "httpx2", "httpcore",
+                 "httpcore2", "h11", "anyio", "sniffio", "asyncio", "PIL", "tenacity", "langsmith"):
+        try:
+            out[name] = _package_dir(name)
+        except ImportError:
+            continue
+    return out
+
+
+class _Rules:
+    """``(filename, function) -> category or None`` (None: the frame decides nothing)."""
+
+    def __init__(self) -> None:
+        root = _package_dir("anomalyclaw")
+        self.anomalyclaw = root
+        self.dirs = {"experts": _package_dir("anomalyclaw.experts"), "tools": _package_dir("anomalyclaw.tools"),
+                     "graph": _package_dir("anomalyclaw.graph"), "vlm": _package_dir("anomalyclaw.graph.vlm"),
+                     "running": _package_dir("anomalyclaw.eval.running"), "prompts": _package_dir("anomalyclaw.prompts")}
+        self.site = _site_dirs()
+        self.stdlib = str(Path(os.__file__).resolve().parent) + os.sep
+        self._memo: dict[tuple[str, str], str | None] = {}
+
+    def __call__(self, filename: str, function: str) -> str | None:
+        key = (filename, function)
+        if key not in self._memo:
+            self._memo[key] = self._decide(filename, function)
+        return self._memo[key]
+
+    def _lib(self, filename: str, *names: str) -> bool:
+        return any(filename.startswith(self.site[n]) for n in names if n in self.site)
+
+    def _decide(self, filename: str, function: str) -> str | None:
+        d = self.dirs
+        filename = os.path.realpath(filename)
+        if self._lib(filename, "tqdm"):
+            return "progress"
+        if filename.startswith(d["running"]):
+            return "records" if filename.endswith("records.py") else "runner"
+        if filename == self.anomalyclaw + "imaging.py":
+            return "image encode + base64" if function in ("encode_image", "to_data_url") else "image decode/resize"
+        if filename == self.anomalyclaw + "cache.py":
+            return None  # the LRU's own work belongs to what it caches
+        if filename.startswith(d["experts"]):
+            return "experts"
+        if filename.startswith(d["tools"]):
+            return "tools"
+        if filename.startswith(d["vlm"]):
+            return "request building" if filename.endswith(("endpoint.py", "seam.py")) else "agent logic"
+        if filename == d["graph"] + "images.py":
+            return "image encode + base64"
+        if filename.startswith(d["graph"]) or filename.startswith(d["prompts"]):
+            return "agent logic"
+        if self._lib(filename, "langchain_openai", "openai"):
+            return "request building"
+        if self._lib(filename, "langchain_core"):
+            rest = filename[len(self.site["langchain_core"]):]
+            if rest.startswith("tools"):
+                return "tools"
+            if rest.startswith(("messages", "language_models", "utils/function_calling")):
+                return "request building"
+            return "LangChain runtime"
+        if self._lib(filename, "langsmith"):
+            return "LangChain runtime"
+        if self._lib(filename, "httpx", "httpx2", "httpcore", "httpcore2", "h11", "anyio", "sniffio"):
+            return "HTTP"
+        if self._lib(filename, "langgraph"):
+            return "LangGraph"
+        if filename.startswith(self.stdlib):
+            rest = filename[len(self.stdlib):]
+            if rest.startswith(("ssl.py", "socket.py", "selectors.py", "asyncio/selector_events.py",
+                                "asyncio/streams.py", "asyncio/sslproto.py")):
+                return "HTTP"
+            if rest.startswith("base64.py"):
+                return "image encode + base64"
+            if rest.startswith("asyncio/"):
+                return "event loop"
+        if filename.startswith(self.anomalyclaw):
+            return "agent logic"
+        return None
+
+
+def _current_frames() -> dict[int, FrameType]:
+    """``sys._current_frames()`` with the garbage collector held off: in CPython 3.11 a
+    collection triggered inside it (it allocates while holding the thread-list lock) can run a
+    finaliser that waits for that lock, and the process hangs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class CPUSampler:
+    """Charges each thread's CPU time to its stack's category, sampling every ``interval_s``.
+
+    Use as a context manager around the code to profile; :attr:`seconds` holds CPU seconds by
+    category, :attr:`own_seconds` the sampler's own CPU.
+    """
+
+    def __init__(self, interval_s: float = 0.005, rules: Callable[[str, str], str | None] | None = None):
+        self.interval_s = interval_s
+        self.rules = rules or _Rules()
+        self.seconds: Counter = Counter()
+        #: CPU seconds by (category, the function that decided it).
+        self.functions: Counter = Counter()
+        self.samples = 0
+        self.own_seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="anomalyclaw-cpu-sampler", daemon=True)
+        self._last: dict[int, float] = {}
+
+    def category(self, frame: FrameType | None) -> tuple[str, str]:
+        """The category of the stack ending in ``frame`` (innermost first), and the function
+        that decided it (``file:function``)."""
+        innermost = frame
+        while frame is not None:
+            code = frame.f_code
+            found = self.rules(code.co_filename, code.co_name)
+            if found is not None:
+                return found, f"{Path(code.co_filename).name}:{code.co_name}"
+            frame = frame.f_back
+        code = innermost.f_code if innermost is not None else None
+        return "other", f"{Path(code.co_filename).name}:{code.co_name}" if code else "?"
+
+    def _clock(self, ident: int) -> float | None:
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except (OSError, ValueError, OverflowError):  # the thread ended meanwhile
+            return None
+
+    def _loop(self) -> None:
+        me = threading.get_ident()
+        for ident in list(_current_frames()):
+            value = self._clock(ident)
+            if value is not None:
+                self._last[ident] = value
+        while not self._stop.wait(self.interval_s):
+            frames = _current_frames()
+            self.samples += 1
+            for ident, frame in frames.items():
+                if ident == me:
+                    continue
+                now = self._clock(ident)
+                if now is None:
+                    continue
+                spent = now - self._last.get(ident, now)
+                self._last[ident] = now
+                if spent > 0:
+                    name, where = self.category(frame)
+                    self.seconds[name] += spent
+                    self.functions[(name, where)] += spent
+            del frames
+        self.own_seconds = time.thread_time()
+
+    def __enter__(self) -> "CPUSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 0.05, client: str = "langchain",
+                image_size: int = 512, n_test_per_domain: int = 4, new_sets: bool = False,
+                interval_s: float = 0.005, work_dir: str | os.PathLike | None = None,
+                config: AgentConfig | None = None, top_functions: int = 25) -> dict[str, Any]:
+    """Profile one runner pass; returns ``{"cpu_ms_per_item", "by_category": {name: ms per
+    item}, ...}`` (see the module docstring)."""
+    from anomalyclaw.eval.bench.reference_sets import new_set_items
+    from anomalyclaw.eval.bench.throughput import _run, _vlm, copies, fake_endpoint_process
+    from anomalyclaw.eval.data.manifests import load_manifest
+    from anomalyclaw.eval.data.synth import generate_benchmark
+    from anomalyclaw.experts.pool import ExpertPool
+
+    config = config or AgentConfig()
+    with tempfile.TemporaryDirectory(prefix="anomalyclaw-profile-") as tmp:
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        manifest = generate_benchmark(work / "synth", seed=0, n_test_per_domain=n_test_per_domain, n_calibration=0,
+                                      n_dev=0, size=image_size)
+        items = load_manifest(manifest, split="test")
+        pool = ExpertPool("classic")
+        with fake_endpoint_process(latency_s) as url:
+            _run(items[:2], _vlm(url, 2, client), work / "imports", config, ExpertPool("classic"))  # imports, JIT
+            if new_sets:
+                measured = new_set_items(work / "new_sets", n_items, size=image_size)
+            else:
+                _run(items, _vlm(url, 8, client), work / "warmup", config, pool)  # every set calibrated once
+                measured = copies(items, n_items)
+            sampler = CPUSampler(interval_s)
+            with sampler:
+                row = _run(measured, _vlm(url, concurrency, client), work / "measured", config, pool)
+    summary = row.pop("summary")
+    done = max(1, row["items"])
+    cpu_ms = row["cpu_ms_per_item"]
+    by = {name: round(1000 * sampler.seconds[name] / done, 1) for name in CATEGORY_ORDER if sampler.seconds[name]}
+    own = round(1000 * sampler.own_seconds / done, 1)
+    by["unattributed"] = round(cpu_ms - sum(by.values()) - own, 1)
+    top = [{"category": name, "function": where, "ms_per_item": round(1000 * sec / done, 2)}
+           for (name, where), sec in sampler.functions.most_common(top_functions)]
+    return {"client": client, "items": row["items"], "errors": row["errors"], "concurrency": concurrency,
+            "latency_s": latency_s, "image_size": image_size, "new_sets": new_sets,
+            "cpu_ms_per_item": cpu_ms, "profiler_ms_per_item": own,
+            "loop_cpu_ms_per_item": row["loop_cpu_ms_per_item"], "items_per_s": row["items_per_s"],
+            "requests_per_item": row["requests_per_item"], "samples": sampler.samples, "by_category": by,
+            "top_functions": top,
+            "pool": summary.cache.get("experts", {})}
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    head = (f"CPU per item by category: {result['items']} items at {result['image_size']} px, client "
+            f"{result['client']}, concurrency {result['concurrency']}, latency {result['latency_s']:g} s, "
+            + ("new reference sets" if result["new_sets"] else "reference sets warm")
+            + f"; {result['samples']} samples")
+    lines = [head, f"{'category':<24} {'ms/item':>8} {'share':>6}"]
+    total = result["cpu_ms_per_item"] or 1.0
+    for name, ms in result["by_category"].items():
+        lines.append(f"{name:<24} {ms:>8.1f} {ms / total:>6.0%}")
+    lines.append(f"{'(the profiler itself)':<24} {result['profiler_ms_per_item']:>8.1f}")
+    lines.append(f"{'total (process CPU)':<24} {result['cpu_ms_per_item']:>8.1f}   (event-loop thread "
+                 f"{result['loop_cpu_ms_per_item']:.1f} ms/item; {result['items_per_s']:.1f} items/s)")
+    if result.get("top_functions"):
+        lines += ["", "functions that decided the most CPU (ms/item)"]
+        lines += [f"{r['ms_per_item']:>8.2f}  {r['category']:<22} {r['function']}" for r in result["top_functions"]]
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""The CPU profiler behind ``anomalyclaw bench profile``: it charges each thread's CPU time to the
+category of the code it runs, and a whole (tiny) profiled run adds up to the run's CPU."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from anomalyclaw.eval.bench.profile import CATEGORY_ORDER, CPUSampler, format_profile, profile_run
+
+
+def _spin(seconds: float, work) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        work()
+
+
+def test_cpu_goes_to_the_category_of_the_code_that_spends_it():
+    from anomalyclaw.experts.backbones import ClassicBackbone
+    from anomalyclaw.imaging import encode_image
+
+    image = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    backbone = ClassicBackbone(work_size=64)
+    threads = [threading.Thread(target=_spin, args=(0.4, lambda: backbone.patch_features([image]))),
+               threading.Thread(target=_spin, args=(0.4, lambda: encode_image(image, "JPEG")))]
+    with CPUSampler(interval_s=0.002) as sampler:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    spent = sampler.seconds
+    assert spent["experts"] > 0.25 and spent["image encode + base64"] > 0.25, dict(spent)
+    assert sum(spent.values()) < 0.8 * 1.5  # CPU time, not wall time of idle threads
+    assert set(spent) <= set(CATEGORY_ORDER)
+
+
+def test_a_profiled_run_adds_up(tmp_path):
+    result = profile_run(n_items=6, concurrency=3, latency_s=0.0, image_size=64, n_test_per_domain=2,
+                         work_dir=tmp_path, interval_s=0.002)
+    assert result["items"] == 6 and result["errors"] == 0 and result["requests_per_item"] == 3.0
+    parts = result["by_category"]
+    assert parts["tools"] > 0 and parts["request building"] > 0 and parts["LangGraph"] > 0
+    total = sum(parts.values()) + result["profiler_ms_per_item"]
+    assert abs(total - result["cpu_ms_per_item"]) < 0.15  # rounding only: the rest is "unattributed"
+    assert "total (process CPU)" in format_profile(result)
