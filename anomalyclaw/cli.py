@@ -627,7 +627,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = run_expert_benchmark(args.manifest, None if args.split == "all" else args.split, args.backbone,
                                       backbone_path=args.backbone_path, device=args.device,
-                                      domains=_names(args.domains), expert_params=positional_params(args.positional))
+                                      domains=_names(args.domains), expert_params=positional_params(args.positional),
+                                      held_out=args.held_out)
         print(format_experts(result))
         print(f"{result['items']} items, backbone {args.backbone}, pool {result['pool']}, "
               f"{time.perf_counter() - started:.1f} s")
@@ -655,6 +656,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                       weight=DEFAULT_EXPERT_WEIGHT if args.weight is None else args.weight)
         print(format_fusion(result))
         print(f"benchmarks and runs in {args.dir}, {time.perf_counter() - started:.1f} s")
+    elif args.bench_command == "profile":
+        from anomalyclaw.eval.bench.profile import format_profile, profile_run
+
+        result = {"profiles": [profile_run(n_items=args.items, concurrency=args.concurrency, latency_s=args.latency,
+                                           client=client, image_size=args.size, new_sets=args.new_sets)
+                               for client in args.client.split(",")]}
+        print("\n\n".join(format_profile(r) for r in result["profiles"]))
     elif args.bench_command == "tools":
         from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
 
@@ -915,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
-    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory")
+    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory|profile")
     b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
     b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
@@ -926,6 +934,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--positional", default="traits",
                    help="anomaly_vfm search: 'traits' (positional, radius 1, on aligned domains only; the "
                         "default), 'off' (free search everywhere) or a radius N in cells for every item")
+    b.add_argument("--held-out", choices=["shared", "direct"], default="shared",
+                   help="leave-one-out calibration: 'shared' (per image pair, reused across sets; the default) or "
+                        "'direct' (a refit per held-out reference, the original method, for comparison)")
     b.add_argument("--out", metavar="FILE", help="also write the full report (with per-item scores) here")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b = bsub.add_parser("memory", help="peak resident memory of a long run that reuses a few images, against "
@@ -944,6 +955,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "generating one")
     b.add_argument("--weight", type=EXPERT_WEIGHT, help="expert weight of the runs, >= 0 (default 0.2)")
     b.add_argument("--only", choices=["synthetic", "folder"], help="run one of the two benchmarks")
+    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b = bsub.add_parser("profile", help="CPU per item of a run against the fake endpoint, by category (tools, "
+                                        "experts, image decode and encode, request building, HTTP, LangGraph, ...)")
+    b.add_argument("--client", default="langchain,sdk", help="comma-separated clients to profile (default both)")
+    b.add_argument("--items", type=int, default=96, help="items in the measured pass (default 96)")
+    b.add_argument("--concurrency", type=int, default=32, help="VLM requests in flight (default 32)")
+    b.add_argument("--latency", type=float, default=0.05, help="the fake endpoint's seconds per request")
+    b.add_argument("--size", type=int, default=512, help="synthetic image side in px (default 512)")
+    b.add_argument("--new-sets", action="store_true",
+                   help="items bring new 10-reference sets (else the reference sets are warm)")
     b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b = bsub.add_parser("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "

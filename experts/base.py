@@ -14,7 +14,7 @@ import math
 import time
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Hashable, Sequence
 
 import cv2
 import numpy as np
@@ -130,17 +130,22 @@ class Expert(BaseEstimator, metaclass=ABCMeta):
     # -- what subclasses implement -------------------------------------------------------------
 
     @abstractmethod
-    def _fit_model(self, reference_features: np.ndarray) -> None:
-        """Build the model of normal patches from float32 ``[R, gh, gw, D]``; set ``*_``."""
+    def _fit_model(self, reference_features: np.ndarray, reference_ids: Sequence[Hashable] | None = None,
+                   store: Any = None) -> None:
+        """Build the model of normal patches from float32 ``[R, gh, gw, D]``; set ``*_``
+        (``reference_ids`` and ``store``: see :meth:`_held_out_patch_scores`)."""
 
     @abstractmethod
     def _patch_scores(self, query_features: np.ndarray) -> np.ndarray:
         """float32 ``[gh, gw]`` scores of one query's ``[gh, gw, D]`` features."""
 
     @abstractmethod
-    def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray,
+                               reference_ids: Sequence[Hashable] | None = None, store: Any = None) -> np.ndarray:
         """float32 ``[R, gh, gw]``: each reference patch scored by a model built without the
-        patches of its own group (see :func:`holdout_groups`)."""
+        patches of its own group (see :func:`holdout_groups`). ``reference_ids`` (one per
+        reference) and ``store`` (an :class:`~anomalyclaw.cache.LRUCache`), when given, let the
+        expert keep what it computed per image or image pair for other sets with those images."""
 
     # -- fit -------------------------------------------------------------------------------------
 
@@ -163,9 +168,14 @@ class Expert(BaseEstimator, metaclass=ABCMeta):
         backbone = self._resolve_backbone()
         return self.fit_features(backbone.patch_features(images), backbone=backbone)
 
-    def fit_features(self, reference_features: np.ndarray, *, backbone: Backbone | None = None) -> "Expert":
+    def fit_features(self, reference_features: np.ndarray, *, backbone: Backbone | None = None,
+                     reference_ids: Sequence[Hashable] | None = None, store: Any = None) -> "Expert":
         """Fit on precomputed reference features float32 ``[R, gh, gw, D]`` (from ``backbone``,
-        which must be the one that will embed queries; default: this expert's own)."""
+        which must be the one that will embed queries; default: this expert's own).
+
+        ``reference_ids`` name the reference images (the same image, the same id) and ``store``
+        is a cache shared by the fits of one backbone: the leave-one-out calibration then reuses
+        what earlier sets computed for the same images (see :class:`ExpertPool`)."""
         self._validate_params()
         features = np.asarray(reference_features, dtype=np.float32)
         if features.ndim != 4 or features.shape[0] < 1 or min(features.shape[1:]) < 1:
@@ -179,9 +189,9 @@ class Expert(BaseEstimator, metaclass=ABCMeta):
         self.grid_ = tuple(int(s) for s in features.shape[1:3])
         self.n_features_in_ = int(features.shape[3])
         self.n_references_ = int(features.shape[0])
-        self._fit_model(features)
+        self._fit_model(features, reference_ids, store)
         groups = holdout_groups(self.n_references_, self.grid_)
-        held_out = self._held_out_patch_scores(features, groups)
+        held_out = self._held_out_patch_scores(features, groups, reference_ids, store)
         self.reference_patch_maps_ = held_out.astype(np.float32)
         self.reference_scores_ = np.array([self.image_score(m) for m in held_out], dtype=np.float32)
         self.threshold_ = float(self.reference_scores_.max())

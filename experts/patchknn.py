@@ -2,15 +2,18 @@
 far from its nearest reference patch."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import numpy as np
 
 from .backbones import Backbone
 from .base import Expert
 
-#: Query rows per distance block: bounds the block at 2048 x bank size floats.
-_CHUNK = 2048
+#: Query rows per distance block. 256 rows keep a block against a 10-image bank (10,240 patches)
+#: at 10 MB, in cache for the minimum that follows; 2048 rows ran 25-35% slower on the 2-core
+#: reference machine (``anomalyclaw bench`` section "nearest-neighbour search"). Rows are
+#: independent, so the block size changes no result.
+_CHUNK = 256
 
 
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
@@ -46,11 +49,47 @@ def nearest_distances(query: np.ndarray, bank: np.ndarray, k: int = 1, device: s
     return np.concatenate(out).astype(np.float32)
 
 
-def positional_distances(query: np.ndarray, references: np.ndarray, radius: int, k: int = 1) -> np.ndarray:
-    """float32 ``[gh, gw]``: for each query patch ``[gh, gw, D]``, the mean distance to its
-    ``k`` nearest patches among the references ``[R, gh, gw, D]`` lying within ``radius``
-    cells of the same grid position (for aligned images: a patch is compared only with what
-    normally sits there)."""
+def pair_nearest(a: np.ndarray, b: np.ndarray, k: int = 1, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Squared Euclidean distances of nearest neighbours between two images' patches, both ways,
+    from one distance block: float32 ``[P, k]`` (each row of ``a`` ``[P, D]`` to its ``k``
+    nearest rows of ``b`` ``[Q, D]``) and ``[Q, k]`` (``b`` to ``a``); ``k`` is capped by the
+    other side's rows. Unsorted, not clamped at 0 (the caller takes square roots after merging).
+    Both sides are centred on their joint mean first (float32 cancellation)."""
+    import torch
+
+    ka, kb = min(int(k), b.shape[0]), min(int(k), a.shape[0])
+    with torch.inference_mode():
+        a_t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+        b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(device)
+        centre = (a_t.sum(dim=0, keepdim=True) + b_t.sum(dim=0, keepdim=True)) / (a.shape[0] + b.shape[0])
+        a_t, b_t = a_t - centre, b_t - centre
+        a_sq, b_sq = (a_t * a_t).sum(dim=1, keepdim=True), (b_t * b_t).sum(dim=1)[None, :]
+        step = a.shape[0] if a.shape[0] * b.shape[0] <= _PAIR_BLOCK else _CHUNK
+        rows, cols = [], None
+        for start in range(0, a.shape[0], step):
+            block = torch.addmm(b_sq, a_t[start:start + step], b_t.T, alpha=-2.0).add_(a_sq[start:start + step])
+            rows.append(_smallest(block, ka, dim=1))
+            top = _smallest(block, kb, dim=0)
+            cols = top if cols is None else _smallest(torch.cat([cols, top], dim=0), kb, dim=0)
+        return torch.cat(rows).cpu().numpy(), cols.T.contiguous().cpu().numpy()
+
+
+#: Pairs of images up to this many patch pairs (32 x 32 grids: 1024 x 1024) get one block.
+_PAIR_BLOCK = 1 << 21
+
+
+def _smallest(x: Any, k: int, dim: int) -> Any:
+    """The ``k`` smallest values of ``x`` along ``dim`` (a torch tensor), unsorted."""
+    if k == 1:
+        return x.amin(dim=dim, keepdim=True)
+    return x.topk(k, dim=dim, largest=False, sorted=False).values
+
+
+def positional_nearest(query: np.ndarray, references: np.ndarray, radius: int, k: int = 1) -> np.ndarray:
+    """float32 ``[k', gh, gw]``: the ``k'`` = min(``k``, candidates) smallest squared distances
+    of each query patch ``[gh, gw, D]`` to the patches of ``references`` ``[R, gh, gw, D]``
+    within ``radius`` cells of its position (unsorted; ``inf`` where fewer candidates exist, not
+    clamped at 0); :func:`positional_distances` is their root mean."""
     gh, gw, _ = query.shape
     query_sq = np.einsum("hwd,hwd->hw", query, query)
     reference_sq = np.einsum("rhwd,rhwd->rhw", references, references)
@@ -70,8 +109,24 @@ def positional_distances(query: np.ndarray, references: np.ndarray, radius: int,
             candidates.append(squared)
     stacked = np.concatenate(candidates, axis=0)
     k = min(k, stacked.shape[0])
-    nearest = np.partition(stacked, k - 1, axis=0)[:k] if k > 1 else stacked.min(axis=0, keepdims=True)
+    return np.partition(stacked, k - 1, axis=0)[:k] if k > 1 else stacked.min(axis=0, keepdims=True)
+
+
+def positional_distances(query: np.ndarray, references: np.ndarray, radius: int, k: int = 1) -> np.ndarray:
+    """float32 ``[gh, gw]``: for each query patch ``[gh, gw, D]``, the mean distance to its
+    ``k`` nearest patches among the references ``[R, gh, gw, D]`` lying within ``radius``
+    cells of the same grid position (for aligned images: a patch is compared only with what
+    normally sits there)."""
+    nearest = positional_nearest(query, references, radius, k)
     return np.sqrt(np.maximum(nearest, 0.0)).mean(axis=0).astype(np.float32)
+
+
+def _merge_nearest(parts: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """Root mean of the ``k`` smallest of per-pair candidates ``[P, k_j]`` (concatenated)."""
+    stacked = np.concatenate(parts, axis=1)
+    k = min(k, stacked.shape[1])
+    nearest = np.partition(stacked, k - 1, axis=1)[:, :k] if k > 1 else stacked.min(axis=1, keepdims=True)
+    return np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1).astype(np.float32)
 
 
 class PatchKNNExpert(Expert):
@@ -89,6 +144,13 @@ class PatchKNNExpert(Expert):
         compare a patch only with reference patches within r cells of its own position (for
         aligned domains: fixed-pose objects, bi-temporal pairs). With a single reference the
         leave-one-out scale is always computed with the free search.
+    held_out : how the leave-one-out scores are computed (the same numbers to float32 rounding):
+        ``"pairs"`` (default) merges nearest-neighbour distances between each pair of
+        reference images, one distance block per unordered pair, kept per image pair in the
+        ``store`` the pool passes to :meth:`fit_features` so that a new reference set sharing
+        images with earlier ones computes only its new pairs; ``"direct"`` searches each
+        reference against a bank of all the others (R searches over R - 1 images each), the
+        original method, kept as the reference the exactness test compares with.
     top_fraction, smoothing : see :class:`Expert`.
 
     Learned: ``bank_`` float32 ``[R * gh * gw, D]`` (the reference patches),
@@ -98,11 +160,13 @@ class PatchKNNExpert(Expert):
     name: ClassVar[str] = "anomaly_vfm"
 
     def __init__(self, backbone: Backbone | str | None = None, *, k: int = 1, metric: str = "auto",
-                 positional_radius: int | None = None, top_fraction: float = 0.01, smoothing: float = 0.5):
+                 positional_radius: int | None = None, held_out: str = "pairs", top_fraction: float = 0.01,
+                 smoothing: float = 0.5):
         super().__init__(backbone, top_fraction=top_fraction, smoothing=smoothing)
         self.k = k
         self.metric = metric
         self.positional_radius = positional_radius
+        self.held_out = held_out
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -112,6 +176,8 @@ class PatchKNNExpert(Expert):
             raise ValueError(f"{self.name}: metric must be 'auto', 'euclidean' or 'cosine', got {self.metric!r}")
         if self.positional_radius is not None and int(self.positional_radius) < 0:
             raise ValueError(f"{self.name}: positional_radius must be None or >= 0, got {self.positional_radius}")
+        if self.held_out not in ("pairs", "direct"):
+            raise ValueError(f"{self.name}: held_out must be 'pairs' or 'direct', got {self.held_out!r}")
 
     def _prepare(self, features: np.ndarray) -> np.ndarray:
         return _normalise_rows(features) if self.metric_ == "cosine" else features
@@ -120,7 +186,8 @@ class PatchKNNExpert(Expert):
         # For unit vectors ||a - b||^2 = 2 (1 - cos): report the cosine distance itself.
         return distances * distances / 2.0 if self.metric_ == "cosine" else distances
 
-    def _fit_model(self, reference_features: np.ndarray) -> None:
+    def _fit_model(self, reference_features: np.ndarray, reference_ids: Sequence[Hashable] | None = None,
+                   store: Any = None) -> None:
         self.metric_ = self.metric if self.metric != "auto" else (
             "euclidean" if getattr(self.backbone_, "name", "") == "classic" else "cosine")
         self.reference_grids_ = self._prepare(reference_features)
@@ -135,8 +202,11 @@ class PatchKNNExpert(Expert):
                                           self.backbone_.device).reshape(self.grid_)
         return self._to_score(distances)
 
-    def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray,
+                               reference_ids: Sequence[Hashable] | None = None, store: Any = None) -> np.ndarray:
         grids = self.reference_grids_
+        if self.held_out == "pairs" and grids.shape[0] >= 2:
+            return self._to_score(self._held_out_from_pairs(reference_ids, store))
         out = np.empty(grids.shape[:3], np.float32)
         if self.positional_radius is not None and grids.shape[0] >= 2:
             for r in range(grids.shape[0]):
@@ -150,3 +220,46 @@ class PatchKNNExpert(Expert):
             flat_out[inside] = nearest_distances(self.bank_[inside], self.bank_[~inside], int(self.k),
                                                  self.backbone_.device)
         return self._to_score(out)
+
+    def _held_out_from_pairs(self, reference_ids: Sequence[Hashable] | None, store: Any) -> np.ndarray:
+        """``[R, gh, gw]`` leave-one-out distances merged from per-pair nearest neighbours.
+
+        With ``store`` (an :class:`~anomalyclaw.cache.LRUCache`) and one id per reference, each
+        image pair's neighbours are kept under ``(what, id_a, id_b)``, ``what`` naming this
+        expert's search (metric, radius, k), so that another set holding both images reuses them.
+        """
+        grids = self.reference_grids_
+        n, gh, gw, d = grids.shape
+        k, radius = int(self.k), self.positional_radius
+        flat = grids.reshape(n, gh * gw, d)
+        ids = list(reference_ids) if reference_ids is not None and len(reference_ids) == n else None
+        what = (self.name, self.metric_, None if radius is None else int(radius), k)
+        local: dict[tuple[int, int], np.ndarray] = {}
+
+        def free_pair(i: int, j: int) -> np.ndarray:
+            def compute() -> np.ndarray:
+                ij, ji = pair_nearest(flat[i], flat[j], k, self.backbone_.device)
+                if store is not None and ids is not None:
+                    store.put((what, ids[j], ids[i]), ji)
+                local[(j, i)] = ji
+                return ij
+            if (i, j) in local:
+                return local[(i, j)]
+            if store is not None and ids is not None:
+                return store.get_or_compute((what, ids[i], ids[j]), compute)
+            local[(i, j)] = value = compute()
+            return value
+
+        def positional_pair(i: int, j: int) -> np.ndarray:
+            def compute() -> np.ndarray:
+                near = positional_nearest(grids[i], grids[j:j + 1], int(radius), k)
+                return np.ascontiguousarray(near.reshape(near.shape[0], -1).T)
+            if store is not None and ids is not None:
+                return store.get_or_compute((what, ids[i], ids[j]), compute)
+            return compute()
+
+        pair: Callable[[int, int], np.ndarray] = free_pair if radius is None else positional_pair
+        out = np.empty((n, gh * gw), np.float32)
+        for r in range(n):
+            out[r] = _merge_nearest([pair(r, j) for j in range(n) if j != r], k)
+        return out.reshape(n, gh, gw)

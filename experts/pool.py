@@ -42,10 +42,12 @@ def default_params(name: str, traits: Iterable[str] = ()) -> dict[str, Any]:
 
 
 class _FittedSet:
-    """One reference set's patch features ``[R, gh, gw, D]`` and the experts fitted on them."""
+    """One reference set's patch features ``[R, gh, gw, D]``, its images' ids (None when they
+    cannot be told apart) and the experts fitted on them."""
 
-    def __init__(self, features: np.ndarray):
+    def __init__(self, features: np.ndarray, ids: list[tuple] | None = None):
         self.features = features
+        self.ids = ids
         self.experts: dict[tuple, Expert] = {}
         self.lock = threading.Lock()
 
@@ -65,15 +67,27 @@ class ExpertPool:
     Benchmarks draw reference sets from a small pool of normal images, so sets differ while
     their images repeat: each image's features are also kept, keyed by its path and size, up to
     ``max_feature_mb`` (least recently used out), and a new set only encodes the images it does
-    not share (``anomalyclaw bench`` reports how often that happens on CrossDomainVAD-12).
+    not share (``anomalyclaw bench`` reports how often that happens on CrossDomainVAD-12). The
+    leave-one-out calibration of a fit is built from per-image and per-image-pair parts (patch
+    kNN: nearest-neighbour distances between two references; PCA subspace: each image's
+    moments), kept up to ``max_held_out_mb``, so a new set computes only the pairs it does not
+    share; 0 turns that off (each set then computes all its pairs). ``held_out="direct"`` fits
+    every expert with the original leave-one-out method instead (a refit or search per held-out
+    reference, nothing shared): the baseline ``anomalyclaw bench`` compares with.
     """
 
     def __init__(self, backbone: str | Backbone = "classic", *, max_sets: int = 64,
-                 backbone_path: str | None = None, device: str = "auto", max_feature_mb: float = 1024.0):
+                 backbone_path: str | None = None, device: str = "auto", max_feature_mb: float = 1024.0,
+                 max_held_out_mb: float = 256.0, held_out: str = "shared"):
         if max_sets < 1:
             raise ValueError(f"max_sets must be >= 1, got {max_sets}")
         if max_feature_mb < 0:
             raise ValueError(f"max_feature_mb must be >= 0, got {max_feature_mb}")
+        if max_held_out_mb < 0:
+            raise ValueError(f"max_held_out_mb must be >= 0, got {max_held_out_mb}")
+        if held_out not in ("shared", "direct"):
+            raise ValueError(f"held_out must be 'shared' or 'direct', got {held_out!r}")
+        self.held_out = held_out
         self.max_sets = max_sets
         self.max_feature_bytes = int(max_feature_mb * 2**20)
         self.backbone_path = backbone_path
@@ -89,6 +103,9 @@ class ExpertPool:
         #: Patch features of single reference images, by (path, image shape).
         self._image_features: LRUCache[tuple[str, tuple[int, ...]], np.ndarray] = LRUCache(
             "experts.image_features", max_bytes=self.max_feature_bytes)
+        #: Leave-one-out parts per image and image pair (see the class docstring).
+        self._held_out_parts: LRUCache[tuple, Any] | None = LRUCache(
+            "experts.held_out", max_bytes=int(max_held_out_mb * 2**20)) if max_held_out_mb > 0 else None
 
     @property
     def backbone(self) -> Backbone:
@@ -113,7 +130,9 @@ class ExpertPool:
         if not key:
             raise ValueError("reference_key is empty: an expert needs at least one reference image")
         backbone = self.backbone
-        entry = self._sets.get_or_compute(key, lambda: _FittedSet(self._features(key, reference_images(), backbone)))
+        entry = self._sets.get_or_compute(key, lambda: self._new_set(key, reference_images(), backbone))
+        if self.held_out == "direct":
+            params = {**params, "held_out": "direct"}
         expert_key = (name, tuple(sorted(params.items())))
         with entry.lock:  # fits on one set wait for each other; other sets fit meanwhile
             fitted = entry.experts.get(expert_key)
@@ -122,12 +141,29 @@ class ExpertPool:
                     self._hits += 1
                 return fitted
             start = time.perf_counter()
+            store = self._held_out_parts if self.held_out == "shared" else None
             fitted = entry.experts[expert_key] = expert_class(backbone, **params).fit_features(
-                entry.features, backbone=backbone)
+                entry.features, backbone=backbone, reference_ids=entry.ids, store=store)
             with self._lock:
                 self._misses += 1
                 self._fit_seconds += time.perf_counter() - start
             return fitted
+
+    def image_features(self, reference_key: Sequence[str],
+                       reference_images: Callable[[], Sequence[np.ndarray]]) -> np.ndarray:
+        """``[N, gh, gw, D]`` patch features of the images named by ``reference_key`` (paths),
+        from the per-image cache; ``reference_images`` is called only when one is missing."""
+        key = tuple(str(k) for k in reference_key)
+        backbone = self.backbone
+        entry = self._sets.get(key)
+        if entry is not None:
+            return entry.features
+        return self._features(key, reference_images(), backbone)
+
+    def _new_set(self, key: tuple[str, ...], images: Sequence[np.ndarray], backbone: Backbone) -> _FittedSet:
+        images = list(images)
+        ids = [(k, tuple(np.shape(im))) for k, im in zip(key, images)] if len(images) == len(key) else None
+        return _FittedSet(self._features(key, images, backbone), ids)
 
     def _features(self, key: tuple[str, ...], images: Sequence[np.ndarray], backbone: Backbone) -> np.ndarray:
         """``[N, gh, gw, D]`` patch features of a set, encoding only the images not cached."""
@@ -145,15 +181,17 @@ class ExpertPool:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """``{"hits", "misses", "fit_seconds", "sets", "image_hits", "image_misses", "images"}``:
-        lookups served from the fitted-expert cache, fits done (features included), seconds
-        spent fitting, reference sets held now; reference images whose features were reused or
-        computed, and images held now."""
+        """``{"hits", "misses", "fit_seconds", "sets", "image_hits", "image_misses", "images",
+        "held_out_hits", "held_out_misses"}``: lookups served from the fitted-expert cache, fits
+        done (features included), seconds spent fitting, reference sets held now; reference
+        images whose features were reused or computed, and images held now; leave-one-out parts
+        (image pairs, image moments) reused or computed."""
         images = self._image_features.stats()
+        held = self._held_out_parts.stats() if self._held_out_parts is not None else {"hits": 0, "misses": 0}
         with self._lock:
             return {"hits": self._hits, "misses": self._misses, "fit_seconds": round(self._fit_seconds, 4),
                     "sets": len(self._sets), "image_hits": images["hits"], "image_misses": images["misses"],
-                    "images": images["items"]}
+                    "images": images["items"], "held_out_hits": held["hits"], "held_out_misses": held["misses"]}
 
 
 _DEFAULT_POOLS: dict[tuple[str, str | None, str], ExpertPool] = {}

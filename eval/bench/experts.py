@@ -45,12 +45,15 @@ def _small(array: np.ndarray, side: int, *, nearest: bool = False) -> np.ndarray
 def run_expert_benchmark(manifest_path: str | Path, split: str | None = "test", backbone: str = "classic", *,
                          backbone_path: str | None = None, device: str = "auto",
                          domains: Sequence[str] | None = None, experts: Sequence[str] = tuple(EXPERTS),
-                         expert_params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                         expert_params: dict[str, dict[str, Any]] | None = None,
+                         held_out: str = "shared") -> dict[str, Any]:
     """Score every item of ``split`` (None: all items) with each expert and summarise.
 
     ``expert_params`` maps an expert name to constructor keywords for every item (e.g.
     ``{"anomaly_vfm": {"positional_radius": None}}`` turns the positional search off);
-    without an entry, an expert gets ``default_params(name, item.traits)``. Returns ``{"manifest", "split",
+    without an entry, an expert gets ``default_params(name, item.traits)``. ``held_out``:
+    the pool's leave-one-out method (``"direct"``: the original refits, for a before/after
+    comparison; see :class:`~anomalyclaw.experts.pool.ExpertPool`). Returns ``{"manifest", "split",
     "backbone", "items", "per_domain": {code: {"n", "n_anomalous", "n_masked", expert:
     {"image_auroc", "pixel_auroc", "fit_ms", "score_ms"}}}, "macro": {expert: {"image_auroc",
     "pixel_auroc"}}, "pool": pool stats, "records": [per-item scores]}``.
@@ -63,7 +66,7 @@ def run_expert_benchmark(manifest_path: str | Path, split: str | None = "test", 
         raise AnomalyClawError(f"{manifest_path}: no items for split {split!r}"
                                + (f" and domains {list(domains)}" if domains else ""))
     params = expert_params or {}
-    pool = ExpertPool(backbone, backbone_path=backbone_path, device=device)
+    pool = ExpertPool(backbone, backbone_path=backbone_path, device=device, held_out=held_out)
     records: list[dict[str, Any]] = []
     fit_seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
     pixel_scores: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
@@ -124,7 +127,8 @@ def run_expert_benchmark(manifest_path: str | Path, split: str | None = "test", 
         for metric in ("image_auroc", "pixel_auroc"):
             values = [d[name][metric] for d in per_domain.values() if not math.isnan(d[name][metric])]
             macro[name][metric] = float(np.mean(values)) if values else float("nan")
-    return {"manifest": str(manifest_path), "split": split, "backbone": backbone, "items": len(records),
+    return {"manifest": str(manifest_path), "split": split, "backbone": backbone, "held_out": held_out,
+            "items": len(records),
             "experts": list(experts), "expert_params": params, "per_domain": per_domain, "macro": macro,
             "pool": pool.stats, "records": records}
 

@@ -62,12 +62,14 @@ class BenchPlan:
     client is ``langchain``: ``ChatOpenAI``)."""
     tool_repeats: int = 10
     """Warm calls per tool; 0 skips the tool section."""
+    new_sets: int = 48
+    """Items with a new reference set each (10 references) for the expert-fit case; 0 skips it."""
     demo: bool = True
 
 
 def quick_plan() -> BenchPlan:
     """About two minutes on a 2-core machine: no concurrency 128, fewer tool calls."""
-    return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3)
+    return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3, new_sets=12)
 
 
 def full_plan() -> BenchPlan:
@@ -124,6 +126,7 @@ def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, po
             "requests_per_item": round(summary.requests / done, 3),
             "request_kb_per_item": round(summary.request_bytes / done / 1024, 1),
             "cpu_ms_per_item": round(cpu / done * 1000, 1), "loop_cpu_ms_per_item": round(loop_cpu / done * 1000, 1),
+            "loop_busy": round(loop_cpu / wall, 3) if wall > 0 else None,
             "summary": summary}
 
 
@@ -320,6 +323,11 @@ def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | No
         result["throughput"] = bench_throughput(items, plan, pool, work)
         result["request_bytes"] = bench_request_bytes(items, work)
         result["experts"] = bench_experts(items)
+        if plan.new_sets:
+            from anomalyclaw.eval.bench.reference_sets import bench_new_sets
+
+            result["new_sets"] = bench_new_sets(work, n_sets=plan.new_sets, size=plan.image_size,
+                                                **({"domains": plan.domains} if plan.domains else {}))
         reference = Path(reference_manifest) if reference_manifest else _default_reference_manifest()
         result["reference_reuse"] = reference_reuse(reference) if reference is not None else None
         if plan.tool_repeats:
@@ -349,15 +357,16 @@ def format_bench(result: dict[str, Any]) -> str:
              "", "Runner throughput against the fake endpoint (openai backend, default AgentConfig, "
              f"{result['plan']['image_size']} px synthetic items, reference sets warm)",
              f"{'latency':>8} {'conc':>5} {'client':>9} {'items':>6} {'items/s':>8} {'ideal':>8} {'ratio':>6} "
-             f"{'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'loop ms/item':>12} {'errors':>6}"]
+             f"{'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'loop ms/item':>12} {'loop busy':>9} {'errors':>6}"]
     for r in result["throughput"]:
         steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
         lines.append(f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['client']:>9} {r['items']:>6} "
                      f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
                      f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {r['loop_cpu_ms_per_item']:>12.1f} "
-                     f"{r['errors']:>6}")
+                     f"{r['loop_busy']:>9.2f} {r['errors']:>6}")
     lines.append("ratio = items/s / ideal, ideal = concurrency / (requests per item x latency); steady = the "
-                 "same for the rate fitted between the 20th and 80th percentile finishes (a long run's rate)")
+                 "same for the rate fitted between the 20th and 80th percentile finishes (a long run's rate); "
+                 "loop busy = the event-loop thread's CPU time / wall time")
     w = result["warmup"]
     lines += [f"cold pass (warm-up, {w['items']} items, concurrency 8, no latency): {w['items_per_s']:.2f} items/s, "
               f"{w['cpu_ms_per_item']:.0f} ms CPU per item; expert pool {w['pool']}; "
@@ -374,6 +383,10 @@ def format_bench(result: dict[str, Any]) -> str:
               f"{e['fit_speedup_from_image_cache']}x), score {e['score_ms_per_item']:.0f} ms per item; "
               f"{e['unique_reference_images']} distinct reference images in {e['reference_slots']} slots, "
               f"{e['pool']['image_hits']} image features reused"]
+    if result.get("new_sets"):
+        from anomalyclaw.eval.bench.reference_sets import format_new_sets
+
+        lines += ["", format_new_sets(result["new_sets"])]
     reuse = result.get("reference_reuse")
     if reuse:
         lines.append(f"CrossDomainVAD-12 {reuse['split']} ({reuse['items']} items): {reuse['unique_sets']} distinct "

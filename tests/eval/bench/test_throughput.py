@@ -11,7 +11,7 @@ from anomalyclaw.eval.bench.throughput import BenchPlan, copies, format_bench, r
 def test_smallest_bench_measures_every_section(tmp_path):
     plan = BenchPlan(latencies_s=(0.02,), concurrencies=(2,), items_per_slot=2, min_items=2, image_size=64,
                      n_test_per_domain=2, domains=("S1", "S3"), compare_sdk=((0.02, 2),), tool_repeats=1,
-                     demo=False)
+                     new_sets=4, demo=False)
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)  # the --json and --out forms
 
@@ -21,6 +21,7 @@ def test_smallest_bench_measures_every_section(tmp_path):
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0  # direct, propose, refute
         assert row["ideal_items_per_s"] == round(2 / (3 * 0.02), 3) and row["ratio"] > 0
         assert row["cpu_ms_per_item"] > 0 and row["request_kb_per_item"] > 0
+        assert 0 < row["loop_busy"] <= 1.0
 
     by_policy = {r["policy"]: r for r in result["request_bytes"]}
     once, every, naive = (by_policy[k] for k in ("once (default)", "all", "naive: all, PNG, full size"))
@@ -42,8 +43,17 @@ def test_smallest_bench_measures_every_section(tmp_path):
     assert warm["items"] == 4 and warm["pool"]["misses"] >= 1
     assert {r["tool"] for r in result["tools"]} >= {"side_by_side_compare", "region_zoom"}
 
+    new = result["new_sets"]
+    assert new["sets"] == 4 and set(new["variants"]) == {"before", "after"}
+    after, before = new["variants"]["after"], new["variants"]["before"]
+    # The current pool reuses images and image pairs across the four sets; the baseline does not.
+    assert after["pool"]["image_hits"] > 0 and after["pool"]["held_out_hits"] > 0
+    assert before["pool"]["image_hits"] == 0 and before["pool"]["held_out_hits"] == 0
+    assert after["anomaly_vfm"]["fit_cpu_ms_per_set"] > 0 and new["speedup"]["anomaly_vfm"] > 0
+
     text = format_bench(result)
-    for heading in ("Runner throughput", "Request size per item", "Expert anomaly_vfm", "Tool latency"):
+    for heading in ("Runner throughput", "Request size per item", "Expert anomaly_vfm", "Tool latency",
+                    "New reference sets"):
         assert heading in text
 
 
