@@ -216,6 +216,9 @@ class _EndpointVLM(ABC):
         log.info("%s request failed (attempt %d of %d: %s); retrying in %.2f s", self.model, state.attempt_number,
                  self.max_retries + 1, self._what(exc) if exc else "?", state.upcoming_sleep)
 
+    #: Whether :meth:`_prepare` is heavy enough (the whole body serialised) to run in a thread.
+    _prepare_off_loop: bool = field(default=False, init=False, repr=False)
+
     @abstractmethod
     def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool,
                  tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[Any, int, int]:
@@ -231,7 +234,10 @@ class _EndpointVLM(ABC):
                     logprobs: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> VLMReply:
         """One request for ``stage``, retried as the class docstring says (``view`` is ignored:
         a real model sees only the messages)."""
-        request, nbytes, nimages = self._prepare(messages, logprobs, tools or None)
+        if self._prepare_off_loop:  # conversion and JSON of a request with images: keep them off the loop
+            request, nbytes, nimages = await asyncio.to_thread(self._prepare, messages, logprobs, tools or None)
+        else:
+            request, nbytes, nimages = self._prepare(messages, logprobs, tools or None)
         attempts = 0
         start = time.perf_counter()
         log.debug("%s request: stage %s, %d bytes, %d image(s)", self.model, stage, nbytes, nimages)
@@ -323,6 +329,9 @@ class OpenAIVLM(_EndpointVLM):
 
     async def _disconnect(self, client: openai.AsyncOpenAI) -> None:
         await client.close()
+
+    def __post_init__(self) -> None:
+        self._prepare_off_loop = True
 
     def _prepare(self, messages: Sequence[BaseMessage], logprobs: bool,
                  tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[tuple[bytes, bool], int, int]:
