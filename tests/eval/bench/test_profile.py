@@ -40,7 +40,9 @@ def test_a_profiled_run_adds_up(tmp_path):
                          work_dir=tmp_path, interval_s=0.002)
     assert result["items"] == 6 and result["errors"] == 0 and result["requests_per_item"] == 3.0
     parts = result["by_category"]
-    assert parts["tools"] > 0 and parts["request building"] > 0 and parts["LangGraph"] > 0
+    assert parts["tools"] > 0 and parts["LangGraph"] > 0 and parts["HTTP"] > 0
     total = sum(parts.values()) + result["profiler_ms_per_item"]
-    assert abs(total - result["cpu_ms_per_item"]) < 0.15  # rounding only: the rest is "unattributed"
+    assert abs(total - result["cpu_ms_per_item"]) < 0.2  # rounding only: the rest is "unattributed"
+    # What no thread's clock accounts for is small, and never negative beyond rounding.
+    assert -0.2 < parts["unattributed"] < 0.25 * result["cpu_ms_per_item"]
     assert "total (process CPU)" in format_profile(result)
