@@ -378,16 +378,28 @@ class Runner:
                 in_flight.add(item.item_id)
                 record = await self.judge(item)
                 # The write ends in an fsync (milliseconds): keep it off the event loop.
-                await asyncio.to_thread(self._write, writer, record)
-                summary.n_done += 1
-                summary.n_errors += int(record.error is not None)
-                summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
-                summary.requests += int(record.usage.get("requests", 0))
-                summary.request_bytes += int(record.usage.get("request_bytes", 0))
-                in_flight.discard(item.item_id)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(errors=summary.n_errors, refresh=False)
+                write = asyncio.ensure_future(asyncio.to_thread(self._write, writer, record))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    # Stopped while its record was being written: the write finishes anyway,
+                    # so wait for it and count it; the summary counts every record on disk.
+                    await asyncio.wait({write})
+                    if not write.cancelled() and write.exception() is None:
+                        counted(item, record)
+                    raise
+                counted(item, record)
+
+        def counted(item: Item, record: Record) -> None:
+            summary.n_done += 1
+            summary.n_errors += int(record.error is not None)
+            summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
+            summary.requests += int(record.usage.get("requests", 0))
+            summary.request_bytes += int(record.usage.get("request_bytes", 0))
+            in_flight.discard(item.item_id)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(errors=summary.n_errors, refresh=False)
 
         workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(todo))))]
         stop = asyncio.Event()

@@ -12,10 +12,10 @@ from anomalyclaw.eval.bench.memory import format_memory, run_memory_bench
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="samples /proc")
 def test_smallest_memory_bench_measures_both_runs(tmp_path):
-    result = run_memory_bench(24, baseline_items=6, image_size=64, domains=("S1",), concurrency=2,
+    result = run_memory_bench(12, baseline_items=4, image_size=64, domains=("S1",), concurrency=2,
                               work_dir=tmp_path, sample_s=0.1)
     json.dumps(result)
-    assert (result["items"], result["baseline_items"], result["errors"]) == (24, 6, 0)
+    assert (result["items"], result["baseline_items"], result["errors"]) == (12, 4, 0)
     assert result["distinct_images"] >= 2 and result["peak_rss_mb"] > 50 and result["baseline_peak_rss_mb"] > 50
     assert 0.5 < result["peak_ratio"] < 3
-    assert "peak RSS over 24 items" in format_memory(result)
+    assert "peak RSS over 12 items" in format_memory(result)
