@@ -421,6 +421,8 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str
           f"{per_item:.2f} VLM requests per item; records: {out_dir / RECORDS_FILE}")
     if summary.tool_calling != "json":
         print(f"tool calling: {summary.tool_calling}")
+    if len(summary.replicas) > 1:
+        print(format_replicas(summary.replicas))
     if result["kept"]:
         print(format_table(result))
     n_errors = sum(1 for r in records if r.error)
@@ -430,9 +432,21 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str
                records=str(out_dir / RECORDS_FILE), items_per_s=summary.items_per_s,
                n_partial=summary.n_partial, n_duplicates=summary.n_duplicates,
                requests_per_item=round(per_item, 3), backend=vlm.backend, fatal=summary.fatal,
-               tool_calling=summary.tool_calling, interrupted=summary.interrupted, top_errors=[{"count": c, "error": m} for c, m in errors],
+               tool_calling=summary.tool_calling, interrupted=summary.interrupted, replicas=summary.replicas,
+               top_errors=[{"count": c, "error": m} for c, m in errors],
                exit_status=status)
     return out, status
+
+
+def format_replicas(rows) -> str:
+    """One line per endpoint replica: requests, errors, latency of successful requests, state."""
+    def ms(v):
+        return f"{1000 * v:.0f}" if v is not None else "-"
+    lines = [f"{'replica':<40} {'requests':>8} {'errors':>6} {'mean ms':>8} {'p50 ms':>7} {'p95 ms':>7} {'rests':>5}  state"]
+    for r in rows:
+        lines.append(f"{r['url'][:40]:<40} {r['requests']:>8} {r['errors']:>6} {ms(r['latency_mean_s']):>8} "
+                     f"{ms(r['latency_p50_s']):>7} {ms(r['latency_p95_s']):>7} {r['rests']:>5}  {r['state']}")
+    return "\n".join(lines)
 
 
 def _run_status(args: argparse.Namespace, summary, records, out_dir: Path) -> tuple[int, list[tuple[int, str]]]:
@@ -834,7 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="offline: the embedded rule-based stand-in; openai: any OpenAI-compatible endpoint")
         g.add_argument("--preset", choices=["qwen", "gpt", "seed", "openai"],
                        help="read QWEN_API_BASE/QWEN_API_KEY/QWEN_MODEL (or GPT_*, SEED_*, OPENAI_*)")
-        g.add_argument("--base-url", help="endpoint base URL (else ANOMALYCLAW_BASE_URL)")
+        g.add_argument("--base-url", action="append",
+                       help="endpoint base URL (else ANOMALYCLAW_BASE_URL); give it several times, or comma-separated, "
+                            "for replicas of one endpoint: requests go to the one with the fewest in flight")
         g.add_argument("--model", help="model name (else ANOMALYCLAW_MODEL)")
         g.add_argument("--timeout", type=SECONDS,
                        help="total seconds per request: connect, send, whole reply; > 0 (default 120)")

@@ -42,7 +42,8 @@ class EndpointConfig:
     """Where the VLM lives and how to talk to it."""
 
     base_url: str | None = None
-    """OpenAI-compatible base URL, e.g. http://localhost:8000/v1 for vLLM."""
+    """OpenAI-compatible base URL, e.g. http://localhost:8000/v1 for vLLM; several replicas of
+    one endpoint comma-separated (``--base-url`` given several times; see :attr:`base_urls`)."""
     model: str | None = None
     """Model name the endpoint serves."""
     api_key: SecretStr | None = field(default=None, repr=False)
@@ -66,6 +67,23 @@ class EndpointConfig:
     performance section); ANOMALYCLAW_CLIENT."""
     preset: str | None = None
     """The preset whose variables were read (``--preset``), so that errors name them."""
+    rest_after: int = 3
+    """With several replicas: consecutive connection failures, timeouts or 5xx after which a
+    replica rests (gets no requests while another is available; 1 s, then doubling up to
+    ``backoff_max_s``); ANOMALYCLAW_REST_AFTER."""
+    down_after_s: float = 60.0
+    """A replica that failed every request for this long is down; when every replica is, the run
+    stops (exit status 3) naming each; ANOMALYCLAW_DOWN_AFTER_S."""
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The replicas' base URLs (``base_url`` split at commas and spaces, duplicates dropped)."""
+        urls = [u.strip().rstrip("/") for u in re.split(r"[,\s]+", self.base_url or "") if u.strip()]
+        return tuple(dict.fromkeys(urls))
+
+    def for_url(self, url: str) -> "EndpointConfig":
+        """These settings for one replica."""
+        return replace(self, base_url=url)
 
     @classmethod
     def from_env(cls, preset: str | None = None, env: dict[str, str] | None = None,
@@ -91,7 +109,7 @@ class EndpointConfig:
         key_source = next((PRESETS[n][1] for n in order if env.get(PRESETS[n][1])), "the API key")
         if env.get("ANOMALYCLAW_CLIENT"):
             values["client"] = env["ANOMALYCLAW_CLIENT"]
-        for name in ("timeout_s", "max_retries", "backoff_max_s", "max_reply_bytes"):
+        for name in ("timeout_s", "max_retries", "backoff_max_s", "max_reply_bytes", "rest_after", "down_after_s"):
             raw = env.get(f"ANOMALYCLAW_{name.upper()}")
             if raw:
                 try:
@@ -103,6 +121,8 @@ class EndpointConfig:
                 continue
             if k not in {f.name for f in fields(cls)}:
                 raise ConfigError(f"unknown endpoint setting {k!r}")
+            if k == "base_url" and isinstance(v, (list, tuple)):  # --base-url given several times
+                v = ",".join(str(u) for u in v)
             values[k] = SecretStr(v) if k == "api_key" and isinstance(v, str) else v
             if k == "api_key":
                 key_source = "the api_key argument"
@@ -121,6 +141,10 @@ class EndpointConfig:
             raise ConfigError(f"max_reply_bytes must be at least 1024, got {self.max_reply_bytes}")
         if self.client not in CLIENTS:
             raise ConfigError(f"unknown client {self.client!r}: choose one of {', '.join(CLIENTS)}")
+        if self.rest_after < 1:
+            raise ConfigError(f"rest_after must be >= 1, got {self.rest_after}")
+        if not self.down_after_s > 0:
+            raise ConfigError(f"down_after_s must be > 0 seconds, got {self.down_after_s}")
         if self.api_key is not None:  # also when built directly, not through from_env
             raw = self.api_key.get_secret_value() if isinstance(self.api_key, SecretStr) else str(self.api_key)
             object.__setattr__(self, "api_key", SecretStr(check_api_key(raw, warn=False)))
@@ -142,8 +166,9 @@ class EndpointConfig:
                               "vLLM) or pass --base-url, or use --backend offline")
         if not self.model:
             raise ConfigError(f"no model name: {self._unset(2)}; set one or pass --model")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base URL {self.base_url!r} must start with http:// or https://")
+        for url in self.base_urls or (self.base_url,):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"base URL {url!r} must start with http:// or https://")
         return self
 
     def secret_values(self) -> list[str]:
@@ -151,8 +176,8 @@ class EndpointConfig:
 
     def public(self) -> dict[str, Any]:
         """Settings safe to write into records and reports (no key)."""
-        return {"base_url": self.base_url, "model": self.model, "timeout_s": self.timeout_s,
-                "max_retries": self.max_retries, "client": self.client}
+        return {"base_url": ",".join(self.base_urls) or self.base_url, "model": self.model,
+                "timeout_s": self.timeout_s, "max_retries": self.max_retries, "client": self.client}
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ class RunSummary:
     cache: dict[str, Any] = field(default_factory=dict)
     tool_calling: str = "json"
     """How tools were called: json, native, or auto and whether it fell back to JSON (and why)."""
+    replicas: list[dict[str, Any]] = field(default_factory=list)
+    """Per endpoint replica: ``url``, ``requests``, ``errors``, ``ok``, latency mean / p50 / p95
+    of successful requests, ``rests``, ``state`` (empty for a backend without replicas)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -337,6 +340,7 @@ class Runner:
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
         summary.tool_calling = self.tool_calling.describe()
+        summary.replicas = replica_summary(self.vlm)
         try:
             self._write_run_info(summary.n_items, summary=summary, path=info_path)
         except OutputError as exc:  # the records are what matters, and they are already safe
@@ -495,6 +499,14 @@ def run_sync(runner: Runner, items: Sequence[Item], *, handle_signals: bool = Fa
         for sig, handler in previous.items():
             if handler is not None:
                 signal.signal(sig, handler)
+
+
+def replica_summary(vlm: Any) -> list[dict[str, Any]]:
+    """The VLM's per-replica stats as a summary keeps them (no raw latencies), or []."""
+    from anomalyclaw.graph.vlm.replicas import without_latencies
+
+    stats = getattr(vlm, "replica_stats", None)
+    return without_latencies(stats()) if callable(stats) else []
 
 
 def read_fingerprint(out_dir: str | os.PathLike) -> dict[str, Any] | None:

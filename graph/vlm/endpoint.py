@@ -44,6 +44,7 @@ from anomalyclaw.config import EndpointConfig, redact
 from anomalyclaw.errors import EndpointFatalError, EndpointUnreachableError
 from anomalyclaw.events import emit
 
+from .replicas import Replica, ReplicaSet, public_url
 from .seam import (STAGE_HEADER, BadResponseError, ToolsUnsupportedError, VLMError, VLMReply, count_images,
                    read_tool_call, request_size, tools_size)
 
@@ -55,6 +56,15 @@ _TRANSIENT = (openai.RateLimitError, openai.InternalServerError, openai.APIConne
 #: What a reply that is not a chat completion raises inside the clients' parsers.
 _MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError)
 _FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+def _replica_fault(exc: BaseException) -> bool:
+    """A failure that counts against the replica itself: refused or dropped connection,
+    timeout, total deadline, 5xx (not a 429: a busy replica is alive)."""
+    if isinstance(exc, (openai.APIConnectionError, RequestDeadlineError)):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and status >= 500
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -170,7 +180,10 @@ class _EndpointVLM(ABC):
     """Retries, the concurrency bound and the measurements shared by the real clients.
 
     ``max_concurrency`` is THE bound on requests in flight for everything that shares this
-    object (a whole run shares one); waiting for a retry does not hold a slot.
+    object (a whole run shares one); waiting for a retry does not hold a slot. With several
+    ``base_urls`` (replicas of one endpoint) each attempt goes to the replica with the fewest
+    requests in flight, a failing replica rests, and the run stops only when every replica is
+    down (:mod:`~anomalyclaw.graph.vlm.replicas`).
     """
 
     model: str = "unknown"
@@ -181,20 +194,43 @@ class _EndpointVLM(ABC):
     timeout_s: float = 120.0
     """The total deadline of one request (connect, send, the whole reply), retried after it."""
     secrets: list[str] = field(default_factory=list, repr=False)
-    _bound: tuple[Any, asyncio.Semaphore, Any] | None = field(default=None, init=False, repr=False)
+    base_urls: tuple[str, ...] = ()
+    """Replicas of the endpoint (empty: the one the client was built for)."""
+    rest_after: int = 3
+    down_after_s: float = 60.0
+    _bound: tuple[Any, asyncio.Semaphore, dict[int, Any]] | None = field(default=None, init=False, repr=False)
+    _replica_set: ReplicaSet | None = field(default=None, init=False, repr=False)
 
-    def _loop_state(self) -> tuple[asyncio.Semaphore, Any]:
-        """This event loop's semaphore and client. Both belong to one loop (a pooled connection
-        cannot be reused from another), so a new loop gets new ones: the same VLM serves one
-        ``asyncio.run`` after another (a notebook, ``run_items`` twice)."""
+    @property
+    def replicas(self) -> ReplicaSet:
+        """The replicas and their counters (one for a client without URLs)."""
+        if self._replica_set is None:
+            self._replica_set = ReplicaSet(list(self.base_urls) or ["(client)"], rest_after=self.rest_after,
+                                           rest_max_s=max(1.0, self.backoff_max_s), down_after_s=self.down_after_s)
+        return self._replica_set
+
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Requests, errors and latency per replica (see :meth:`ReplicaSet.stats`)."""
+        return self.replicas.stats()
+
+    def _loop_state(self) -> tuple[asyncio.Semaphore, dict[int, Any]]:
+        """This event loop's semaphore and clients (one per replica, made on first use). Both
+        belong to one loop (a pooled connection cannot be reused from another), so a new loop
+        gets new ones: the same VLM serves one ``asyncio.run`` after another (a notebook,
+        ``run_items`` twice)."""
         loop = asyncio.get_running_loop()
         if self._bound is None or self._bound[0] is not loop:
-            self._bound = (loop, asyncio.Semaphore(max(1, self.max_concurrency)), self._connect())
+            self._bound = (loop, asyncio.Semaphore(max(1, self.max_concurrency)), {})
         return self._bound[1], self._bound[2]
 
+    def _client(self, clients: dict[int, Any], replica: Replica) -> Any:
+        if replica.index not in clients:
+            clients[replica.index] = self._connect(self.base_urls[replica.index] if self.base_urls else None)
+        return clients[replica.index]
+
     @abstractmethod
-    def _connect(self) -> Any:
-        """A client for the running event loop."""
+    def _connect(self, base_url: str | None = None) -> Any:
+        """A client for the running event loop (for the replica at ``base_url``)."""
 
     async def _disconnect(self, client: Any) -> None:
         """Close ``client``'s connections, when this object owns them."""
@@ -202,8 +238,9 @@ class _EndpointVLM(ABC):
     async def aclose(self) -> None:
         """Close the running loop's connections (a later call in any loop opens new ones)."""
         if self._bound is not None and self._bound[0] is asyncio.get_running_loop():
-            client, self._bound = self._bound[2], None
-            await self._disconnect(client)
+            clients, self._bound = self._bound[2], None
+            for client in clients.values():
+                await self._disconnect(client)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -254,9 +291,9 @@ class _EndpointVLM(ABC):
                     stop=stop_after_attempt(self.max_retries + 1), reraise=True):
                 with attempt:
                     attempts += 1
-                    slots, client = self._loop_state()
+                    slots, clients = self._loop_state()
                     async with slots:
-                        answer = await self._send_within_deadline(client, request, logprobs, stage)
+                        answer = await self._attempt(clients, request, logprobs, stage)
                     if answer.request_bytes:
                         nbytes = answer.request_bytes
         except _FATAL as exc:
@@ -276,6 +313,31 @@ class _EndpointVLM(ABC):
                         request_bytes=nbytes * attempts, images_sent=nimages * attempts,
                         retries=attempts - 1, top_logprobs=answer.top_logprobs,
                         tool_calls=(answer.tool_calls or []) if tools else None, message_id=answer.message_id)
+
+    async def _attempt(self, clients: dict[int, Any], request: Any, logprobs: bool, stage: str) -> _Answer:
+        """One attempt on the replica with the fewest requests in flight, counted on it."""
+        replicas = self.replicas
+        replica = replicas.choose()  # raises EndpointsDownError when every replica is down
+        started = time.perf_counter()
+        try:
+            answer = await self._send_within_deadline(self._client(clients, replica), request, logprobs, stage)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            replicas.done(replica)
+            raise
+        except BaseException as exc:
+            what = self._what(exc)
+            if len(replicas) > 1:
+                what += f" at {public_url(replica.url)}"
+                try:
+                    exc.add_note(f"replica {public_url(replica.url)}")  # _describe names it
+                except AttributeError:
+                    pass
+                if isinstance(exc, Exception) and _replica_fault(exc):
+                    log.info("replica %s failed (%s)", public_url(replica.url), self._what(exc))
+            replicas.done(replica, failure=what, replica_fault=isinstance(exc, Exception) and _replica_fault(exc))
+            raise
+        replicas.done(replica, latency_s=time.perf_counter() - started)
+        return answer
 
     async def _send_within_deadline(self, client: Any, request: Any, logprobs: bool, stage: str) -> _Answer:
         """:meth:`_send` under the total deadline: the clients' own timeouts bound each read, not
@@ -302,6 +364,9 @@ class _EndpointVLM(ABC):
     def _describe(self, exc: BaseException, *, fatal: bool = False, attempts: int = 1) -> str:
         status = getattr(exc, "status_code", None)
         what = self._what(exc)
+        where = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str) and n.startswith("replica ")]
+        if where:
+            what += " at " + where[-1].removeprefix("replica ")
         detail = redact(str(exc), self.secrets)[:300]
         if fatal:
             hint = {401: "the API key is wrong or missing (ANOMALYCLAW_API_KEY)",
@@ -324,8 +389,8 @@ class OpenAIVLM(_EndpointVLM):
     """Base URL, key and timeout of the ``openai.AsyncOpenAI`` clients (one per event loop), and
     the sampling settings of every request."""
 
-    def _connect(self) -> openai.AsyncOpenAI:
-        return make_openai_client(self.endpoint)
+    def _connect(self, base_url: str | None = None) -> openai.AsyncOpenAI:
+        return make_openai_client(self.endpoint.for_url(base_url) if base_url else self.endpoint)
 
     async def _disconnect(self, client: openai.AsyncOpenAI) -> None:
         await client.close()
@@ -423,11 +488,14 @@ class ChatVLM(_EndpointVLM):
     endpoint: EndpointConfig | None = field(default=None, repr=False)
     _handed_out: bool = field(default=False, init=False, repr=False)
 
-    def _connect(self) -> BaseChatModel:
+    def _connect(self, base_url: str | None = None) -> BaseChatModel:
         if self.endpoint is None:
             return self.chat_model
+        first = not self.base_urls or base_url == self.base_urls[0]
+        if not first:  # another replica: its own ChatOpenAI
+            return make_chat_model(self.endpoint.for_url(base_url))
         if self.chat_model is None or self._handed_out:
-            self.chat_model = make_chat_model(self.endpoint)
+            self.chat_model = make_chat_model(self.endpoint.for_url(base_url) if base_url else self.endpoint)
         self._handed_out = True  # the first loop uses the one built up front, later ones new ones
         return self.chat_model
 
@@ -492,7 +560,7 @@ def make_chat_model(endpoint: EndpointConfig) -> BaseChatModel:
 
     endpoint.require()
     _cache_langchain_block_types()
-    model = ChatOpenAI(base_url=endpoint.base_url, model=endpoint.model,
+    model = ChatOpenAI(base_url=endpoint.base_urls[0], model=endpoint.model,
                        api_key=endpoint.api_key or "EMPTY", timeout=endpoint.timeout_s, max_retries=0,
                        http_async_client=_http_client(endpoint),
                        temperature=endpoint.temperature, max_tokens=endpoint.max_tokens,
@@ -595,11 +663,35 @@ def make_openai_client(endpoint: EndpointConfig) -> openai.AsyncOpenAI:
     """The SDK's async client for ``endpoint`` (retries off: :class:`OpenAIVLM` does its own)."""
     endpoint.require()
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
-    return openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s, max_retries=0,
+    return openai.AsyncOpenAI(base_url=endpoint.base_urls[0], api_key=key, timeout=endpoint.timeout_s, max_retries=0,
                               http_client=_http_client(endpoint))
 
 
 def check_endpoint(endpoint: EndpointConfig, *, timeout_s: float = 15.0) -> list[str]:
+    """:func:`check_replica` for each replica of ``endpoint``: a key or model refused by any
+    stops the run; replicas that do not answer are logged and left to the run's rest-and-retry,
+    unless none answers (:class:`EndpointUnreachableError` naming each)."""
+    endpoint.require()
+    urls = endpoint.base_urls
+    if len(urls) <= 1:
+        return check_replica(endpoint, timeout_s=timeout_s)
+    names: list[str] | None = None
+    down: list[str] = []
+    for url in urls:
+        try:
+            listed = check_replica(endpoint.for_url(url), timeout_s=timeout_s)
+        except EndpointUnreachableError as exc:
+            down.append(str(exc))
+            continue
+        names = listed if names is None else names
+    if names is None:
+        raise EndpointUnreachableError(f"none of the {len(urls)} VLM endpoint replicas answers: " + "; ".join(down))
+    for why in down:
+        log.warning("%s; the run starts with the other replicas and retries this one later", why)
+    return names
+
+
+def check_replica(endpoint: EndpointConfig, *, timeout_s: float = 15.0) -> list[str]:
     """One cheap request before a run's first item, so that a wrong URL or key stops the run at
     once instead of costing every item its retries: ``GET {base_url}/models``, or, where the
     server has no such route, a 1-token completion. Returns the model names the endpoint lists
@@ -614,7 +706,7 @@ def check_endpoint(endpoint: EndpointConfig, *, timeout_s: float = 15.0) -> list
     endpoint.require()
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "EMPTY"
     secrets = endpoint.secret_values()
-    url = endpoint.base_url
+    url = endpoint.base_urls[0]
     client = openai.OpenAI(base_url=url, api_key=key, timeout=min(timeout_s, endpoint.timeout_s), max_retries=0)
 
     def unreachable(exc: BaseException) -> EndpointUnreachableError:

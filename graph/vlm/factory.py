@@ -32,7 +32,8 @@ def make_vlm(backend: str = "offline", endpoint: EndpointConfig | None = None, *
         endpoint = (endpoint or EndpointConfig.from_env()).require()
         policy = dict(model=endpoint.model or "unknown", backend="openai", max_retries=endpoint.max_retries,
                       backoff_max_s=endpoint.backoff_max_s, max_concurrency=max_concurrency,
-                      timeout_s=endpoint.timeout_s, secrets=endpoint.secret_values())
+                      timeout_s=endpoint.timeout_s, secrets=endpoint.secret_values(), base_urls=endpoint.base_urls,
+                      rest_after=endpoint.rest_after, down_after_s=endpoint.down_after_s)
         if endpoint.client == "sdk":
             return OpenAIVLM(endpoint=endpoint, **policy)
         return ChatVLM(chat_model=make_chat_model(endpoint), endpoint=endpoint, **policy)
