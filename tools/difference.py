@@ -40,6 +40,9 @@ UNCALIBRATED_BASELINE_DE = 12.0
 SHIFT_TOLERANCE = 0.015
 #: Excess above which pixels form a region.
 REGION_EXCESS = 1.5
+#: Excess of full evidence: the difference tools' evidence ramps from REGION_EXCESS up to this
+#: (their scalar evidence from a region's peak, their evidence masks per pixel).
+FULL_EXCESS = 4.0
 #: Expert maps on the references' scale (0 = an ordinary normal patch, 1 = the most unusual
 #: normal reference): the level that outlines a region, and the level of full evidence.
 MAP_REGION_LEVEL = 1.0

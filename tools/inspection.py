@@ -20,7 +20,7 @@ from .difference import (MAP_FULL_LEVEL, MAP_REGION_LEVEL, REGION_EXCESS, UNCALI
 from .factory import make_tool
 from .guard import ToolArgumentError, clamp_arg
 from .item_context import ItemContext
-from .observation import Observation, image_payload, ramp, with_notes
+from .observation import Observation, evidence_mask, image_payload, ramp, with_notes
 from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
 from .statistics import (REGION_EVIDENCE, Z_EVIDENCE, compare_statistics, describe_statistic,
                          detail_statistics, region_distances, search_margin)
@@ -243,7 +243,8 @@ def segment_anomaly(ctx: ItemContext, args: SegmentAnomalyArgs) -> Observation:
             "regions": [{k: r[k] for k in ("bbox", "area_frac", "peak", "mean")} for r in regions]}
     image = image_payload("segment_anomaly", panel, f"salient regions of the query ({source} map), "
                           "contours in yellow, strongest region in red")
-    return Observation("segment_anomaly", with_notes(text, notes), [image], data)
+    return Observation("segment_anomaly", with_notes(text, notes), [image], data,
+                       mask=evidence_mask(excess, lo, hi, valid))
 
 
 # -------------------------------------------------------------------------------------- tools

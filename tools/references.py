@@ -13,12 +13,12 @@ from pydantic import BaseModel, Field
 from anomalyclaw.experts.maps import overlay_heatmap
 
 from .applicability import Applicability
-from .difference import (DIFF_REFS, REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff,
+from .difference import (DIFF_REFS, FULL_EXCESS, REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff,
                          diff_illumination, diff_view, min_region_area)
 from .factory import make_tool
 from .guard import clamp_arg
 from .item_context import ItemContext
-from .observation import TOOL_OVERLAY_ALPHA, Observation, image_payload, ramp, with_notes
+from .observation import TOOL_OVERLAY_ALPHA, Observation, evidence_mask, image_payload, ramp, with_notes
 from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
 from .statistics import (Z_EVIDENCE, compare_statistics, count_deviation, crop_statistics,
                          describe_statistic, region_distances)
@@ -269,7 +269,8 @@ def image_diff(ctx: ItemContext, args: ImageDiffArgs) -> Observation:
             "registrations": analysis.registrations}
     image = image_payload("image_diff", panel, "query, closest reference registered onto it, and where the "
                           "difference exceeds the references' own (boxes: top regions)")
-    return Observation("image_diff", with_notes(text, notes), [image], data)
+    return Observation("image_diff", with_notes(text, notes), [image], data,
+                       mask=evidence_mask(analysis.excess, REGION_EXCESS, FULL_EXCESS, valid))
 
 
 # ------------------------------------------------------------------------------- rotate_align
@@ -285,6 +286,8 @@ _ANGLES = 360
 #: Residual level of the references among themselves: this percentile of each blurred map.
 _RESIDUAL_PERCENTILE = 99.5
 ROTATE_REGION_EXCESS = 1.2
+#: ... and the residual excess of full evidence (its scalar evidence and its mask ramp up to it).
+ROTATE_FULL_EXCESS = 3.0
 
 
 def _object_centre(image: np.ndarray) -> tuple[float, float]:
@@ -448,7 +451,7 @@ def rotate_align(ctx: ItemContext, args: RotateAlignArgs) -> Observation:
                                 max_regions=5, valid=valid)
     for r in regions:
         r["bbox"] = px_to_norm(r["px"], query.shape)
-    evidence = ramp(regions[0]["peak"], ROTATE_REGION_EXCESS, 3.0) if regions else 0.0
+    evidence = ramp(regions[0]["peak"], ROTATE_REGION_EXCESS, ROTATE_FULL_EXCESS) if regions else 0.0
     heat = overlay_heatmap(query, np.clip((excess - 0.5) / 2.5, 0, 1) * best_valid, TOOL_OVERLAY_ALPHA,
                            proportional=True)
     for k, r in enumerate(regions[:3]):
@@ -477,7 +480,8 @@ def rotate_align(ctx: ItemContext, args: RotateAlignArgs) -> Observation:
             "regions": [{k: r[k] for k in ("bbox", "peak", "mean", "area")} for r in regions]}
     image = image_payload("rotate_align", panel, "query, best reference rotated onto it, residual beyond "
                           "the references' own level")
-    return Observation("rotate_align", with_notes(text, notes), [image], data)
+    return Observation("rotate_align", with_notes(text, notes), [image], data,
+                       mask=evidence_mask(excess, ROTATE_REGION_EXCESS, ROTATE_FULL_EXCESS, valid))
 
 
 # -------------------------------------------------------------------------------------- tools

@@ -16,10 +16,10 @@ from scipy.optimize import linear_sum_assignment
 from anomalyclaw.experts.maps import overlay_heatmap
 
 from .applicability import Applicability
-from .difference import REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff, min_region_area
+from .difference import FULL_EXCESS, REGION_EXCESS, UNCALIBRATED_BASELINE_DE, analyse_diff, min_region_area
 from .factory import make_tool
 from .item_context import ItemContext
-from .observation import TOOL_OVERLAY_ALPHA, Observation, image_payload, ramp, with_notes
+from .observation import TOOL_OVERLAY_ALPHA, Observation, evidence_mask, image_payload, ramp, with_notes
 from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
 from .statistics import count_deviation
 from .imageops import (CYAN, GREEN, RED, YELLOW, captioned, draw_box, excess_regions, find_blobs,
@@ -239,7 +239,8 @@ def change_heatmap_viz(ctx: ItemContext, args: ChangeHeatmapArgs) -> Observation
             "regions": [{k: r[k] for k in ("bbox", "peak", "mean", "area")} for r in regions]}
     image = image_payload("change_heatmap_viz", panel, "before (registered reference), after (query), "
                           "and where the change exceeds normal variation")
-    return Observation("change_heatmap_viz", with_notes(text, notes), [image], data)
+    return Observation("change_heatmap_viz", with_notes(text, notes), [image], data,
+                       mask=evidence_mask(analysis.excess, REGION_EXCESS, FULL_EXCESS, valid))
 
 
 # --------------------------------------------------------------------------- fft_spectrum_viz

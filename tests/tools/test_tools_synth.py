@@ -180,3 +180,30 @@ def test_normal_aligned_items_get_low_diff_evidence(aligned_items):
     normals = [i for i in aligned_items if i.label == 0 and i.domain_code == "S2"]
     values = [REGISTRY.run("image_diff", {}, ItemContext(i)).data["evidence"] for i in normals]
     assert np.median(values) < 0.2, values
+
+
+@pytest.mark.parametrize("name", ["image_diff", "segment_anomaly", "change_heatmap_viz", "rotate_align"])
+def test_evidence_masks_lie_on_the_seeded_defects(name, aligned_items):
+    """The segmenting tools return a per-pixel evidence mask (plain PNG bytes in graph state):
+    on anomalous aligned items its mean inside the ground truth is far above its mean outside,
+    and on normal items it is nearly empty."""
+    from anomalyclaw.tools.observation import MASK_SIDE, Observation, decode_mask
+
+    inside, outside, normal = [], [], []
+    for item in aligned_items:
+        if (name, item.domain_code) in (("change_heatmap_viz", "S2"), ("rotate_align", "S6")):
+            continue  # bi-temporal only; rigid objects only
+        obs = REGISTRY.run(name, {}, ItemContext(item))
+        assert obs.mask is not None and max(obs.mask.shape) <= MASK_SIDE
+        state = obs.to_state()
+        assert isinstance(state["mask"]["png"], bytes) and obs.to_json()["mask"]["bytes"] == len(obs.mask.png)
+        values = decode_mask(Observation.from_state(state).mask, (256, 256))
+        assert values.shape == (256, 256) and 0.0 <= values.min() and values.max() <= 1.0
+        if item.label == 1:
+            gt = load_mask(item.mask_path, (256, 256))
+            inside.append(float(values[gt].mean()))
+            outside.append(float(values[~gt].mean()))
+        else:
+            normal.append(float(values.mean()))
+    assert np.mean(inside) > 5 * np.mean(outside) + 0.05, (np.mean(inside), np.mean(outside))
+    assert np.mean(normal) < 0.02, normal
