@@ -1,12 +1,14 @@
-"""The pipeline: both branches of one item in the same step, concurrently, then ``fuse``.
+"""The pipeline: both branches of one item in the same step, concurrently, then ``fuse``, then
+``localize`` (the agent's boxes and anomaly map, :mod:`anomalyclaw.graph.localize`).
 
 ::
 
-    START ─┬─► direct ──────────────────────────────────────────┬─► fuse ─► END
+    START ─┬─► direct ──────────────────────────────────────────┬─► fuse ─► localize ─► END
            └─► propose ─► select_tool ⇄ observe ─► refute ... commit ┘
 
 Two tasks share this shape: ``score`` (an anomaly score per image, the default) and ``mcqa``
-(one multiple-choice question per run, ``graph.mcqa``: other prompts and reply models).
+(one multiple-choice question per run, ``graph.mcqa``: other prompts and reply models; it ends
+at ``fuse``, with nothing to localize).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from anomalyclaw.scores import logistic
 
 from .context import RunContext, arun_context
 from .direct import direct
+from .localize import localize
 from .mcqa import add_mcqa_nodes
 from .refutation import add_refutation_nodes
 from .state import PipelineState
@@ -102,5 +105,10 @@ def build_pipeline(*, task: str = "score", checkpointer: Any = None, name: str =
     graph.add_edge(START, "direct")
     graph.add_edge(START, "propose")
     graph.add_edge(["direct", "commit"], "fuse")
-    graph.add_edge("fuse", END)
+    if task == "mcqa":  # a letter per question: nothing to localize
+        graph.add_edge("fuse", END)
+    else:
+        graph.add_node("localize", localize)
+        graph.add_edge("fuse", "localize")
+        graph.add_edge("localize", END)
     return graph.compile(checkpointer=checkpointer, name=name)

@@ -86,6 +86,9 @@ class PipelineState(RefuteState, DirectState, total=False):
     weights: dict[str, float]
     mcq_answer: dict[str, str | None]
     """The multiple-choice task: each branch's letter, ``{"direct": ..., "refute": ...}``."""
+    localization: dict[str, Any] | None
+    """Where the anomaly is (``graph.localize``): confirmed and refuted boxes, and the agent's
+    and the expert's maps as 16-bit PNG bytes (``map_png``, ``expert_map_png``)."""
 
 
 def new_state(item_id: str) -> PipelineState:
