@@ -120,6 +120,18 @@ class Record(BaseModel):
     history: list[Any] = Field(default_factory=list)
     direct_rationale: str | None = None
 
+    localization: dict[str, Any] | None = None
+    """Where the anomaly is (``graph.localize``): ``boxes`` (confirmed: normalized ``bbox``
+    [x0, y0, x1, y1], ``score``, ``candidate``, ``tool``; best first), ``refuted`` boxes,
+    ``direct_bbox``, ``map_shape`` [H, W], and ``map`` / ``expert_map``: the 16-bit grey PNG
+    files of the agent's and the expert's maps, relative to the run folder (None with
+    ``--no-maps``). None when the run did not localize (an error, an older record)."""
+    label_pred: int | None = None
+    """1 (anomalous) or 0 when ``anomaly_score`` reaches ``threshold`` (``run --threshold`` or
+    ``--threshold-from``); None without a threshold or a score."""
+    threshold: float | None = None
+    """The image threshold ``label_pred`` was decided at."""
+
     error: str | None = None
     """Why the item could not be judged (then the scores are missing); None when it was."""
     direct_error: str | None = None
@@ -251,6 +263,7 @@ def record_from_state(item: Item, state: dict[str, Any], *, run_id: str, backend
         anomaly_score=state.get("anomaly_score"), direct_score=direct_score, refute_score=refute_score,
         v9_initial_score=state.get("initial_score"), v9_updated_score=updates[-1] if updates else None,
         expert_score=state.get("expert_score"), expert_z=dict(state.get("expert_z") or {}),
+        localization=_plain_localization(state.get("localization")),
         w_direct=weights.get("direct", 0.5), w_v9=weights.get("refute", 0.5), w_expert=weights.get("expert", 0.0),
         rationale=state.get("refute_rationale") or "", confidence=state.get("refute_confidence"),
         n_turns=len({h.get("turn") for h in history}), tools_used=list(state.get("tools_used", [])),
@@ -308,6 +321,14 @@ def mcq_record_from_state(item: Item, question: dict[str, Any], state: dict[str,
         "option_scores": state.get("refute_option_scores"), "error": error,
         "mcq_agree": None if None in answers.values() else answers["direct"] == answers["refute"],
         "remaining_features": [c for c in state.get("candidates", []) if c.get("status") != "refuted"]})
+
+
+def _plain_localization(value: Any) -> dict[str, Any] | None:
+    """A state's ``localization`` without its PNG bytes (the runner writes those to files and
+    puts their paths in ``map`` / ``expert_map``): records are JSON."""
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if not isinstance(v, (bytes, bytearray))}
 
 
 # ------------------------------------------------------------------------------- writing

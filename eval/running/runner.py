@@ -100,6 +100,47 @@ class RunSummary:
         return asdict(self)
 
 
+MAPS_FOLDER = "maps"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename, so a reader (or a killed
+    run) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_maps(out_dir: Path, item: Item, state: dict[str, Any], save: bool) -> None:
+    """Replace the PNG bytes of ``state["localization"]`` by files: the agent's map at
+    ``OUT/maps/<safe id>.png``, the expert's at ``OUT/maps/expert/<safe id>.png`` (paths kept
+    relative to OUT in ``map`` / ``expert_map``; None when ``save`` is off)."""
+    loc = state.get("localization")
+    if not isinstance(loc, dict):
+        return
+    loc = dict(loc)
+    agent_png, expert_png = loc.pop("map_png", None), loc.pop("expert_map_png", None)
+    loc["map"] = loc["expert_map"] = None
+    if save and agent_png:
+        start = time.perf_counter()
+        name = safe_file_name(item.item_id, suffix=".png")
+        try:
+            _write_atomic(out_dir / MAPS_FOLDER / name, agent_png)
+            loc["map"] = f"{MAPS_FOLDER}/{name}"
+            if expert_png:
+                _write_atomic(out_dir / MAPS_FOLDER / "expert" / name, expert_png)
+                loc["expert_map"] = f"{MAPS_FOLDER}/expert/{name}"
+        except OSError as exc:  # the scores and boxes stand without the files
+            state["fallbacks"] = list(state.get("fallbacks") or []) + [f"anomaly map not written: {exc}"]
+        loc["map_bytes"] = len(agent_png) + len(expert_png or b"")
+        loc["write_s"] = round(time.perf_counter() - start, 4)
+    state["localization"] = loc
+
+
 def _save_observation_images(out_dir: Path, item: Item, state: dict[str, Any]) -> None:
     """Write each observation's images under OUT/images/<item>/ and list them in the history.
 
@@ -126,7 +167,8 @@ class Runner:
     def __init__(self, vlm: VLM, *, out_dir: str | os.PathLike, config: AgentConfig | None = None,
                  registry: ToolRegistry | None = None, prompts: PromptSet | None = None,
                  expert_pool: Any = None, score_cache: Any = None, item_concurrency: int | None = None,
-                 item_timeout_s: float | None = 900.0, save_images: bool = False, progress: bool = True,
+                 item_timeout_s: float | None = 900.0, save_images: bool = False, save_maps: bool = True,
+                 threshold: float | None = None, progress: bool = True,
                  secrets: Sequence[str] = (), source: str | None = None, inputs: dict[str, Any] | None = None,
                  command: Sequence[str] | None = None):
         self.vlm = vlm
@@ -149,6 +191,10 @@ class Runner:
         self.item_concurrency = item_concurrency or max(2, int(vlm_slots * 1.5) + 1)
         self.item_timeout_s = item_timeout_s
         self.save_images = save_images
+        self.save_maps = save_maps
+        """Write each item's anomaly maps under ``OUT/maps`` (the boxes are recorded either way)."""
+        self.threshold = threshold
+        """The image threshold: records get ``label_pred`` = anomaly_score >= threshold."""
         self.progress = progress
         self.secrets = [s for s in secrets if s]
         self.encoder = ImageEncoder()
@@ -173,6 +219,8 @@ class Runner:
               "backbone": self.config.backbone, "task": self.task, "version": __version__}
         if self.config.tool_calling != "json":  # (absent for json, so earlier folders keep their fingerprint)
             fp["tool_calling"] = self.config.tool_calling
+        if self.threshold is not None:  # label_pred depends on it (absent without one, as before)
+            fp["threshold"] = self.threshold
         return json.loads(json.dumps(fp, default=str))
 
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -212,7 +260,13 @@ class Runner:
                                            timeout=self.item_timeout_s)
             if self.save_images:
                 await asyncio.to_thread(_save_observation_images, self.out_dir, item, state)
-            return record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
+            await asyncio.to_thread(_save_maps, self.out_dir, item, state, self.save_maps)
+            record = record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
+            if self.threshold is not None:
+                record.threshold = self.threshold
+                if record.anomaly_score is not None:
+                    record.label_pred = int(record.anomaly_score >= self.threshold)
+            return record
         except EndpointFatalError:
             raise
         except asyncio.TimeoutError:
@@ -448,6 +502,7 @@ class Runner:
                 "version": __version__, "command": self.command, "backend": self.vlm.backend,
                 "model": self.vlm.model, "config": asdict(self.config), "prompts": self.prompts.source,
                 "tools": self.registry.names(), "task": self.task, "fingerprint": self.fingerprint(),
+                "save_maps": self.save_maps, "threshold": self.threshold,
                 **self.extra_info}
         if summary is not None:
             info.update(finished_at=now(), summary=summary.to_json())
