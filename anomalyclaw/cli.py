@@ -159,6 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(line)
     expert = join.units if join else None
     has_expert = join is not None or any(r.expert_score is not None for r in kept(records))
+    calibration = None
     if args.expert_weight is not None:
         weight, why = check_expert_weight(args.expert_weight), "--expert-weight"
     elif args.calibration:
@@ -187,6 +188,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["left_out"]["other domains"] = read.rows - len(read.unreadable) - len(read.duplicates) - len(records)
     result["rows"] = read.rows
     fusion = dict(expert_weight=weight, expert=expert, require_expert=require)
+    threshold = args.threshold
+    if threshold is None and args.calibration:
+        from anomalyclaw.eval.scoring.metrics import column
+        from anomalyclaw.eval.scoring.thresholds import choose_threshold
+
+        if calibration is None:
+            calibration, cal_read = _read_for_eval(args.calibration, args.merge, " calibration")
+        # The threshold is chosen on the same fused column this evaluation reports (same weight).
+        threshold, f1 = choose_threshold(calibration, lambda r: column(r, "fused", args.alpha, weight))
+        print(f"image threshold chosen on calibration (F1-max of the fused score): {threshold:.4f} "
+              f"(F1 there {f1:.4f})")
     boots = []
     if args.compare:
         other, other_read = _read_for_eval(args.compare, args.merge, " compare")
@@ -216,6 +228,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("expert weight sweep, macro fused AUROC: " + ", ".join(f"{w:g}: {a:.4f}" for w, a in swept.items()))
         print(f"tie breaking alone (weight 1e-06): {ties['tie_break']:.4f}, {ties['tie_break_gain']:+.4f} of the "
               f"{ties['gain']:+.4f} gain at weight {weight or DEFAULT_EXPERT_WEIGHT:g} ({ties['share']:.0%})")
+    decision = pixel = None
+    if threshold is not None:
+        from anomalyclaw.eval.scoring.metrics import column
+        from anomalyclaw.eval.scoring.thresholds import decision_metrics, format_decision_table
+
+        decision = decision_metrics(records, threshold,
+                                    lambda r: column(r, "fused", args.alpha, weight, expert))
+        print(format_decision_table(decision))
+    if args.manifest:
+        pixel = _pixel_metrics(records, args.manifest, Path(args.path))
     for b in boots:
         print(f"{b.a} - {b.b}: {b.diff:+.4f}  {int(b.level * 100)}% CI [{b.ci_low:+.4f}, {b.ci_high:+.4f}]"
               f"  P(diff<=0)={b.p_le_zero:.3f}  ({b.n_items} paired items, {b.n_boot} resamples)")
@@ -236,6 +258,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out.update(sweep={f"{w:g}": a for w, a in swept.items()}, tie_breaking=ties)
         if mcqa is not None:
             out["mcqa"] = mcqa
+        if decision is not None:
+            out["decision"] = decision
+        if pixel is not None:
+            out["pixel"] = pixel
         _print_json(out)
     return _strict_exit(args, problems)
 
@@ -246,6 +272,23 @@ def _strict_exit(args: argparse.Namespace, problems: list[str]) -> int:
               file=sys.stderr)
         return EXIT_CHECK_FAILED
     return 0
+
+
+def _pixel_metrics(records, manifest: str, path: Path) -> dict | None:
+    """Pixel AUROC / AUPRO / box hits of a run's maps against the manifest's masks (printed)."""
+    from anomalyclaw.eval.data.manifests import read_manifest
+    from anomalyclaw.eval.scoring.pixels import evaluate_pixels, format_pixel_table
+
+    items = {it.item_id: it for it in read_manifest(manifest).items}
+    if not any(getattr(items.get(r.item_id), "mask_path", None) for r in records):
+        print(f"pixel metrics: no record's item has a mask in {manifest}; nothing to score")
+        return None
+    if not any(r.localization for r in records):
+        print("pixel metrics: the records carry no localization (run before maps existed?); nothing to score")
+        return None
+    pixel = evaluate_pixels(records, items, path if path.is_dir() else path.parent)
+    print(format_pixel_table(pixel))
+    return pixel
 
 
 # --------------------------------------------------------------------------------- data sets
@@ -386,9 +429,11 @@ def _prepare_run(args: argparse.Namespace, items, out_dir: Path, where: str, inp
     _check_item_files(items, where)
     writable_folder(out_dir, "run folder")
     config, registry, prompts = _agent_config(args), _registry(args), PromptSet.load(args.prompts)
+    threshold = _run_threshold(args)
     vlm, secrets = _make_vlm(args)
     return Runner(vlm, out_dir=out_dir, config=config, registry=registry, prompts=prompts,
-                  save_images=args.save_images, progress=not args.no_progress, secrets=secrets,
+                  save_images=args.save_images, save_maps=not getattr(args, "no_maps", False),
+                  threshold=threshold, progress=not args.no_progress, secrets=secrets,
                   source=inputs.get("manifest"), inputs=inputs, command=_command_line(getattr(args, "argv", None)))
 
 
@@ -548,6 +593,19 @@ def _run_mcqa(args: argparse.Namespace) -> int:
                      "backend": vlm.backend, "fatal": summary.fatal, "interrupted": summary.interrupted,
                      "exit_status": status})
     return status
+
+
+def _run_threshold(args: argparse.Namespace) -> float | None:
+    """``--threshold X``, or the F1-max threshold of ``--threshold-from`` records' anomaly_score."""
+    if getattr(args, "threshold_from", None):
+        from anomalyclaw.eval.running.records import load_records
+        from anomalyclaw.eval.scoring.thresholds import choose_threshold
+
+        threshold, f1 = choose_threshold(load_records(args.threshold_from))
+        print(f"image threshold from {args.threshold_from} (F1-max of anomaly_score): {threshold:.4f} "
+              f"(F1 there {f1:.4f})")
+        return threshold
+    return getattr(args, "threshold", None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -806,6 +864,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", help="comma-separated domain codes to evaluate, e.g. D1,D5 (default: all)")
     p.add_argument("--calibration", metavar="RUN",
                    help="records of a calibration-split run: choose the expert weight there, apply it here")
+    p.add_argument("--threshold", type=float, metavar="X",
+                   help="image threshold for F1/precision/recall/accuracy (default with --calibration: "
+                        "F1-max there)")
+    p.add_argument("--manifest", metavar="M", help="the manifest that was run: pixel AUROC, AUPRO and box hit "
+                   "rate of the agent's and the expert's maps where it has masks")
     p.add_argument("--plots", metavar="DIR", help="write ROC curves and per-domain bars as PNG here")
     p.add_argument("--merge", action="store_true",
                    help="read a folder that mixes records.jsonl, D*.json and other *.jsonl files (refused otherwise)")
@@ -881,6 +944,13 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument("--force", action="store_true",
                        help="with --resume: continue even when OUT's records were made with other settings")
         o.add_argument("--save-images", action="store_true", help="write tool images under OUT/images")
+        o.add_argument("--no-maps", action="store_true",
+                       help="do not write anomaly maps under OUT/maps (the boxes are still recorded)")
+        t = o.add_mutually_exclusive_group()
+        t.add_argument("--threshold", type=float, metavar="X",
+                       help="image threshold: every record gets label_pred = anomaly_score >= X")
+        t.add_argument("--threshold-from", metavar="CAL_RUN",
+                       help="records of a calibration run: label_pred at their F1-max threshold")
         o.add_argument("--no-progress", action="store_true", help="no progress bar")
         o.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
