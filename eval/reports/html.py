@@ -1,35 +1,64 @@
-"""The HTML page of a run: AUROC summary and plots, then each item's trajectory turn by turn.
+"""The HTML page of a run: AUROC summary and plots, where the anomalies are, then each item's
+trajectory turn by turn.
 
-Built from ``OUT/records.jsonl`` (or released ``D*.json`` arrays) plus the tool images that
-``anomalyclaw run --save-images`` wrote under ``OUT/images/<item>/``. The page is one
-self-contained file: no network, no JavaScript; images are embedded as base64 ``data:`` URLs
-(or linked, for large runs). Every string that comes from a record is escaped, because model
-output is untrusted, and an image path from a record is used only when it names an image file
-inside ``OUT/images``.
+Built from ``OUT/records.jsonl`` (or released ``D*.json`` arrays), the anomaly maps under
+``OUT/maps`` and the tool images that ``anomalyclaw run --save-images`` wrote under
+``OUT/images/<item>/``. The page is one self-contained file: no network, no JavaScript (a
+Content-Security-Policy forbids scripts outright); images are embedded as small ``data:``
+thumbnails (or linked, for large runs). The page is a Jinja2 template rendered with autoescape:
+this module hands it plain strings and numbers, never markup, because model output, item ids,
+domain cards and usage values are all untrusted. An image path from a record is used only when
+it names an image file inside ``OUT/images`` (tool images) or ``OUT/maps`` (maps).
+
+Each item with a manifest shows its query with the agent's anomaly map overlaid (coloured where
+the map is above 0.5: more unusual than the worst normal reference), its confirmed boxes in red,
+refuted ones in green, boxes still open in orange (dashed), the direct branch's box in blue and
+the ground-truth mask's outline in yellow. Without ``ANOMALYCLAW_DATA`` (or with files gone) the
+page still renders: missing images are marked, the map is shown on its own.
 """
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import os
-import re
 import tempfile
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import cv2
+import numpy as np
+
 from anomalyclaw.errors import AnomalyClawError
-from anomalyclaw.imaging import encode_image, load_image, to_data_url
+from anomalyclaw.experts.maps import overlay_heatmap
+from anomalyclaw.imaging import decode_image, encode_image, load_image, load_mask, resize_longest, to_data_url
+from anomalyclaw.paths import safe_file_name
 
 from anomalyclaw.eval.scoring.metrics import domain_order, evaluate
 from anomalyclaw.eval.running.records import Record, load_records
 
 REPORT_FILE = "report.html"
-#: Longest side of the query and reference thumbnails embedded from the manifest (pixels).
+#: Longest side of the query overlay (pixels): enough to see a defect and its box.
 THUMB_SIDE = 256
+#: Longest side of reference thumbnails: they only show what normal looks like.
+REF_THUMB_SIDE = 128
+#: Longest side of embedded tool images (the saved panels are up to 768 px wide; the full file is
+#: linked beside it).
+TOOL_THUMB_SIDE = 512
+#: JPEG quality of embedded thumbnails: 80 keeps edges readable at a third of the bytes of 95.
+THUMB_QUALITY = 80
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+#: The map level shown in colour: above 0.5 the agent's map is more unusual than the worst
+#: normal reference (log-odds above 0, see graph.localization).
+OVERLAY_FROM = 0.5
+#: Box colours (SVG strokes) and their legend words.
+COLOURS = {"confirmed": "#e00", "refuted": "#0a0", "open": "#f90", "direct": "#06f", "candidate": "#e00"}
+LEGEND = {"confirmed": "red: confirmed", "refuted": "green: refuted", "open": "orange: not decided",
+          "direct": "blue: direct branch's bbox", "candidate": "red: candidates", "truth": "yellow: ground truth"}
+#: Points of a ground-truth outline at most (bounds the page; the shape stays recognisable).
+MAX_OUTLINE_POINTS = 400
 
 #: History-row keys rendered in their own place; any other key is listed as it is.
 _TURN_KEYS = {"turn", "stage", "mode", "anomaly_score", "updated_score", "confidence", "forced",
@@ -47,7 +76,7 @@ table{border-collapse:collapse;margin:.4em 0}td,th{border:1px solid #ccc;padding
 pre{background:#f7f7f7;border:1px solid #e2e2e2;padding:6px;white-space:pre-wrap;word-break:break-word;
  margin:.3em 0}
 details.item{border:1px solid #ccc;border-radius:4px;margin:.5em 0;padding:.3em .8em}
-details.item>summary{cursor:pointer;font-weight:600}
+details.item>summary{cursor:pointer;font-weight:600;word-break:break-all}
 details.item.error{border-color:#c33;background:#fff6f6}
 .turn{border-left:3px solid #88a;padding:.1em .8em;margin:.8em 0}
 .turn.failed{border-left-color:#c33}
@@ -55,34 +84,45 @@ details.item.error{border-color:#c33;background:#fff6f6}
 .confirmed{color:#b00;font-weight:600}.refuted{color:#070;font-weight:600}.uncertain{color:#a60;font-weight:600}
 .images{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}figcaption{font-size:12px;color:#555;max-width:360px;
  word-break:break-all}
-img.tool{max-width:520px;max-height:360px;border:1px solid #ddd}
-.thumb{position:relative;display:inline-block;line-height:0}.thumb img{max-width:256px;border:1px solid #ddd}
+.thumb{position:relative;display:inline-block;line-height:0}.thumb img{max-width:520px;border:1px solid #ddd}
 .thumb svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .note{background:#fff8e1;border:1px solid #f0d890;padding:4px 8px;margin:.5em 0}
 img.plot{max-width:100%;border:1px solid #eee}
+td{word-break:break-word}
 """
 
 
-def e(value: Any) -> str:
-    """``value`` as escaped HTML text (quotes too, so it is safe inside attributes)."""
-    return html.escape("" if value is None else str(value), quote=True)
+@lru_cache(maxsize=1)
+def _template():
+    import jinja2
 
-
-def _num(value: Any, digits: int = 3) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "–" if value is None else e(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=False)
+    return env.get_template("report.html.j2")
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _anchor(item_id: str, used: set[str]) -> str:
-    """A unique HTML id for an item (ids may hold any characters)."""
-    base = "item-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", item_id) or "_")
+def _text(value: Any) -> str:
+    """Any record value as display text (JSON for structures)."""
+    return value if isinstance(value, str) else _json(value)
+
+
+def _finite(value: Any) -> Any:
+    """Numbers as they are (non-finite as NaN, shown "n/a"); anything else as text or None."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else str(value)
+    if isinstance(value, (int, float)):
+        return value if isinstance(value, int) or math.isfinite(value) else float("nan")
+    return _text(value)
+
+
+def anchor_for(item_id: str, used: set[str]) -> str:
+    """A unique HTML id for an item: ``item-`` plus :func:`~anomalyclaw.paths.safe_file_name`
+    (ids may hold any characters, any length; two ids never share an anchor)."""
+    base = "item-" + safe_file_name(item_id)
     anchor, n = base, 1
     while anchor in used:
         n += 1
@@ -104,63 +144,147 @@ def _valid_bbox(value: Any) -> list[float] | None:
     return [x0, y0, x1, y1]
 
 
+def _label(label: Any) -> str:
+    return {1: "anomalous", 0: "normal", None: "–"}.get(label, str(label)) if label in (0, 1, None) else str(label)
+
+
 # ------------------------------------------------------------------------------------- images
 
+def _jpeg_url(image: np.ndarray, side: int) -> tuple[str, int, int]:
+    small = resize_longest(image, side)
+    return to_data_url(encode_image(small, "JPEG", quality=THUMB_QUALITY)), small.shape[1], small.shape[0]
+
+
+def _outline(mask: np.ndarray) -> str:
+    """An SVG path (normalized 0..1 coordinates) around a bool mask's regions."""
+    h, w = mask.shape
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    total = sum(len(c) for c in contours) or 1
+    # Simplify harder when there is a lot of outline, so a noisy mask cannot bloat the page.
+    epsilon = max(0.5, total / MAX_OUTLINE_POINTS)
+    parts = []
+    for c in contours:
+        pts = cv2.approxPolyDP(c, epsilon, True).reshape(-1, 2)
+        if len(pts) < 2:
+            x, y = pts[0]
+            pts = np.array([[x, y], [x + 1, y], [x + 1, y + 1], [x, y + 1]])
+        coords = " L".join(f"{(x + 0.5) / w:.3f} {(y + 0.5) / h:.3f}" for x, y in pts)
+        parts.append(f"M{coords} Z")
+    return " ".join(parts)
+
+
+def _figure(label: str = "", **fields: Any) -> dict[str, Any]:
+    """One figure as the template reads it (every key present: the template is strict)."""
+    out = {"label": label, "src": "", "width": None, "height": None, "boxes": [], "outline": "", "note": "",
+           "missing": "", "full": "", "problem": "", "cls": ""}
+    out.update(fields)
+    return out
+
+
 class _Images:
-    """Turns image files into ``<img>`` sources: embedded ``data:`` URLs or links from the page."""
+    """Turns files into figures: embedded ``data:`` thumbnails or links from the page."""
 
     def __init__(self, run_dir: Path | None, page_dir: Path, embed: bool):
         self.run_dir = run_dir.resolve() if run_dir is not None else None
         self.page_dir = page_dir.resolve()
         self.embed = embed
+        self.missing = 0
 
-    def tool_image(self, rel: Any) -> str:
-        """A ``<figure>`` for one saved tool image named in a record (relative to the run folder)."""
+    def _inside(self, rel: Any, folder: str, suffixes: Iterable[str]) -> tuple[Path | None, str | None]:
+        """(path, problem): ``rel`` from a record, accepted only as a file under OUT/<folder>."""
         if self.run_dir is None:
-            return f'<p class="muted">image {e(rel)} (no run folder to read it from)</p>'
-        root = (self.run_dir / "images").resolve()
-        path = (self.run_dir / str(rel)).resolve() if isinstance(rel, str) else None
-        # The path comes from a record: only image files inside OUT/images may be read.
-        if path is None or not path.is_relative_to(root) or path.suffix.lower() not in IMAGE_SUFFIXES:
-            return f'<p class="bad">image path {e(rel)} refused: not an image file under {e(root)}</p>'
-        if not path.is_file():
-            return f'<p class="warn">image {e(rel)} is missing from {e(self.run_dir)}</p>'
-        if self.embed:
-            src = f"data:{IMAGE_SUFFIXES[path.suffix.lower()]};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
-        else:
-            src = self._link(path)
-        return (f'<figure><img class="tool" src="{e(src)}" alt="{e(path.name)}">'
-                f"<figcaption>{e(path.stem)}</figcaption></figure>")
+            return None, f"{rel} (no run folder to read it from)"
+        root = (self.run_dir / folder).resolve()
+        path = (self.run_dir / str(rel)).resolve() if isinstance(rel, str) and rel else None
+        if path is None or not path.is_relative_to(root) or path.suffix.lower() not in suffixes:
+            return None, f"image path {_text(rel)} refused: not an image file under {root}"
+        return path, None
 
-    def thumbnail(self, path: Path, label: str, boxes: Sequence[tuple[list[float], str, str]] = ()) -> str:
-        """A manifest image (query or reference) at :data:`THUMB_SIDE`, with ``boxes`` drawn as
-        (normalized bbox, colour, title) rectangles over it."""
+    def tool_image(self, rel: Any) -> dict[str, Any]:
+        """A figure for one saved tool image named in a record (relative to the run folder)."""
+        path, problem = self._inside(rel, "images", IMAGE_SUFFIXES)
+        if path is None:
+            return _figure(problem=problem, cls="bad" if self.run_dir is not None else "muted")
+        if not path.is_file():
+            self.missing += 1
+            return _figure(problem=f"image {rel} is missing from {self.run_dir}", cls="warn")
+        if self.embed:
+            try:
+                src, w, h = _jpeg_url(decode_image(path.read_bytes()), TOOL_THUMB_SIDE)
+            except Exception as exc:  # a corrupt file on disk: say so, keep the page
+                return _figure(problem=f"image {rel} cannot be read ({type(exc).__name__})", cls="warn")
+            return _figure(path.stem, src=src, width=w, height=h, full=self._link(path))
+        return _figure(path.stem, src=self._link(path))
+
+    def thumbnail(self, path: Path | None, label: str, side: int = REF_THUMB_SIDE) -> dict[str, Any]:
+        """A manifest image (a reference) as a small thumbnail, or a figure marked missing."""
+        figure = _figure(label)
         try:
+            if path is None:
+                raise FileNotFoundError("no path")
             if self.embed:
-                src = to_data_url(encode_image(load_image(path, max_side=THUMB_SIDE), "JPEG"))
+                figure["src"], figure["width"], figure["height"] = _jpeg_url(load_image(path, max_side=side), side)
+            elif Path(path).is_file():
+                figure["src"] = self._link(Path(path))
             else:
-                if not Path(path).is_file():
-                    raise FileNotFoundError(path)
-                src = self._link(Path(path))
+                raise FileNotFoundError(path)
         except (AnomalyClawError, OSError) as exc:
-            return f'<figure><p class="warn">{e(label)}: cannot read {e(path)} ({e(exc)})</p></figure>'
-        rects = "".join(
-            f'<rect x="{b[0]:.4f}" y="{b[1]:.4f}" width="{b[2] - b[0]:.4f}" height="{b[3] - b[1]:.4f}" '
-            f'fill="none" stroke="{colour}" stroke-width="0.008"><title>{e(title)}</title></rect>'
-            for b, colour, title in boxes)
-        svg = f'<svg viewBox="0 0 1 1" preserveAspectRatio="none">{rects}</svg>' if rects else ""
-        return (f'<figure><div class="thumb"><img src="{e(src)}" alt="{e(label)}">{svg}</div>'
-                f"<figcaption>{e(label)}</figcaption></figure>")
+            self.missing += 1
+            figure["missing"] = f"cannot read {path} ({exc})"
+        return figure
+
+    def overlay(self, query_path: Path | None, map_rel: Any, mask_path: Path | None,
+                boxes: list[dict[str, Any]]) -> dict[str, Any]:
+        """The query with the agent's map overlaid, the boxes and the ground-truth outline."""
+        figure = _figure("query", boxes=boxes)
+        query = problem = None
+        try:
+            if query_path is None:
+                raise FileNotFoundError("no manifest entry")
+            query = load_image(query_path, max_side=THUMB_SIDE)
+        except (AnomalyClawError, OSError) as exc:
+            self.missing += 1
+            problem = f"query image missing ({exc})"
+        amap = None
+        if map_rel is not None:
+            path, _ = self._inside(map_rel, "maps", (".png",))
+            if path is not None and path.is_file():
+                codes = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+                if codes is not None and codes.ndim == 2:
+                    amap = codes.astype(np.float32) / (255.0 if codes.dtype == np.uint8 else 65535.0)
+        notes = []
+        if query is not None and amap is not None:
+            heat = np.clip((cv2.resize(amap, (query.shape[1], query.shape[0])) - OVERLAY_FROM) / (1 - OVERLAY_FROM),
+                           0, 1)
+            image = overlay_heatmap(query, heat, 0.6, proportional=True)
+            notes.append("agent's map overlaid")
+        elif amap is not None:
+            small = resize_longest(amap, THUMB_SIDE)
+            heat = np.clip((small - OVERLAY_FROM) / (1 - OVERLAY_FROM), 0, 1)
+            image = overlay_heatmap(np.full((*small.shape, 3), 96, np.uint8), heat, 1.0)
+            notes.append(f"agent's map alone: {problem}")
+            problem = None
+        elif query is not None:
+            image = query
+            notes.append("no anomaly map" if map_rel is None else f"anomaly map {_text(map_rel)} is missing")
+        else:
+            figure["missing"] = problem or "no image"
+            return figure
+        figure["src"], figure["width"], figure["height"] = _jpeg_url(image, THUMB_SIDE)
+        figure["note"] = "; ".join(notes)
+        if mask_path is not None:
+            try:
+                figure["outline"] = _outline(load_mask(mask_path, (image.shape[0], image.shape[1])))
+            except (AnomalyClawError, OSError):
+                self.missing += 1
+                figure["note"] += "; ground-truth mask missing"
+        return figure
 
     def _link(self, path: Path) -> str:
         try:
             return Path(os.path.relpath(path, self.page_dir)).as_posix()
         except ValueError:  # another drive (Windows): only an absolute URI reaches it
             return path.as_uri()
-
-
-def _png_data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -173,147 +297,114 @@ def _run_info(run_dir: Path | None) -> list[dict[str, Any]]:
     for p in sorted(run_dir.glob("run_*.json")):
         try:
             info = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
         if isinstance(info, dict):
             infos.append(info)
     return infos
 
 
-def _run_section(records: Sequence[Record], infos: list[dict[str, Any]], source: str) -> str:
+def _run_rows(records: Sequence[Record], infos: list[dict[str, Any]], source: str) -> list[tuple[str, str]]:
     backends = sorted({f"{r.backend} ({r.model})" for r in records if r.backend})
-    n_err = sum(1 for r in records if r.error)
-    rows = [("records", f"{len(records)} from {source}"), ("errors", str(n_err)),
+    rows = [("records", f"{len(records)} from {source}"), ("errors", str(sum(1 for r in records if r.error))),
             ("backend", ", ".join(backends) or "–")]
     if infos:
         last = infos[-1]
         rows += [("run", f"{last.get('run_id')} (started {last.get('started_at')})"
                   + (f"; {len(infos)} starts (resumed)" if len(infos) > 1 else "")),
-                 ("prompts", last.get("prompts")), ("tools", ", ".join(map(str, last.get("tools") or []))),
+                 ("prompts", _text(last.get("prompts"))),
+                 ("tools", ", ".join(map(str, last.get("tools") or [])) if isinstance(last.get("tools"), list)
+                  else _text(last.get("tools"))),
                  ("config", _json(last.get("config")))]
-    body = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
-    note = ""
-    if any(r.backend == "offline" for r in records):
-        note = ('<p class="note">Backend <b>offline</b>: the embedded rule-based stand-in for a VLM, which '
-                "decides from tool and expert numbers. Its scores show that the pipeline works, not how a "
-                "vision-language model judges.</p>")
-    return f"<h2>Run</h2>{note}<table>{body}</table>"
+    return rows
 
 
-def _metrics_section(records: Sequence[Record], alpha: float) -> str:
+def _metrics(records: Sequence[Record], alpha: float) -> dict[str, Any]:
     result = evaluate(records, alpha=alpha)  # fused at the records' own expert weight
     weight = result["expert_weight"]
-    if not result["kept"]:
-        return ("<h2>AUROC</h2><p class=\"muted\">No record has a label, both branch scores and no error: "
-                "nothing to evaluate.</p>")
     cols = list(result["macro_auroc"])
-    head = "<tr><th>domain</th><th>n</th><th>anomalous</th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"
-    rows = [f"<tr><td>{e(code)}</td><td class=num>{d['n']}</td><td class=num>{d['n_anomalous']}</td>"
-            + "".join(f"<td class=num>{_num(d[c], 4)}</td>" for c in cols) + "</tr>"
-            for code, d in result["per_domain"].items()]
-    rows.append(f"<tr><th>macro</th><td class=num>{result['kept']}</td><td></td>"
-                + "".join(f"<td class=num><b>{_num(result['macro_auroc'][c], 4)}</b></td>" for c in cols) + "</tr>")
-    left_out = result["rows"] - result["kept"]
-    note = (f'<p class="muted">{left_out} of {result["rows"]} records left out (error, a missing branch score '
-            "or a missing label).</p>") if left_out else ""
-    # A plot with no domain holding both classes would be empty axes.
-    has_curve = any(math.isfinite(v) for v in result["macro_auroc"].values())
-    plots = _plots(records, result, alpha, weight) if has_curve else ""
     fused = (f"fused = the blend with the expert term at weight {weight:g}" if weight
              else "fused = the blend (no expert term)")
-    return (f"<h2>AUROC per domain</h2><p class=\"muted\">Blend = {alpha:g} × direct + {1 - alpha:g} × refute; "
-            f"{fused}; n/a: a domain with one class only (left out of the macro mean).</p>"
-            f"<table>{head}{''.join(rows)}</table>{note}{plots}")
+    out = {"kept": result["kept"], "n_rows": result["rows"], "left_out": result["rows"] - result["kept"],
+           "cols": cols, "alpha_text": f"{alpha:g} × direct + {1 - alpha:g} × refute; {fused}",
+           "rows": [{"code": code, "n": d["n"], "n_anomalous": d["n_anomalous"], "cells": [d[c] for c in cols]}
+                    for code, d in result["per_domain"].items()],
+           "macro": [result["macro_auroc"][c] for c in cols], "plots": []}
+    # A plot with no domain holding both classes would be empty axes.
+    if result["kept"] and any(math.isfinite(v) for v in result["macro_auroc"].values()):
+        out["plots"] = _plots(records, result, alpha, weight)
+    return out
 
 
-def _plots(records: Sequence[Record], result: dict, alpha: float, weight: float = 0.0) -> str:
+def _plots(records: Sequence[Record], result: dict, alpha: float, weight: float = 0.0) -> list[dict[str, str]]:
     from anomalyclaw.eval.reports.plots import plot_domain_bars, plot_roc_curves  # matplotlib only when a page has plots
 
     with tempfile.TemporaryDirectory(prefix="anomalyclaw-report-") as tmp:
         roc = plot_roc_curves(records, Path(tmp) / "roc_curves.png", alpha=alpha, expert_weight=weight)
         bars = plot_domain_bars(result, Path(tmp) / "domain_auroc.png")
-        return (f'<h3>ROC curves</h3><img class="plot" src="{_png_data_url(roc)}" alt="ROC curves per domain">'
-                f'<h3>AUROC by domain</h3><img class="plot" src="{_png_data_url(bars)}" alt="AUROC per domain">')
+        return [{"title": "ROC curves", "src": "data:image/png;base64," + base64.b64encode(roc.read_bytes()).decode()},
+                {"title": "AUROC by domain",
+                 "src": "data:image/png;base64," + base64.b64encode(bars.read_bytes()).decode()}]
 
 
-def _index_section(records: Sequence[Record], anchors: dict[str, str]) -> str:
-    head = ("<tr><th>item</th><th>domain</th><th>label</th><th>fused</th><th>direct</th><th>refute</th>"
-            "<th>turns</th><th>tools</th><th>status</th></tr>")
-    rows = []
-    for r in records:
-        status = ('<span class="bad">error</span>' if r.error
-                  else f'<span class="warn">{len(r.fallbacks)} fallback(s)</span>' if r.fallbacks else "ok")
-        rows.append(f'<tr><td><a href="#{e(anchors[r.item_id])}">{e(r.item_id)}</a></td>'
-                    f"<td>{e(r.domain_code or r.domain or '?')}</td><td>{_label(r.label_gt)}</td>"
-                    f"<td class=num>{_num(r.anomaly_score)}</td><td class=num>{_num(r.direct_score)}</td>"
-                    f"<td class=num>{_num(r.refute_score)}</td><td class=num>{r.n_turns}</td>"
-                    f"<td>{e(', '.join(map(str, r.tools_used)))}</td><td>{status}</td></tr>")
-    return f"<h2>Items</h2><table>{head}{''.join(rows)}</table>"
+def _decision(records: Sequence[Record]) -> dict[str, Any] | None:
+    """F1 and friends at the threshold the run recorded (``run --threshold``), when every
+    judged record carries the same one."""
+    from anomalyclaw.eval.scoring.thresholds import decision_metrics
+
+    thresholds = {r.threshold for r in records if not r.error and r.threshold is not None}
+    if len(thresholds) != 1:
+        return None
+    out = decision_metrics(records, thresholds.pop())
+    return out if out["per_domain"] else None
 
 
-def _label(label: int | None) -> str:
-    return {1: "anomalous", 0: "normal"}.get(label, "–") if label in (0, 1, None) else e(label)
+def _pixel(records: Sequence[Record], items: dict[str, Any], run_dir: Path | None) -> dict[str, Any] | None:
+    from anomalyclaw.eval.scoring.pixels import evaluate_pixels
+
+    if run_dir is None or not items or not any(r.localization and r.localization.get("map") for r in records):
+        return None
+    if not any(getattr(items.get(r.item_id), "mask_path", None) for r in records):
+        return None
+    out = evaluate_pixels(records, items, run_dir)
+    return out if any(d["n_items"] for d in out["per_domain"].values()) else None
 
 
 # -------------------------------------------------------------------------------------- items
 
-def _item_section(r: Record, anchor: str, images: _Images, item: Any, *, open_: bool) -> str:
-    title = (f"{e(r.item_id)} · {e(r.domain_code or r.domain or '?')} · {_label(r.label_gt)}"
-             f" · fused {_num(r.anomaly_score)}" + (' · <span class="bad">error</span>' if r.error else ""))
-    parts = [_scores_table(r)]
-    parts.append(_errors(r))
-    if item is not None:
-        parts.append(_item_images(r, item, images))
-    parts.append(_direct(r))
-    turns = [_turn(row, images) for row in r.history]
-    parts.append("<h3>Refutation trajectory</h3>" + ("".join(turns) or '<p class="muted">no turns recorded</p>'))
-    if r.rationale:
-        parts.append(f"<h3>Final rationale</h3><p>{e(r.rationale)}</p>")
-    parts.append(_cost(r))
-    cls = "item error" if r.error else "item"
-    return (f'<details class="{cls}" id="{e(anchor)}"{" open" if open_ else ""}><summary>{title}</summary>'
-            + "".join(p for p in parts if p) + "</details>")
+def _box(bbox: list[float], kind: str, title: str, dashed: bool = False) -> dict[str, Any]:
+    x0, y0, x1, y1 = bbox
+    return {"x": x0, "y": y0, "w": x1 - x0, "h": y1 - y0, "colour": COLOURS[kind], "title": title,
+            "dashed": dashed, "kind": kind}
 
 
-def _scores_table(r: Record) -> str:
-    cells = [("fused", r.anomaly_score), ("direct", r.direct_score), ("refute", r.refute_score),
-             ("expert", r.expert_score), ("initial", r.v9_initial_score), ("last update", r.v9_updated_score)]
-    head = "".join(f"<th>{k}</th>" for k, _ in cells)
-    body = "".join(f"<td class=num>{_num(v)}</td>" for _, v in cells)
-    weights = f"weights: direct {_num(r.w_direct, 2)}, refute {_num(r.w_v9, 2)}, expert {_num(r.w_expert, 2)}"
-    truth = f"ground truth: {_label(r.label_gt)}" + (f" ({e(r.anomaly_type_gt)})" if r.anomaly_type_gt else "")
-    extra = " · ".join(x for x in (truth, weights, f"category {e(r.category)}" if r.category else "",
-                                   f"confidence {_num(r.confidence, 2)}" if r.confidence is not None else "") if x)
-    return f'<table><tr>{head}</tr><tr>{body}</tr></table><p class="muted">{extra}</p>'
-
-
-def _errors(r: Record) -> str:
-    out = []
-    for name, value in (("error", r.error), ("direct branch error", r.direct_error),
-                        ("refutation branch error", r.refute_error)):
-        if value:
-            out.append(f'<p class="bad">{e(name)}: {e(value)}</p>')
-    if r.fallbacks:
-        out.append("<p class=\"warn\">fallbacks:</p><ul>" + "".join(f"<li>{e(f)}</li>" for f in r.fallbacks) + "</ul>")
-    return "".join(out)
-
-
-def _item_images(r: Record, item: Any, images: _Images) -> str:
-    """The query with every candidate's bbox (red) and the direct branch's bbox (blue), then the
-    references, when the manifest that was run is given."""
-    boxes = []
-    for c in r.candidate_features:
-        if isinstance(c, dict) and (b := _valid_bbox(c.get("bbox"))):
-            boxes.append((b, "#e00", f"candidate {c.get('id')}: {c.get('description')}"))
+def _boxes(r: Record) -> tuple[list[dict[str, Any]], list[str]]:
+    """The boxes to draw over the query, and one line of text listing them."""
+    boxes, lines = [], []
+    loc = r.localization if isinstance(r.localization, dict) else None
+    if loc is not None:
+        for b in loc.get("boxes") or []:
+            if isinstance(b, dict) and (bb := _valid_bbox(b.get("bbox"))):
+                boxes.append(_box(bb, "confirmed", f"confirmed {_text(b.get('candidate'))} by {_text(b.get('tool'))}"
+                                  f" (score {_text(b.get('score'))})"))
+                lines.append(f"confirmed {_text(b.get('candidate'))} {_json(bb)} score {_text(b.get('score'))}")
+        for b in loc.get("refuted") or []:
+            if isinstance(b, dict) and (bb := _valid_bbox(b.get("bbox"))):
+                boxes.append(_box(bb, "refuted", f"refuted {_text(b.get('candidate'))} by {_text(b.get('tool'))}"))
+                lines.append(f"refuted {_text(b.get('candidate'))} {_json(bb)}")
+        for c in r.remaining_features:
+            if isinstance(c, dict) and c.get("status") in ("open", "uncertain") and (bb := _valid_bbox(c.get("bbox"))):
+                boxes.append(_box(bb, "open", f"{_text(c.get('status'))} {_text(c.get('id'))}: "
+                                  f"{_text(c.get('description'))}", dashed=True))
+    else:
+        for c in r.candidate_features:
+            if isinstance(c, dict) and (bb := _valid_bbox(c.get("bbox"))):
+                boxes.append(_box(bb, "candidate", f"candidate {_text(c.get('id'))}: {_text(c.get('description'))}"))
     direct = _direct_reply(r)
-    if isinstance(direct, dict) and (b := _valid_bbox(direct.get("bbox"))):
-        boxes.append((b, "#06f", f"direct branch: {direct.get('evidence') or ''}"))
-    figures = [images.thumbnail(item.query_path, "query", boxes)]
-    figures += [images.thumbnail(p, f"reference {k + 1}") for k, p in enumerate(item.ref_paths)]
-    drawn = [name for colour, name in (("#e00", "red: candidates"), ("#06f", "blue: direct branch's bbox"))
-             if any(b[1] == colour for b in boxes)]
-    legend = f' <span class="muted">({", ".join(drawn)})</span>' if drawn else ""
-    return f"<h3>Query and references{legend}</h3><div class=\"images\">{''.join(figures)}</div>"
+    dbox = _valid_bbox(direct.get("bbox")) if isinstance(direct, dict) else None
+    if dbox:
+        boxes.append(_box(dbox, "direct", f"direct branch: {_text(direct.get('evidence') or '')}"))
+    return boxes, lines
 
 
 def _direct_reply(r: Record) -> Any:
@@ -325,126 +416,150 @@ def _direct_reply(r: Record) -> Any:
         return r.direct_rationale
 
 
-def _direct(r: Record) -> str:
+def _direct(r: Record) -> dict[str, Any] | None:
     reply = _direct_reply(r)
     if reply is None:
-        return ""
+        return None
     if not isinstance(reply, dict):
-        return f"<h3>Direct judgment</h3><pre>{e(reply)}</pre>"
-    label = reply.get("image_label")
-    line = (f"<b>{e(label)}</b>, confidence {_num(reply.get('confidence'), 2)}"
-            + (f", type {e(reply.get('anomaly_type'))}" if reply.get("anomaly_type") else "")
-            + (f", bbox {e(_json(reply.get('bbox')))}" if reply.get("bbox") is not None else "")
-            + f" → direct score {_num(r.direct_score)}")
-    evidence = f"<p>{e(reply.get('evidence'))}</p>" if reply.get("evidence") else ""
-    return f"<h3>Direct judgment</h3><p>{line}</p>{evidence}"
+        return {"raw": _text(reply)}
+    return {"raw": None, "label": _text(reply.get("image_label")), "confidence": _finite(reply.get("confidence")),
+            "anomaly_type": _text(reply["anomaly_type"]) if reply.get("anomaly_type") else "",
+            "bbox": _json(reply.get("bbox")) if reply.get("bbox") is not None else "",
+            "evidence": _text(reply["evidence"]) if reply.get("evidence") else ""}
 
 
-def _status(status: Any) -> str:
-    cls = status if status in ("confirmed", "refuted", "uncertain") else "muted"
-    return f'<span class="{cls}">{e(status)}</span>'
-
-
-def _candidates_table(candidates: Iterable[Any]) -> str:
+def _candidates(candidates: Iterable[Any]) -> list[dict[str, Any]]:
     rows = []
     for k, c in enumerate(candidates):
         if not isinstance(c, dict):
-            rows.append(f"<tr><td>{k}</td><td colspan=3>{e(c)}</td></tr>")
+            rows.append({"raw": _text(c), "index": k})
             continue
         # Released records name candidates ("name", "location_hint") instead of id/description/bbox.
-        cid = c.get("id", k)
-        what = c.get("description") or c.get("name") or ""
         where = c.get("bbox") if c.get("bbox") is not None else c.get("location_hint")
-        status = _status(c["status"]) if c.get("status") else (
-            f"looks defect-like: {e(c['looks_defect_like'])}" if c.get("looks_defect_like") else "")
-        rows.append(f"<tr><td>{e(cid)}</td><td>{e(what)}</td><td>{e(_json(where) if where is not None else '–')}</td>"
-                    f"<td>{status}</td></tr>")
-    if not rows:
-        return ""
-    return ("<table><tr><th>id</th><th>candidate</th><th>where</th><th>status</th></tr>"
-            + "".join(rows) + "</table>")
+        rows.append({"raw": None, "id": _text(c.get("id", k)), "what": _text(c.get("description") or c.get("name") or ""),
+                     "where": _json(where) if where is not None else "–",
+                     "status": _text(c["status"]) if c.get("status") else "",
+                     "looks": _text(c["looks_defect_like"]) if c.get("looks_defect_like") else ""})
+    return rows
 
 
 def _action(action: Any) -> str:
     if isinstance(action, dict):
         if action.get("commit"):
             return "commit"
-        return f"call {e(action.get('tool'))} {e(_json(action.get('args') or {}))}" + (
-            f" on {e(action.get('candidate'))}" if action.get("candidate") else "")
-    return e(action) if action else ""
+        return f"call {_text(action.get('tool'))} {_json(action.get('args') or {})}" + (
+            f" on {_text(action.get('candidate'))}" if action.get("candidate") else "")
+    return _text(action) if action else ""
 
 
-def _turn(row: Any, images: _Images) -> str:
+def _turn(row: Any, images: _Images) -> dict[str, Any]:
     if not isinstance(row, dict):
-        return f'<div class="turn"><pre>{e(row)}</pre></div>'
-    # Released rows carry the run's "mode" instead of a stage: it says nothing about the turn.
-    stage = row.get("stage")
+        return {"raw": _text(row)}
     score = row.get("anomaly_score", row.get("updated_score"))
-    head = (f"Turn {e(row.get('turn', '?'))}" + (f" · {e(stage)}" if stage else "")
-            + (f" · score {_num(score)}" if score is not None else "")
-            + (f" · confidence {_num(row['confidence'], 2)}" if row.get("confidence") is not None else ""))
-    if row.get("forced"):
-        head += ' · <span class="warn">forced commit</span>'
-    parts = [f"<h4>{head}</h4>"]
-    why = row.get("rationale") or row.get("thought")
-    if why:
-        parts.append(f"<p><i>{e(why)}</i></p>")
     evidence = row.get("visual_evidence")
-    if isinstance(evidence, list) and evidence:
-        parts.append("<ul>" + "".join(f"<li>{e(v)}</li>" for v in evidence) + "</ul>")
     candidates = row.get("candidates", row.get("remaining_candidate_features"))
-    if isinstance(candidates, list) and candidates:
-        parts.append("<p>candidates:</p>" + _candidates_table(candidates))
-    if row.get("tool"):
-        args = row.get("args")
-        target = row.get("candidate", row.get("refutation_target"))
-        parts.append(f"<p>tool <b>{e(row['tool'])}</b> args <code>{e(args if isinstance(args, str) else _json(args))}</code>"
-                     + (f" testing candidate {e(target)}" if target is not None else "") + "</p>")
-    if "observation" in row:
-        failed = row.get("obs_ok") is False
-        parts.append(f"<p>observation{' <span class=bad>(failed)</span>' if failed else ''}:</p>"
-                     f"<pre>{e(row.get('observation'))}</pre>")
-    if row.get("obs_error"):
-        parts.append(f'<p class="bad">tool error: {e(row["obs_error"])}</p>')
-    if isinstance(row.get("obs_data"), dict) and row["obs_data"]:
-        parts.append(f"<details><summary>measurements</summary><pre>{e(_json(row['obs_data']))}</pre></details>")
-    saved = row.get("images")
-    if isinstance(saved, list) and saved:
-        parts.append('<div class="images">' + "".join(images.tool_image(p) for p in saved) + "</div>")
     verdicts = row.get("verdicts")
-    if isinstance(verdicts, list) and verdicts:
-        items = "".join(f"<li>{e(v.get('id'))}: {_status(v.get('status'))} — {e(v.get('evidence'))}</li>"
-                        if isinstance(v, dict) else f"<li>{e(v)}</li>" for v in verdicts)
-        parts.append(f"<p>verdicts:</p><ul>{items}</ul>")
-    elif row.get("refutation_verdict"):
-        parts.append(f"<p>verdict: {_status(row['refutation_verdict'])} — {e(row.get('feature_status_update'))}</p>")
-    action = _action(row.get("action"))
-    if action:
-        parts.append(f"<p>next: {action}</p>")
-    if row.get("error"):
-        parts.append(f'<p class="bad">error: {e(row["error"])}</p>')
-    if row.get("reply"):
-        parts.append(f"<details><summary>raw reply</summary><pre>{e(row['reply'])}</pre></details>")
-    other = {k: v for k, v in row.items() if k not in _TURN_KEYS}
-    if other:
-        parts.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v if isinstance(v, str) else _json(v))}</td></tr>"
-                                        for k, v in other.items()) + "</table>")
-    failed = bool(row.get("error")) or row.get("obs_ok") is False
-    return f'<div class="turn{" failed" if failed else ""}">' + "".join(parts) + "</div>"
+    saved = row.get("images")
+    target = row.get("candidate", row.get("refutation_target"))
+    args = row.get("args")
+    return {
+        "raw": None, "turn": _text(row.get("turn", "?")), "stage": _text(row.get("stage") or ""),
+        # Released rows carry the run's "mode" instead of a stage: it says nothing about the turn.
+        "score": _finite(score), "confidence": _finite(row.get("confidence")), "forced": bool(row.get("forced")),
+        "why": _text(row.get("rationale") or row.get("thought") or ""),
+        "evidence": [_text(v) for v in evidence] if isinstance(evidence, list) else [],
+        "candidates": _candidates(candidates) if isinstance(candidates, list) else [],
+        "tool": _text(row["tool"]) if row.get("tool") else "",
+        "args": args if isinstance(args, str) else _json(args),
+        "target": None if target is None else _text(target),
+        "observation": _text(row.get("observation")) if "observation" in row else None,
+        "obs_failed": row.get("obs_ok") is False, "obs_error": _text(row["obs_error"]) if row.get("obs_error") else "",
+        "obs_data": _json(row["obs_data"]) if isinstance(row.get("obs_data"), dict) and row["obs_data"] else "",
+        "images": [images.tool_image(p) for p in saved] if isinstance(saved, list) else [],
+        "verdicts": [({"raw": None, "id": _text(v.get("id")), "status": _text(v.get("status")),
+                       "evidence": _text(v.get("evidence"))} if isinstance(v, dict) else {"raw": _text(v)})
+                     for v in verdicts] if isinstance(verdicts, list) else [],
+        "verdict": _text(row["refutation_verdict"]) if row.get("refutation_verdict") else "",
+        "verdict_update": _text(row.get("feature_status_update")),
+        "action": _action(row.get("action")), "error": _text(row["error"]) if row.get("error") else "",
+        "reply": _text(row["reply"]) if row.get("reply") else "",
+        "other": [(_text(k), _text(v)) for k, v in row.items() if k not in _TURN_KEYS],
+        "failed": bool(row.get("error")) or row.get("obs_ok") is False,
+    }
 
 
 def _cost(r: Record) -> str:
-    usage, timings = r.usage or {}, r.timings or {}
-    if not usage and not timings:
-        return ""
+    usage = r.usage if isinstance(r.usage, dict) else {}
+    timings = r.timings if isinstance(r.timings, dict) else {}
     bits = []
     if usage:
-        bits.append(f"{usage.get('requests', 0)} VLM requests, {usage.get('prompt_tokens', 0)}+"
-                    f"{usage.get('completion_tokens', 0)} tokens, {usage.get('request_bytes', 0)} request bytes, "
-                    f"{usage.get('images_sent', 0)} images sent, {usage.get('retries', 0)} retries")
+        u = {k: _text(usage.get(k, 0)) for k in ("requests", "prompt_tokens", "completion_tokens", "request_bytes",
+                                                  "images_sent", "retries")}
+        bits.append(f"{u['requests']} VLM requests, {u['prompt_tokens']}+{u['completion_tokens']} tokens, "
+                    f"{u['request_bytes']} request bytes, {u['images_sent']} images sent, {u['retries']} retries")
     if timings:
-        bits.append(", ".join(f"{e(k)} {_num(v, 2)}" for k, v in timings.items()))
-    return f'<p class="muted">cost: {"; ".join(bits)}</p>'
+        bits.append(", ".join(f"{_text(k)} {v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and math.isfinite(v) else f"{_text(k)} {_text(v)}" for k, v in timings.items()))
+    return "; ".join(bits)
+
+
+def _card(item: Any) -> list[tuple[str, str]]:
+    card = getattr(item, "card", None)
+    if card is None:
+        return []
+    return [("name", _text(card.name)), ("normal", _text(card.normal)), ("anomalous", _text(card.anomaly)),
+            ("traits", ", ".join(sorted(map(str, card.traits))))]
+
+
+def _item(r: Record, anchor: str, images: _Images, item: Any, *, open_: bool) -> dict[str, Any]:
+    boxes, box_lines = _boxes(r)
+    loc = r.localization if isinstance(r.localization, dict) else {}
+    figures = []
+    if item is not None:
+        figures.append(images.overlay(item.query_path, loc.get("map"), item.mask_path, boxes))
+        figures += [images.thumbnail(p, f"reference {k + 1}") for k, p in enumerate(item.ref_paths)]
+    elif loc.get("map"):
+        figures.append(images.overlay(None, loc.get("map"), None, boxes))
+    kinds = {b["kind"] for b in boxes}
+    legend = [LEGEND[k] for k in ("confirmed", "refuted", "open", "candidate", "direct") if k in kinds]
+    if figures and figures[0].get("outline"):
+        legend.append(LEGEND["truth"])
+    truth = f"ground truth: {_label(r.label_gt)}" + (f" ({_text(r.anomaly_type_gt)})" if r.anomaly_type_gt else "")
+    weights = (f"weights: direct {_text(_fmt(r.w_direct))}, refute {_text(_fmt(r.w_v9))}, "
+               f"expert {_text(_fmt(r.w_expert))}")
+    extra = " · ".join(x for x in (truth, weights, f"category {_text(r.category)}" if r.category else "",
+                                   f"confidence {_fmt(r.confidence)}" if r.confidence is not None else "",
+                                   f"called {_label(r.label_pred)} at threshold {_fmt(r.threshold, 4)}"
+                                   if r.label_pred is not None else "") if x)
+    return {
+        "anchor": anchor, "item_id": r.item_id, "domain": _text(r.domain_code or r.domain or "?"),
+        "label": _label(r.label_gt), "fused": _finite(r.anomaly_score), "error": bool(r.error), "open": open_,
+        "scores": [("fused", _finite(r.anomaly_score)), ("direct", _finite(r.direct_score)),
+                   ("refute", _finite(r.refute_score)), ("expert", _finite(r.expert_score)),
+                   ("initial", _finite(r.v9_initial_score)), ("last update", _finite(r.v9_updated_score))],
+        "extra": extra,
+        "errors": [(name, _text(v)) for name, v in (("error", r.error), ("direct branch error", r.direct_error),
+                                                     ("refutation branch error", r.refute_error)) if v],
+        "fallback_list": [_text(f) for f in r.fallbacks], "card": _card(item),
+        "figures": figures, "legend": legend, "boxes_text": "; ".join(box_lines),
+        "direct": _direct(r), "fused_direct": _finite(r.direct_score),
+        "turns": [_turn(row, images) for row in r.history],
+        "rationale": _text(r.rationale) if r.rationale else "", "cost": _cost(r),
+    }
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}f}"
+    return "–" if value is None else _text(value)
+
+
+def _index(records: Sequence[Record], anchors: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"anchor": anchors[r.item_id], "item_id": r.item_id, "domain": _text(r.domain_code or r.domain or "?"),
+             "label": _label(r.label_gt), "fused": _finite(r.anomaly_score), "direct": _finite(r.direct_score),
+             "refute": _finite(r.refute_score), "called": _label(r.label_pred) if r.label_pred is not None else "",
+             "turns": r.n_turns, "tools": ", ".join(map(_text, r.tools_used)), "error": bool(r.error),
+             "fallbacks": len(r.fallbacks)} for r in records]
 
 
 # --------------------------------------------------------------------------------------- page
@@ -452,34 +567,37 @@ def _cost(r: Record) -> str:
 def render_report(records: Sequence[Record], *, run_dir: Path | None = None, page_dir: Path | None = None,
                   manifest_items: dict[str, Any] | None = None, embed_images: bool = True,
                   alpha: float = 0.5, summary: bool = True, title: str | None = None,
-                  source: str = "records") -> str:
+                  source: str = "records", notes: Sequence[str] = ()) -> str:
     """The HTML page for ``records`` (in the order given) as a string.
 
-    ``run_dir`` is where the tool images named in the records live (``images/<item>/...``);
-    ``page_dir`` is the folder the page will be written to (for linked images); ``manifest_items``
-    maps item ids to :class:`~anomalyclaw.items.Item` to show query and references. With
-    ``summary`` the page starts with the AUROC table and ROC/bar plots at fusion weight ``alpha``.
+    ``run_dir`` is where the maps and tool images named in the records live (``maps/``,
+    ``images/<item>/...``); ``page_dir`` is the folder the page will be written to (for linked
+    images); ``manifest_items`` maps item ids to :class:`~anomalyclaw.items.Item` to show the
+    query (with the map, boxes and mask outline) and the references. With ``summary`` the page
+    starts with the AUROC table and ROC/bar plots at fusion weight ``alpha``, the decision at the
+    recorded threshold and the pixel metrics when masks exist. ``notes`` are shown at the top.
     """
     images = _Images(run_dir, page_dir or run_dir or Path.cwd(), embed_images)
     infos = _run_info(run_dir)
-    title = title or "AnomalyClaw run" + (f" {infos[-1].get('run_id')}" if infos else "")
+    title = title or "AnomalyClaw run" + (f" {_text(infos[-1].get('run_id'))}" if infos else "")
     used: set[str] = set()
-    anchors = {r.item_id: _anchor(r.item_id, used) for r in records}
+    anchors = {r.item_id: anchor_for(r.item_id, used) for r in records}
     single = len(records) == 1
-    parts = [f"<h1>{e(title)}</h1>", _run_section(records, infos, source)]
-    if summary:
-        parts.append(_metrics_section(records, alpha))
-    if not single:
-        parts.append(_index_section(records, anchors))
-    parts.append("<h2>Trajectories</h2>")
     manifest_items = manifest_items or {}
-    parts += [_item_section(r, anchors[r.item_id], images, manifest_items.get(r.item_id), open_=single)
-              for r in records]
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    parts.append(f'<p class="muted">Written by anomalyclaw report at {stamp}.</p>')
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    metrics = _metrics(records, alpha) if summary else None
+    if metrics is not None:
+        metrics["decision"] = _decision(records)
+        metrics["pixel"] = _pixel(records, manifest_items, run_dir)
+    items = [_item(r, anchors[r.item_id], images, manifest_items.get(r.item_id), open_=single) for r in records]
+    page_notes = list(notes)
+    if images.missing:
+        page_notes.append(f"{images.missing} image(s) could not be read and are marked missing below.")
+    return _template().render(
+        title=title, css=_CSS, offline=any(r.backend == "offline" for r in records), notes=page_notes,
+        run_rows=_run_rows(records, infos, source), metrics=metrics,
+        decision=metrics["decision"] if metrics else None, pixel=metrics["pixel"] if metrics else None,
+        index=None if single else _index(records, anchors), items=items,
+        stamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def _sort_key(r: Record) -> tuple:
@@ -487,16 +605,33 @@ def _sort_key(r: Record) -> tuple:
     return (*domain_order(r.domain_code or r.domain or "?"), r.item_id)
 
 
+def _manifest_items(manifest: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """The manifest's items by id, and notes for the page. Without ``ANOMALYCLAW_DATA`` a
+    ``{DATA_ROOT}`` manifest still loads: its paths point at a folder that cannot exist, so those
+    images show as missing instead of stopping the report."""
+    from anomalyclaw.eval.data.manifests import data_root_from_env, read_manifest
+
+    notes = []
+    root = data_root_from_env()
+    if root is None:
+        root = Path(os.devnull) / "ANOMALYCLAW_DATA-is-not-set"  # under a device file: never a folder
+        notes.append("ANOMALYCLAW_DATA is not set: images the manifest places under {DATA_ROOT} are marked "
+                     "missing. Set it to the data folder to see them.")
+    contents = read_manifest(manifest, data_root=root)
+    return {it.item_id: it for it in contents.items}, notes
+
+
 def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
                  item_ids: Sequence[str] | None = None, manifest: str | os.PathLike | None = None,
                  embed_images: bool = True, alpha: float = 0.5) -> Path:
     """Write the HTML report of the run at ``path`` and return the page's path.
 
-    ``path``: a run folder (``records.jsonl`` and ``images/``), a records file, or a folder of
-    released ``D*.json`` arrays. ``out`` defaults to ``<run folder>/report.html``. ``item_ids``
-    limits the page to those items (no AUROC summary then). ``manifest``, the manifest that was
-    run, adds each item's query and references with the candidates' boxes. ``embed_images=False``
-    links the images instead of embedding them (a smaller page that must stay beside the run).
+    ``path``: a run folder (``records.jsonl``, ``maps/`` and ``images/``), a records file, or a
+    folder of released ``D*.json`` arrays. ``out`` defaults to ``<run folder>/report.html``.
+    ``item_ids`` limits the page to those items (no AUROC summary then). ``manifest``, the
+    manifest that was run, adds each item's query with its map, boxes and mask outline, and its
+    references. ``embed_images=False`` links the tool images and references instead of
+    embedding thumbnails (a smaller page that must stay beside the run).
     """
     src = Path(path)
     records = load_records(src)
@@ -513,14 +648,12 @@ def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None, 
         records = [by_id[i] for i in item_ids]
     else:
         records = sorted(records, key=_sort_key)
-    manifest_items = None
-    if manifest is not None:
-        from anomalyclaw.eval.data.manifests import read_manifest
-
-        manifest_items = {it.item_id: it for it in read_manifest(manifest).items}
+    manifest_items, notes = _manifest_items(manifest) if manifest is not None else (None, [])
     page = Path(out) if out is not None else run_dir / REPORT_FILE
     page.parent.mkdir(parents=True, exist_ok=True)
     text = render_report(records, run_dir=run_dir, page_dir=page.parent, manifest_items=manifest_items,
-                         embed_images=embed_images, alpha=alpha, summary=not item_ids, source=str(src))
-    page.write_text(text, encoding="utf-8")
+                         embed_images=embed_images, alpha=alpha, summary=not item_ids, source=str(src), notes=notes)
+    tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, page)
     return page

@@ -15,10 +15,11 @@ from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.eval.data.manifests import load_manifest
 from anomalyclaw.eval.scoring.metrics import evaluate
 from anomalyclaw.eval.running.records import RECORDS_FILE, Record, load_records, write_records
-from anomalyclaw.eval.reports.html import build_report
+from anomalyclaw.eval.reports.html import TOOL_THUMB_SIDE, build_report
 from anomalyclaw.eval.running.runner import Runner
 from anomalyclaw.graph.vlm import make_vlm
 from anomalyclaw.imaging import decode_image
+from anomalyclaw.paths import safe_file_name
 
 RUN_ITEMS = ("S1_0000", "S1_0001", "S2_0000")
 INJECTED = "<script>alert('pwned')</script>"
@@ -91,26 +92,33 @@ def _saved_images(run: Path) -> list[Path]:
     return sorted(p for p in (run / "images").rglob("*") if p.is_file())
 
 
+def _anchor(item_id: str) -> str:
+    return "item-" + safe_file_name(item_id)
+
+
 def test_report_has_every_item_and_embeds_tool_images(offline_run, tmp_path):
     page = build_report(offline_run, tmp_path / "report.html")
     parsed = parse(page)
     html_text = page.read_text(encoding="utf-8")
     records = load_records(offline_run)
     for r in records:
-        assert f"item-{r.item_id}" in parsed.ids
-        assert f"#item-{r.item_id}" in parsed.links
+        assert _anchor(r.item_id) in parsed.ids
+        assert "#" + _anchor(r.item_id) in parsed.links
         assert r.item_id in html_text
     assert parsed.tags.count("details") >= len(records)
     assert "script" not in parsed.tags
-    # Every saved tool image is embedded exactly as written, plus two plots; no file links.
+    # Every saved tool image is embedded as a thumbnail (same aspect, longest side bounded) and
+    # linked at full size; plus two plots and each item's map (no manifest: the map alone).
     saved = _saved_images(offline_run)
     assert saved, "the offline run saved no tool images"
-    embedded = [base64.b64decode(s.split(",", 1)[1]) for s in parsed.img_src if s.startswith("data:image/")]
-    assert len(embedded) == len(parsed.img_src)
+    embedded = [decode_image(base64.b64decode(s.split(",", 1)[1])) for s in parsed.img_src
+                if s.startswith("data:image/")]
+    assert len(embedded) == len(parsed.img_src) == len(saved) + 2 + len(records)
     for path in saved:
-        assert path.read_bytes() in embedded, path
-    for data in embedded:
-        assert decode_image(data).ndim == 3  # each one is a real image
+        full = decode_image(path.read_bytes())
+        assert any(abs(im.shape[1] / im.shape[0] - full.shape[1] / full.shape[0]) < 0.02
+                   and max(im.shape[:2]) == min(TOOL_THUMB_SIDE, max(full.shape[:2])) for im in embedded), path
+        assert any((page.parent / link).resolve() == path.resolve() for link in parsed.links), path
     text = " ".join(parsed.text)
     assert "offline" in text and "rule-based stand-in" in text
 
@@ -163,7 +171,8 @@ def test_image_paths_from_records_cannot_leave_the_run_folder(run_copy, tmp_path
     parsed = parse(page)
     raw = page.read_text(encoding="utf-8")
     n_saved = len(_saved_images(run_copy))
-    assert len([s for s in parsed.img_src if s.startswith("data:image/")]) == n_saved + 2  # + plots
+    # + plots + each item's map
+    assert len([s for s in parsed.img_src if s.startswith("data:image/")]) == n_saved + 2 + len(records)
     assert raw.count("refused: not an image file under") == 3
     assert "is missing from" in raw
 
@@ -172,19 +181,21 @@ def test_linked_images_and_manifest_thumbnails(offline_run, small_synth, tmp_pat
     page = build_report(offline_run, tmp_path / "pages" / "report.html", embed_images=False, manifest=small_synth)
     parsed = parse(page)
     linked = [s for s in parsed.img_src if not s.startswith("data:")]
-    # Tool images, each item's query and its references: all linked, all resolving from the page.
+    # Tool images and each item's references: all linked, all resolving from the page; each query
+    # is drawn with its map overlaid (a generated image, embedded).
     n_refs = sum(len(it.ref_paths) for it in load_manifest(small_synth) if it.item_id in RUN_ITEMS)
-    assert len(linked) == len(_saved_images(offline_run)) + len(RUN_ITEMS) + n_refs
+    assert len(linked) == len(_saved_images(offline_run)) + n_refs
     for src in linked:
         assert (page.parent / src).resolve().is_file(), src
-    # Candidate boxes are drawn over the query.
+    assert len(parsed.img_src) - len(linked) == len(RUN_ITEMS) + 2   # overlays + plots
+    # Boxes are drawn over the query.
     assert "rect" in parsed.tags and "svg" in parsed.tags
 
 
 def test_single_item_page_and_unknown_item(offline_run, tmp_path):
     page = build_report(offline_run, tmp_path / "one.html", item_ids=["S1_0001"])
     parsed = parse(page)
-    assert parsed.ids == {"item-S1_0001"}
+    assert parsed.ids == {_anchor("S1_0001")}
     assert "S1_0000" not in page.read_text(encoding="utf-8")
     with pytest.raises(AnomalyClawError, match="nope"):
         build_report(offline_run, tmp_path / "x.html", item_ids=["nope"])
@@ -221,7 +232,7 @@ def test_released_records_render(reference_dir, tmp_path):
     page = build_report(src, tmp_path / "d1.html")
     parsed = parse(page)
     records = load_records(src)
-    assert {f"item-{r.item_id}" for r in records} <= parsed.ids
+    assert {_anchor(r.item_id) for r in records} <= parsed.ids
     assert "script" not in parsed.tags
 
 
