@@ -125,12 +125,16 @@ def gather(state: dict[str, Any], ctx: ItemContext) -> tuple[LocalizationInputs,
 
 def localize_state(state: dict[str, Any], ctx: ItemContext, rule: LocalizationRule = DEFAULT_RULE) -> dict[str, Any]:
     """The ``localization`` value of a finished run: :func:`gather`'s boxes plus ``map_png`` (the
-    agent's map) and ``expert_map_png`` (the expert's alone, on the same scale) as 16-bit PNG
-    bytes, and ``elapsed_s``."""
+    agent's map) and ``expert_map_png`` (the expert's raw map alone, :func:`expert_map`) as
+    16-bit PNG bytes, and ``elapsed_s``."""
     start = time.perf_counter()
     inputs, out = gather(state, ctx)
     out["map_png"] = encode_map(fuse_map(inputs, rule))
-    out["expert_map_png"] = encode_map(expert_map(inputs.expert_excess, rule))
+    raw = ctx.expert_result(DEFAULT_EXPERT).anomaly_map
+    if raw.shape[:2] != inputs.expert_excess.shape:
+        raw = cv2.resize(raw, (inputs.expert_excess.shape[1], inputs.expert_excess.shape[0]),
+                         interpolation=cv2.INTER_LINEAR)
+    out["expert_map_png"] = encode_map(expert_map(raw))
     out["elapsed_s"] = round(time.perf_counter() - start, 4)
     return out
 

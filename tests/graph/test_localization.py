@@ -29,13 +29,16 @@ def test_box_mask_covers_the_box_and_at_least_one_pixel():
         assert valid_bbox(bad) is None
 
 
-def test_without_agent_evidence_the_map_is_the_expert_map():
+def test_without_agent_evidence_the_map_is_a_monotone_transform_of_the_expert_map():
     excess = _excess()
-    assert np.array_equal(fuse_map(LocalizationInputs(excess), RULE), expert_map(excess, RULE))
-    # ... a monotone transform of the expert's excess: the same pixel ranking.
     logits = fuse_log_odds(LocalizationInputs(excess), RULE)
-    assert np.allclose(logits, excess - 1.0)
-    assert expert_map(np.full(SHAPE, 1.0), RULE) == pytest.approx(np.full(SHAPE, 0.5))
+    assert np.allclose(logits, excess - 1.0)                     # the same pixel ranking as E
+    plain = fuse_map(LocalizationInputs(excess), RULE)
+    assert plain[excess == excess.max()].item() == plain.max() and 0.0 < plain.min() and plain.max() < 1.0
+    assert fuse_map(LocalizationInputs(np.full(SHAPE, 1.0, np.float32)), RULE) == pytest.approx(np.full(SHAPE, 0.5))
+    # The expert's baseline map: its raw values through one fixed monotone transform.
+    raw = np.array([[0.0, 0.5, 1.0, 3.0, -1.0, np.nan]])
+    assert expert_map(raw)[0].tolist() == pytest.approx([0.0, 1 / 3, 0.5, 0.75, 0.0, 0.0])
 
 
 def test_each_term_moves_exactly_its_pixels_by_its_gain():
