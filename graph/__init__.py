@@ -1,5 +1,6 @@
 """The agent: typed state, the refutation StateGraph, the one-node direct graph, the pipeline
-that runs both and fuses, the run context, the VLM seam and its backends, and reply parsing.
+that runs both, fuses and localizes, the run context, the VLM seam and its backends, and reply
+parsing.
 
     from anomalyclaw.graph import build_pipeline, make_context, make_vlm, new_state
 
@@ -16,6 +17,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "images": ["ImageEncoder"],
     "stream": ["format_event", "format_update"],
     "toolcalling": ["ToolCalling"],
+    "localization": ["DEFAULT_RULE", "LocalizationInputs", "LocalizationRule", "Region", "fuse_map"],
+    "localize": ["decode_map", "encode_map", "localize_state"],
     "replies": ["FORMATS", "ReplyError", "parse_reply"],
     "vlm": ["VLM", "ChatVLM", "OfflineVLM", "OpenAIVLM", "RunView", "VLMError", "VLMReply", "make_vlm"],
 })

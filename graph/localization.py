@@ -64,6 +64,9 @@ class LocalizationRule:
     map where a registered comparison fits the domain (coins, aerial change, the rotating nut);
     mask values are 0 wherever the difference is normal, so a mask never lowers. 8 beat 4 and 2
     on the aligned and bi-temporal domains and changed nothing elsewhere."""
+    refuted_mask_gain: float = 8.0
+    """The same for a mask whose own turn refuted the candidate it tested (the tool found
+    nothing the agent believed)."""
     direct_gain: float = 0.5
     """The direct branch's box is one glance without a tool: a small lift. Not measured: the
     offline backend's direct reply has no box."""
@@ -94,6 +97,9 @@ class LocalizationInputs:
     regions: Sequence[Region] = ()
     tool_masks: Sequence[np.ndarray] = field(default_factory=list)
     """float32 (H, W) each, in [0, 1]: per-pixel evidence of the segmenting tools."""
+    mask_verdicts: Sequence[str | None] = ()
+    """The verdict given in each mask's own turn (``confirmed``, ``refuted``, ``uncertain`` or
+    None), parallel to ``tool_masks``; missing entries count as None."""
     direct_bbox: Sequence[float] | None = None
     item_score: float | None = None
 
@@ -155,10 +161,14 @@ def fuse_log_odds(inputs: LocalizationInputs, rule: LocalizationRule = DEFAULT_R
     if whole_refuted:
         logits -= rule.refute_whole_gain * ~confirmed
     if len(inputs.tool_masks):
-        stacked = np.stack([np.asarray(m, np.float32) for m in inputs.tool_masks])
-        if stacked.shape[1:] != shape:
-            raise ValueError(f"tool masks must have the expert map's shape {shape}, got {stacked.shape[1:]}")
-        logits += rule.mask_gain * np.clip(stacked.max(axis=0), 0.0, 1.0)
+        verdicts = list(inputs.mask_verdicts) + [None] * (len(inputs.tool_masks) - len(inputs.mask_verdicts))
+        weighted = []
+        for m, verdict in zip(inputs.tool_masks, verdicts):
+            m = np.clip(np.asarray(m, np.float32), 0.0, 1.0)
+            if m.shape != shape:
+                raise ValueError(f"tool masks must have the expert map's shape {shape}, got {m.shape}")
+            weighted.append((rule.refuted_mask_gain if verdict == "refuted" else rule.mask_gain) * m)
+        logits += np.max(weighted, axis=0)
     if inputs.direct_bbox is not None:
         logits += rule.direct_gain * box_mask(inputs.direct_bbox, shape)
     if inputs.item_score is not None and math.isfinite(float(inputs.item_score)):

@@ -123,6 +123,9 @@ def prediction(record: Record, item: Item, out_dir: Path) -> dict[str, Any]:
     extra = record.model_extra or {}
     maps = [str(out_dir / v) if not Path(str(v)).is_absolute() else str(v)
             for k, v in extra.items() if k.endswith("map_path") and v]
+    loc = record.localization or {}
+    if loc.get("map"):  # the agent's anomaly map (OUT/maps/<safe id>.png)
+        maps.insert(0, str(out_dir / loc["map"]))
     return {"query": str(item.query_path), "item_id": record.item_id, "anomaly_score": score,
             "label": None if score is None else ("anomalous" if score >= THRESHOLD else "normal"),
             "threshold": THRESHOLD, "direct_score": record.direct_score, "refute_score": record.refute_score,

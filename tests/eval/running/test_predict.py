@@ -31,6 +31,7 @@ def test_predict_one_synthetic_query_against_its_references(coins, tmp_path, cap
     assert pred["query"] == str(item.query_path) and pred["label"] == "anomalous"
     assert 0.5 <= pred["anomaly_score"] <= 1.0 and pred["tools_used"] and pred["boxes"]
     assert pred["images"] and all(Path(p).is_file() for p in pred["images"])
+    assert pred["maps"] and Path(pred["maps"][0]).is_file() and "  anomaly map: " in text
     # The seeded defect lies in one of the boxes the run produced.
     from anomalyclaw.imaging import load_image
     mask = load_image(item.mask_path)[..., 0] > 127
