@@ -607,18 +607,18 @@ def _sort_key(r: Record) -> tuple:
 
 def _manifest_items(manifest: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
     """The manifest's items by id, and notes for the page. Without ``ANOMALYCLAW_DATA`` a
-    ``{DATA_ROOT}`` manifest still loads: its paths point at a folder that cannot exist, so those
-    images show as missing instead of stopping the report."""
+    ``{DATA_ROOT}`` manifest still loads: its paths point into an empty folder removed right
+    after, so those images show as missing instead of stopping the report."""
     from anomalyclaw.eval.data.manifests import data_root_from_env, read_manifest
 
-    notes = []
-    root = data_root_from_env()
-    if root is None:
-        root = Path(os.devnull) / "ANOMALYCLAW_DATA-is-not-set"  # under a device file: never a folder
-        notes.append("ANOMALYCLAW_DATA is not set: images the manifest places under {DATA_ROOT} are marked "
-                     "missing. Set it to the data folder to see them.")
-    contents = read_manifest(manifest, data_root=root)
-    return {it.item_id: it for it in contents.items}, notes
+    if data_root_from_env() is not None:
+        return {it.item_id: it for it in read_manifest(manifest).items}, []
+    # An empty folder that is gone once the manifest is read: every {DATA_ROOT} path is missing.
+    with tempfile.TemporaryDirectory(prefix="anomalyclaw-no-data-root-") as empty:
+        contents = read_manifest(manifest, data_root=empty)
+    note = ("ANOMALYCLAW_DATA is not set: images the manifest places under {DATA_ROOT} are marked missing. "
+            "Set it to the data folder to see them.")
+    return {it.item_id: it for it in contents.items}, [note]
 
 
 def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
