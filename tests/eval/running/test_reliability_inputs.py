@@ -246,7 +246,9 @@ async def test_item_ids_cannot_steer_saved_images_out_of_the_run_folder(small_it
         await Runner(vlm, out_dir=out, progress=False, save_images=True,
                      config=AgentConfig(expert_score=False)).run([item])
     saved = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg")]
-    assert saved and all((out / "images") in p.parents for p in saved)
+    # Tool images under OUT/images, anomaly maps under OUT/maps: nothing anywhere else.
+    assert saved and all((out / "images") in p.parents or (out / "maps") in p.parents for p in saved)
+    assert any((out / "images") in p.parents for p in saved) and any((out / "maps") in p.parents for p in saved)
     assert _by_id(out)["../../outside"].error is None
 
 
