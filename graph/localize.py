@@ -78,15 +78,11 @@ def gather(state: dict[str, Any], ctx: ItemContext) -> tuple[LocalizationInputs,
     # Each refute turn answers the observation made just before it: the k-th refute row is about
     # the k-th observation.
     deciding: dict[str, dict[str, Any]] = {}
-    turn_verdict: dict[int, str] = {}
     for k, row in enumerate(rows):
         obs = observations[k] if k < len(observations) else None
         for verdict in row.get("verdicts") or []:
             if isinstance(verdict, dict) and obs is not None:
                 deciding[str(verdict.get("id"))] = obs
-                # The verdict on the candidate this observation tested (else the turn's first).
-                if verdict.get("id") == row.get("candidate") or k not in turn_verdict:
-                    turn_verdict[k] = str(verdict.get("status"))
     item_score = _number(state.get("anomaly_score"))
     regions: list[Region] = []
     confirmed: list[dict[str, Any]] = []
@@ -108,8 +104,8 @@ def gather(state: dict[str, Any], ctx: ItemContext) -> tuple[LocalizationInputs,
             bbox = bbox or WHOLE_IMAGE
             refuted.append({"bbox": _box(bbox), "candidate": cand.get("id"), "tool": obs.get("tool")})
         regions.append(Region(bbox, cand["status"]))
-    masks, mask_verdicts = [], []
-    for k, obs in enumerate(observations):
+    masks = []
+    for obs in observations:
         if not isinstance(obs, dict) or not obs.get("ok") or not obs.get("mask"):
             continue
         # segment_anomaly on the expert's own map restates the rule's first term: not counted twice.
@@ -119,10 +115,9 @@ def gather(state: dict[str, Any], ctx: ItemContext) -> tuple[LocalizationInputs,
             masks.append(decode_mask(obs["mask"], shape))
         except ValueError:
             continue  # an unreadable mask is no evidence; the rest of the map stands
-        mask_verdicts.append(turn_verdict.get(k))
     direct = state.get("direct_reply") if isinstance(state.get("direct_reply"), dict) else {}
     direct_bbox = valid_bbox(direct.get("bbox")) if state.get("direct_label") == "anomalous" else None
-    inputs = LocalizationInputs(excess, regions, masks, mask_verdicts, direct_bbox, item_score)
+    inputs = LocalizationInputs(excess, regions, masks, direct_bbox, item_score)
     confirmed.sort(key=lambda b: -b["score"])
     return inputs, {"boxes": confirmed, "refuted": refuted,
                     "direct_bbox": _box(direct_bbox) if direct_bbox else None, "map_shape": list(shape)}
