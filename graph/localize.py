@@ -35,7 +35,8 @@ def encode_map(map01: np.ndarray) -> bytes:
     """A [0, 1] map as a 16-bit greyscale PNG (65536 levels: pixel rankings survive, which
     pixel AUROC and AUPRO depend on; 8 bits would tie most of a map)."""
     codes = np.round(np.clip(np.nan_to_num(np.asarray(map01, np.float64)), 0.0, 1.0) * MAP_SCALE).astype(np.uint16)
-    ok, buf = cv2.imencode(".png", codes, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    # zlib level 1: a 256 px map encodes in ~3 ms at 85 KB; level 6 saves 3% for ten times the time.
+    ok, buf = cv2.imencode(".png", codes, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError(f"could not encode a map of shape {codes.shape}")
     return buf.tobytes()
