@@ -22,6 +22,7 @@ import base64
 import json
 import math
 import os
+import re
 import tempfile
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -50,6 +51,7 @@ TOOL_THUMB_SIDE = 512
 #: JPEG quality of embedded thumbnails: 80 keeps edges readable at a third of the bytes of 95.
 THUMB_QUALITY = 80
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+_DATA_URL = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
 #: The map level shown in colour: above 0.5 the agent's map is more unusual than the worst
 #: normal reference (log-odds above 0, see graph.localization).
 OVERLAY_FROM = 0.5
@@ -86,6 +88,7 @@ details.item.error{border-color:#c33;background:#fff6f6}
  word-break:break-all}
 .thumb{position:relative;display:inline-block;line-height:0}.thumb img{max-width:520px;border:1px solid #ddd}
 .thumb svg{position:absolute;left:0;top:0;width:100%;height:100%}
+.shared{display:inline-block;background-size:contain;background-repeat:no-repeat;border:1px solid #ddd}
 .note{background:#fff8e1;border:1px solid #f0d890;padding:4px 8px;margin:.5em 0}
 img.plot{max-width:100%;border:1px solid #eee}
 td{word-break:break-word}
@@ -176,7 +179,7 @@ def _outline(mask: np.ndarray) -> str:
 def _figure(label: str = "", **fields: Any) -> dict[str, Any]:
     """One figure as the template reads it (every key present: the template is strict)."""
     out = {"label": label, "src": "", "width": None, "height": None, "boxes": [], "outline": "", "note": "",
-           "missing": "", "full": "", "problem": "", "cls": ""}
+           "missing": "", "full": "", "problem": "", "cls": "", "shared": ""}
     out.update(fields)
     return out
 
@@ -189,6 +192,15 @@ class _Images:
         self.page_dir = page_dir.resolve()
         self.embed = embed
         self.missing = 0
+        self.shared: dict[str, tuple[str, str, int, int]] = {}
+        """Reference thumbnails by file: (CSS class, data URL, width, height). Items share
+        references (a category's, a pool's), so each file is embedded once, in the page's style
+        sheet, and every figure of it names its class."""
+
+    def shared_css(self) -> str:
+        """One rule per shared thumbnail (its data URL is base64: nothing in it can end the rule)."""
+        return "".join(f".{cls}{{background-image:url({url});width:{w}px;height:{h}px}}"
+                       for cls, url, w, h in self.shared.values())
 
     def _inside(self, rel: Any, folder: str, suffixes: Iterable[str]) -> tuple[Path | None, str | None]:
         """(path, problem): ``rel`` from a record, accepted only as a file under OUT/<folder>."""
@@ -223,7 +235,14 @@ class _Images:
             if path is None:
                 raise FileNotFoundError("no path")
             if self.embed:
-                figure["src"], figure["width"], figure["height"] = _jpeg_url(load_image(path, max_side=side), side)
+                key = str(Path(path).resolve())
+                if key not in self.shared:
+                    url, w, h = _jpeg_url(load_image(path, max_side=side), side)
+                    if not _DATA_URL.fullmatch(url):
+                        raise ValueError("unexpected data URL")  # never: to_data_url writes base64
+                    self.shared[key] = (f"ref{len(self.shared)}", url, w, h)
+                cls, _, w, h = self.shared[key]
+                figure.update(shared=cls, width=w, height=h)
             elif Path(path).is_file():
                 figure["src"] = self._link(Path(path))
             else:
@@ -593,7 +612,7 @@ def render_report(records: Sequence[Record], *, run_dir: Path | None = None, pag
     if images.missing:
         page_notes.append(f"{images.missing} image(s) could not be read and are marked missing below.")
     return _template().render(
-        title=title, css=_CSS, offline=any(r.backend == "offline" for r in records), notes=page_notes,
+        title=title, css=_CSS + images.shared_css(), offline=any(r.backend == "offline" for r in records), notes=page_notes,
         run_rows=_run_rows(records, infos, source), metrics=metrics,
         decision=metrics["decision"] if metrics else None, pixel=metrics["pixel"] if metrics else None,
         index=None if single else _index(records, anchors), items=items,

@@ -57,6 +57,17 @@ def _check_page(browser, page_path: Path, *, payload_expected: bool) -> dict:
     images = page.evaluate("() => [...document.images].map(i => ({src: (i.getAttribute('src') || '').slice(0, 80),"
                            " ok: i.complete && i.naturalWidth > 0}))")
     assert images and all(i["ok"] for i in images), [i for i in images if not i["ok"]]
+    # Reference thumbnails are embedded once each, in the style sheet, and shown by class.
+    shared = page.evaluate("""async () => {
+        const els = [...document.querySelectorAll('.shared')];
+        const urls = els.map(e => getComputedStyle(e).backgroundImage);
+        const loaded = await Promise.all([...new Set(urls)].map(u => new Promise(done => {
+            const im = new Image(); im.onload = () => done(im.naturalWidth > 0); im.onerror = () => done(false);
+            im.src = u.slice(5, -2); })));
+        return {n: els.length, none: urls.filter(u => !u.startsWith('url(')).length, ok: loaded.every(x => x),
+                distinct: loaded.length};
+    }""")
+    assert shared["none"] == 0 and shared["ok"], shared
     assert page.evaluate("() => document.documentElement.getAttribute('data-pwned')") is None
     assert page.evaluate("() => document.querySelectorAll('script').length") == 0
     handlers = page.evaluate("() => [...document.querySelectorAll('*')].flatMap(e => [...e.attributes]"
@@ -67,7 +78,7 @@ def _check_page(browser, page_path: Path, *, payload_expected: bool) -> dict:
         assert "<script>document.documentElement" in text      # shown as text, not run
     page.close()
     assert errors == []
-    return {"images": len(images), "text": text}
+    return {"images": len(images), "shared": shared, "text": text}
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +138,12 @@ def test_planted_scripts_never_run_and_every_image_loads(browser, hostile_run, t
     page = build_report(run, manifest=manifest)
     result = _check_page(browser, page, payload_expected=True)
     n_items = len(IDS)
-    # Each item: its query with the map, its references; the tool images; the plots.
-    assert result["images"] >= 2 * n_items + 2
+    # Each item: its query with the map; the tool images; the plots; and its references, each
+    # distinct file embedded once however many items show it.
+    assert result["images"] >= n_items + 2
+    n_refs = sum(len(it.ref_paths) for it in load_manifest(manifest))
+    distinct = {p for it in load_manifest(manifest) for p in it.ref_paths}
+    assert result["shared"]["n"] == n_refs and result["shared"]["distinct"] == len(distinct) < n_refs
     # The check is not masked by the page's Content-Security-Policy: without it nothing runs either.
     raw = page.read_text(encoding="utf-8")
     assert raw.count("Content-Security-Policy") == 1
