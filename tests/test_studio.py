@@ -18,7 +18,7 @@ from langgraph.pregel import Pregel
 from anomalyclaw.errors import AnomalyClawError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-NODES = {"anomalyclaw": {"direct", "propose", "select_tool", "observe", "refute", "commit", "fuse"},
+NODES = {"anomalyclaw": {"direct", "propose", "select_tool", "observe", "refute", "commit", "fuse", "localize"},
          "refutation": {"propose", "select_tool", "observe", "refute", "commit"},
          "direct": {"direct"}}
 

@@ -69,7 +69,7 @@ async def test_item_thread_history_replays_its_turns(item):
     forked = await graph.ainvoke(None, before_refute.config, context=make_context(item, make_vlm("offline")))
     assert forked["refute_score"] == final["refute_score"]
     assert ran[:2] == ["__start__", "direct"] and {"propose", "select_tool", "observe", "refute", "commit"} <= set(ran)
-    assert ran[-1] == "fuse"
+    assert ran[-2:] == ["fuse", "localize"]  # the fused score, then where the anomaly is
 
 
 STRICT_SCRIPT = textwrap.dedent('''
