@@ -577,7 +577,7 @@ def _run_mcqa(args: argparse.Namespace) -> int:
                        mmad_info={"data_root": str(contents.data_root), "refs": contents.refs,
                                   "n_refs": contents.n_refs, "domain_knowledge": args.domain_knowledge})
     summary = run_sync(runner, contents.images, rejected=contents.rejected, resume=args.resume,
-                       retry_errors=args.retry_errors, force=args.force)
+                       retry_errors=args.retry_errors, force=args.force, handle_signals=True)
     records = load_records(out_dir / RECORDS_FILE)
     per_q = summary.requests / summary.n_done if summary.n_done else 0.0
     stand_in = " (the rule-based stand-in, not a VLM)" if vlm.backend == "offline" else ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import redact
@@ -29,7 +29,7 @@ from anomalyclaw.tools.item_context import ItemContext
 
 from .records import (RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records, finished_ids,
                       mcq_error_record, mcq_record_from_state)
-from .runner import RecordWriteError, Runner, RunSummary, _save_observation_images
+from .runner import Runner, RunSummary, _save_observation_images, replica_summary
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class McqRunner(Runner):
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
+        summary.replicas = replica_summary(self.vlm)
         self._write_run_info(n_questions, summary=summary, path=info_path)
         return summary
 
@@ -160,53 +161,21 @@ class McqRunner(Runner):
 
     async def _run_images(self, todo: list[tuple[QuestionImage, list[AskedQuestion]]], writer: RecordWriter,
                           summary: RunSummary) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
-        for job in todo:
-            queue.put_nowait(job)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=sum(len(qs) for _, qs in todo), unit="question", desc="anomalyclaw mcqa",
-                       dynamic_ncols=True)
-
-        async def worker() -> None:
-            while True:
+        async def ask_all(job: tuple[QuestionImage, list[AskedQuestion]],
+                          emit: Callable[[Record], Awaitable[None]]) -> None:
+            image, questions = job
+            ctx, setup_error = None, None
+            if not image.item.ref_paths:
+                setup_error = "no reference images: the question's image needs at least one normal template"
+            else:
                 try:
-                    image, questions = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                ctx, setup_error = None, None
-                if not image.item.ref_paths:
-                    setup_error = "no reference images: the question's image needs at least one normal template"
-                else:
-                    try:
-                        ctx = await asyncio.to_thread(self._prepare, image.item)
-                    except ImageLoadError as exc:
-                        setup_error = f"image: {exc}"
-                    except Exception as exc:  # one bad image must not stop the run
-                        log.exception("image %s: preparing it failed", image.item.item_id)
-                        setup_error = f"internal: {type(exc).__name__}: {exc}"
-                for question in questions:
-                    record = await self.ask(image.item, ctx, question, setup_error)
-                    await asyncio.to_thread(self._write, writer, record)
-                    summary.n_done += 1
-                    summary.n_errors += int(record.error is not None)
-                    summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
-                    summary.requests += int(record.usage.get("requests", 0))
-                    summary.request_bytes += int(record.usage.get("request_bytes", 0))
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(errors=summary.n_errors, refresh=False)
+                    ctx = await asyncio.to_thread(self._prepare, image.item)
+                except ImageLoadError as exc:
+                    setup_error = f"image: {exc}"
+                except Exception as exc:  # one bad image must not stop the run
+                    log.exception("image %s: preparing it failed", image.item.item_id)
+                    setup_error = f"internal: {type(exc).__name__}: {exc}"
+            for question in questions:
+                await emit(await self.ask(image.item, ctx, question, setup_error))
 
-        n_workers = min(self.item_concurrency, max(1, len(todo)))
-        workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
-        try:
-            await asyncio.gather(*workers)
-        except (EndpointFatalError, RecordWriteError) as exc:
-            summary.fatal = redact(str(exc), self.secrets)
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-        finally:
-            if bar is not None:
-                bar.close()
+        await self._drive(todo, ask_all, writer, summary, size=lambda job: len(job[1]), unit="question")

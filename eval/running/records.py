@@ -14,7 +14,6 @@ import math
 import numbers
 import os
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path

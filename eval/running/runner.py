@@ -18,6 +18,7 @@ and still writes the summary.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, redact, redact_value
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 
 FINGERPRINT_FILE = "fingerprint.json"
+
+J = TypeVar("J")
 
 
 class RecordWriteError(OutputError):
@@ -417,49 +420,65 @@ class Runner:
                                    "rerun with --resume: finished items are kept") from None
 
     async def _run_queue(self, todo: list[Item], writer: RecordWriter, summary: RunSummary) -> None:
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        for it in todo:
-            queue.put_nowait(it)
+        async def judge_item(item: Item, emit: Callable[[Record], Awaitable[None]]) -> None:
+            await emit(await self.judge(item))
+
+        await self._drive(todo, judge_item, writer, summary, size=lambda item: 1, unit="item")
+
+    async def _drive(self, jobs: Sequence[J], handle: Callable[[J, Callable[[Record], Awaitable[None]]], Awaitable[None]],
+                     writer: RecordWriter, summary: RunSummary, *, size: Callable[[J], int], unit: str) -> None:
+        """Run ``handle(job, emit)`` for every job, ``item_concurrency`` at a time; ``handle``
+        calls ``await emit(record)`` for each of its ``size(job)`` records. A stop
+        (:meth:`request_stop`) takes no new job and abandons the ones in flight, but a record
+        whose write has begun is finished and counted, so the summary counts exactly the
+        records on disk; ``n_abandoned`` is the records the jobs in flight still owed."""
+        queue: asyncio.Queue[J] = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(todo), unit="item", desc="anomalyclaw", dynamic_ncols=True)
+            bar = tqdm(total=sum(size(j) for j in jobs), unit=unit, desc="anomalyclaw" if self.task == "score" else f"anomalyclaw {self.task}",
+                       dynamic_ncols=True)
+        owed: dict[int, int] = {}  # job in flight -> records it has not written yet
 
-        in_flight: set[str] = set()
-
-        async def worker() -> None:
-            while self._stop_reason is None:
-                try:
-                    item = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                in_flight.add(item.item_id)
-                record = await self.judge(item)
-                # The write ends in an fsync (milliseconds): keep it off the event loop.
-                write = asyncio.ensure_future(asyncio.to_thread(self._write, writer, record))
-                try:
-                    await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    # Stopped while its record was being written: the write finishes anyway,
-                    # so wait for it and count it; the summary counts every record on disk.
-                    await asyncio.wait({write})
-                    if not write.cancelled() and write.exception() is None:
-                        counted(item, record)
-                    raise
-                counted(item, record)
-
-        def counted(item: Item, record: Record) -> None:
+        def counted(key: int, record: Record) -> None:
             summary.n_done += 1
             summary.n_errors += int(record.error is not None)
             summary.n_partial += int(record.error is None and bool(record.direct_error or record.refute_error))
             summary.requests += int(record.usage.get("requests", 0))
             summary.request_bytes += int(record.usage.get("request_bytes", 0))
-            in_flight.discard(item.item_id)
+            owed[key] -= 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(errors=summary.n_errors, refresh=False)
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(todo))))]
+        async def emit(key: int, record: Record) -> None:
+            # The write ends in an fsync (milliseconds): keep it off the event loop.
+            write = asyncio.ensure_future(asyncio.to_thread(self._write, writer, record))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Stopped while its record was being written: the write finishes anyway,
+                # so wait for it and count it.
+                await asyncio.wait({write})
+                if not write.cancelled() and write.exception() is None:
+                    counted(key, record)
+                raise
+            counted(key, record)
+
+        async def worker() -> None:
+            while self._stop_reason is None:
+                try:
+                    job = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                key = id(job)
+                owed[key] = size(job)
+                await handle(job, functools.partial(emit, key))
+                del owed[key]
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(jobs))))]
         stop = asyncio.Event()
         self._stop_event = (asyncio.get_running_loop(), stop)
         if self._stop_reason is not None:
@@ -470,12 +489,15 @@ class Runner:
             await asyncio.wait({everything, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if everything.done():
                 everything.result()  # raises what stopped a worker
-            else:  # a stop was requested: abandon the items in flight
+            else:  # a stop was requested: abandon the jobs in flight
                 summary.interrupted = self._stop_reason
-                summary.n_abandoned = len(in_flight)
                 for w in workers:
                     w.cancel()
-                await asyncio.gather(everything, return_exceptions=True)
+                # Each worker, not the gather of them: a gather ends at the first cancelled worker,
+                # before one still finishing its record's write has counted it.
+                await asyncio.gather(*workers, return_exceptions=True)
+                await asyncio.gather(everything, return_exceptions=True)  # collect its outcome too
+                summary.n_abandoned = sum(owed.values())
         except (EndpointFatalError, RecordWriteError) as exc:
             summary.fatal = redact(str(exc), self.secrets)
             for w in workers:

@@ -165,7 +165,9 @@ async def test_all_replicas_down_stops_the_run_naming_each(servers, small_items,
     for proc in servers.procs:
         proc.kill()
         proc.wait()
-    endpoint = EndpointConfig(base_url=",".join(urls), model="fake-vlm", max_retries=3, backoff_max_s=0.05,
+    # Retries that outlast down_after_s: no item can end in its own error before the run sees
+    # every replica down (with 3 quick retries, 6 items could all fail inside 0.3 s).
+    endpoint = EndpointConfig(base_url=",".join(urls), model="fake-vlm", max_retries=40, backoff_max_s=0.05,
                               timeout_s=5, down_after_s=0.3)
     with pytest.raises(EndpointUnreachableError, match="none of the 2 VLM endpoint replicas answers"):
         check_endpoint(endpoint)

@@ -2,8 +2,13 @@
 records for what cannot be asked, resume, and the command line from synth to eval."""
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +120,60 @@ def test_command_line_from_synth_to_eval(tmp_path, capsys):
     assert cli_main(["run", "--task", "mcqa", "--manifest", str(data), "--split", "test", "--out",
                      str(tmp_path / "X")]) == 2
     assert "--split does not apply" in capsys.readouterr().err
+
+
+def test_a_stop_mid_run_keeps_every_record_counted_and_resume_finishes(small_mmad, tmp_path):
+    contents = read_mmad(small_mmad)
+    out = tmp_path / "run"
+    runner = McqRunner(make_vlm("offline"), out_dir=out, progress=False, expert_pool=ExpertPool("classic"),
+                       item_concurrency=1)
+    original = runner.ask
+
+    async def ask_then_stop(*args, **kw):
+        record = await original(*args, **kw)
+        runner.request_stop("SIGTERM")  # lands while this question's record is still to be written
+        return record
+
+    runner.ask = ask_then_stop
+    summary = run_sync(runner, contents.images)
+    lines = (out / RECORDS_FILE).read_text().splitlines()
+    assert summary.interrupted == "SIGTERM" and summary.n_done == len(lines) == 1
+    assert summary.n_abandoned == len(contents.images[0].questions) - 1
+    info = json.loads(next(out.glob("run_*.json")).read_text())
+    assert info["summary"]["interrupted"] == "SIGTERM" and info["summary"]["n_done"] == 1
+    _, resumed = _run(contents, out, resume=True)
+    ids = [json.loads(line)["item_id"] for line in (out / RECORDS_FILE).read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == contents.n_questions and resumed.n_skipped == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+def test_sigterm_on_the_command_line_writes_the_summary_and_exits_143(small_mmad, tmp_path, monkeypatch, capsys):
+    original = McqRunner.ask
+
+    async def slow_ask(self, *args, **kw):
+        await asyncio.sleep(0.2)  # long enough a run that the signal lands mid-way
+        return await original(self, *args, **kw)
+
+    monkeypatch.setattr(McqRunner, "ask", slow_ask)
+    out = tmp_path / "run"
+    late = []
+    outer = signal.signal(signal.SIGTERM, lambda *a: late.append(a))  # a signal after the run must not hit pytest
+
+    def terminate_once_started() -> None:
+        deadline = time.monotonic() + 60
+        while not (out / RECORDS_FILE).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_started, daemon=True).start()
+    try:
+        code = cli_main(["run", "--task", "mcqa", "--manifest", str(small_mmad), "--backend", "offline",
+                         "--out", str(out), "--no-progress"])
+    finally:
+        time.sleep(0.3)
+        signal.signal(signal.SIGTERM, outer)
+    assert not late, "the run ended before SIGTERM: make it longer"
+    assert code == 143 and "interrupted (SIGTERM)" in capsys.readouterr().err
+    summary = json.loads(next(out.glob("run_*.json")).read_text())["summary"]
+    lines = (out / RECORDS_FILE).read_text().splitlines()
+    assert summary["interrupted"] == "SIGTERM" and summary["n_done"] == len(lines) < read_mmad(small_mmad).n_questions
