@@ -25,7 +25,7 @@ __getattr__, __dir__, _names = _lazy.attach(__name__, submod_attrs={
     "eval.scoring.pixels": ["evaluate_pixels"],
     "eval.scoring.thresholds": ["choose_threshold", "decision_metrics"],
     "eval.scoring.tables": ["format_table"],
-    "eval.reports.html": ["build_report"],
+    "eval.reports.html": ["build_report", "draw_localization"],
     "eval.reports.plots": ["plot_roc_curves"],
     "graph.pipeline": ["build_pipeline", "thread_config"],
     "graph.refutation": ["build_refutation_graph"],

@@ -426,6 +426,49 @@ def _boxes(r: Record) -> tuple[list[dict[str, Any]], list[str]]:
     return boxes, lines
 
 
+def draw_localization(record: Record, *, run_dir: str | os.PathLike, query_path: str | os.PathLike | None = None,
+                      mask_path: str | os.PathLike | None = None, side: int = 384) -> np.ndarray:
+    """One item's localization as a picture (H x W x 3 uint8 RGB), the layers of the report's
+    figure: the query (grey when ``query_path`` is None) with the agent's map coloured where it
+    is above :data:`OVERLAY_FROM`, the boxes (confirmed red, refuted green, undecided thin orange,
+    the direct branch's blue) and the ground-truth mask's outline in yellow. ``run_dir`` is the run
+    folder that holds ``OUT/maps``; a map path outside it is refused."""
+    run_dir = Path(run_dir)
+    loc = record.localization if isinstance(record.localization, dict) else {}
+    amap = None
+    if isinstance(loc.get("map"), str):
+        path = (run_dir / loc["map"]).resolve()
+        if not path.is_relative_to((run_dir / "maps").resolve()):
+            raise ValueError(f"map path {loc['map']!r} of {record.item_id!r} is not under {run_dir / 'maps'}")
+        codes = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if codes is None or codes.ndim != 2:
+            raise AnomalyClawError(f"{path}: not a greyscale PNG map")
+        amap = codes.astype(np.float32) / (255.0 if codes.dtype == np.uint8 else 65535.0)
+    if query_path is not None:
+        image = load_image(query_path, max_side=side)
+    else:
+        shape = amap.shape if amap is not None else (side, side)
+        image = resize_longest(np.full((*shape, 3), 96, np.uint8), side)
+    h, w = image.shape[:2]
+    if amap is not None:
+        heat = np.clip((cv2.resize(amap, (w, h)) - OVERLAY_FROM) / (1 - OVERLAY_FROM), 0, 1)
+        image = overlay_heatmap(image, heat, 0.6, proportional=True)
+    else:
+        image = image.copy()
+    thickness = max(1, round(max(h, w) / 200))
+    if mask_path is not None:
+        contours, _ = cv2.findContours(load_mask(mask_path, (h, w)).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(image, contours, -1, (250, 210, 40), thickness)
+    for box in _boxes(record)[0]:
+        rgb = tuple(int(box["colour"][1 + k], 16) * 17 for k in range(3))  # "#e00" -> (238, 0, 0)
+        x0, y0 = round(box["x"] * w), round(box["y"] * h)
+        x1, y1 = round((box["x"] + box["w"]) * w) - 1, round((box["y"] + box["h"]) * h) - 1
+        # OpenCV draws no dashes: the report's dashed (undecided) boxes are thin lines here.
+        cv2.rectangle(image, (x0, y0), (max(x0, x1), max(y0, y1)), rgb, 1 if box["dashed"] else thickness)
+    return image
+
+
 def _direct_reply(r: Record) -> Any:
     if not r.direct_rationale:
         return None

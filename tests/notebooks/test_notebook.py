@@ -124,6 +124,9 @@ def test_quickstart_runs_end_to_end(kernel_name, tmp_path, monkeypatch):
     page = Path(re.search(r"open (\S+) in a browser", text_of(code_cell(nb, "build_report("))).group(1))
     assert page.is_file() and page.is_relative_to(tmp_path)
     assert "S7_0001" in page.read_text(encoding="utf-8")
+    where = code_cell(nb, "draw_localization(rec")
+    assert re.search(r"confirmed \[\[[0-9., ]+\]", text_of(where)) and "map file maps/" in text_of(where)
+    assert n_images(where) == 1
 
     # section 7: custom events, a checkpointed thread in memory, then SQLite with native tool calls
     events = text_of(tagged_cell(nb, "langgraph-events"))

@@ -135,3 +135,30 @@ def test_threshold_from_a_calibration_run(hostile_run, small_synth, tmp_path, ca
     thresholds = {r.threshold for r in records}
     assert len(thresholds) == 1 and all(r.label_pred in (0, 1) for r in records)
     assert not (out / "maps").exists()
+
+
+def test_draw_localization_paints_map_boxes_and_mask_outline(hostile_run, hostile_manifest):
+    from anomalyclaw import draw_localization
+    from anomalyclaw.eval.data.manifests import load_manifest
+
+    items = {it.item_id: it for it in load_manifest(hostile_manifest)}
+    records = load_records(hostile_run)
+    r = next(r for r in records if r.label_gt == 1 and r.localization["boxes"] and items[r.item_id].mask_path)
+    item = items[r.item_id]
+    plain = draw_localization(r.model_copy(update={"localization": None, "direct_rationale": None}),
+                              run_dir=hostile_run, query_path=item.query_path, side=256)
+    drawn = draw_localization(r, run_dir=hostile_run, query_path=item.query_path, mask_path=item.mask_path, side=256)
+    assert drawn.shape == plain.shape and drawn.dtype == np.uint8 and drawn.shape[2] == 3
+    # The confirmed box's edge is red, where the plain query is not.
+    x0, y0, x1, y1 = r.localization["boxes"][0]["bbox"]
+    h, w = drawn.shape[:2]
+    edge = drawn[round(y0 * h):round(y1 * h), round(x0 * w)]
+    assert (edge[:, 0] > 200).mean() > 0.5 and (edge[:, 1] < 40).mean() > 0.5
+    # Yellow outline pixels where the mask has an edge.
+    yellow = (drawn[..., 0] > 230) & (drawn[..., 1] > 190) & (drawn[..., 2] < 60)
+    assert yellow.sum() > 10 and not ((plain[..., 0] > 230) & (plain[..., 1] > 190) & (plain[..., 2] < 60)).all()
+    # Without the query image it still draws the map on grey.
+    assert draw_localization(r, run_dir=hostile_run).shape[2] == 3
+    with pytest.raises(ValueError, match="not under"):
+        draw_localization(r.model_copy(update={"localization": {**r.localization, "map": "../../etc/x.png"}}),
+                          run_dir=hostile_run)
