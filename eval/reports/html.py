@@ -34,6 +34,7 @@ import numpy as np
 
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.experts.maps import overlay_heatmap
+from anomalyclaw.graph.localization import valid_bbox
 from anomalyclaw.imaging import decode_image, encode_image, load_image, load_mask, resize_longest, to_data_url
 from anomalyclaw.paths import safe_file_name
 
@@ -137,14 +138,8 @@ def anchor_for(item_id: str, used: set[str]) -> str:
 def _valid_bbox(value: Any) -> list[float] | None:
     """A normalized [x0, y0, x1, y1] box, or None when ``value`` is not one (released records
     hold pixel boxes and strings; those are shown as text, not drawn)."""
-    if not isinstance(value, (list, tuple)) or len(value) != 4:
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-        return None
-    x0, y0, x1, y1 = (float(v) for v in value)
-    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-        return None
-    return [x0, y0, x1, y1]
+    box = valid_bbox(value)
+    return None if box is None else list(box)
 
 
 def _label(label: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import redact
-from anomalyclaw.errors import AnomalyClawError, EndpointFatalError, ImageLoadError
+from anomalyclaw.errors import EndpointFatalError, ImageLoadError
 from anomalyclaw.items import Item, Question
 from anomalyclaw.paths import writable_folder
 from anomalyclaw.threads import limit_compute_threads
@@ -27,8 +27,7 @@ from anomalyclaw.graph.pipeline import build_pipeline
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.tools.item_context import ItemContext
 
-from .records import (RECORDS_FILE, Record, RecordWriter, RunLock, drop_error_records, finished_ids,
-                      mcq_error_record, mcq_record_from_state)
+from .records import Record, RecordWriter, RunLock, finished_ids, mcq_error_record, mcq_record_from_state
 from .runner import Runner, RunSummary, _save_observation_images, replica_summary
 
 log = logging.getLogger(__name__)
@@ -81,15 +80,7 @@ class McqRunner(Runner):
 
     async def _run_questions(self, images: Sequence[QuestionImage], rejected: Sequence[UnaskedQuestion],
                              resume: bool, retry_errors: bool, force: bool = False) -> RunSummary:
-        records_path = self.out_dir / RECORDS_FILE
-        if records_path.exists() and records_path.stat().st_size > 0 and not resume:
-            raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
-                                   "another --out folder")
-        self._check_fingerprint(resume, force)
-        if resume and retry_errors:
-            dropped = drop_error_records(self.out_dir)
-            if dropped:
-                log.warning("asking again %d questions whose records were errors", dropped)
+        self._open_folder(resume, retry_errors, force, what="questions")
         done = finished_ids(self.out_dir) if resume else set()
         n_questions = sum(len(im.questions) for im in images) + len(rejected)
         summary = RunSummary(out_dir=str(self.out_dir), n_items=n_questions)

@@ -350,8 +350,9 @@ class Runner:
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
-    async def _run_locked(self, items: Sequence[Item], rejected: dict[str, list[str]], resume: bool,
-                          retry_errors: bool, duplicates: int = 0, force: bool = False) -> RunSummary:
+    def _open_folder(self, resume: bool, retry_errors: bool, force: bool, *, what: str) -> None:
+        """Refuse a folder that holds records unless resuming, check its fingerprint, and with
+        ``retry_errors`` drop the error records so that their ``what`` are redone."""
         records_path = self.out_dir / RECORDS_FILE
         if records_path.exists() and records_path.stat().st_size > 0 and not resume:
             raise AnomalyClawError(f"{records_path} exists: pass --resume to continue that run, or choose "
@@ -360,7 +361,11 @@ class Runner:
         if resume and retry_errors:
             dropped = drop_error_records(self.out_dir)
             if dropped:
-                log.warning("retrying %d items whose records were errors", dropped)
+                log.warning("redoing %d %s whose records were errors", dropped, what)
+
+    async def _run_locked(self, items: Sequence[Item], rejected: dict[str, list[str]], resume: bool,
+                          retry_errors: bool, duplicates: int = 0, force: bool = False) -> RunSummary:
+        self._open_folder(resume, retry_errors, force, what="items")
         unique: dict[str, Item] = {}
         n_duplicates = max(0, int(duplicates))
         for it in items:
