@@ -35,8 +35,13 @@ def encode_map(map01: np.ndarray) -> bytes:
     """A [0, 1] map as a 16-bit greyscale PNG (65536 levels: pixel rankings survive, which
     pixel AUROC and AUPRO depend on; 8 bits would tie most of a map)."""
     codes = np.round(np.clip(np.nan_to_num(np.asarray(map01, np.float64)), 0.0, 1.0) * MAP_SCALE).astype(np.uint16)
-    # zlib level 1: a 256 px map encodes in ~3 ms at 85 KB; level 6 saves 3% for ten times the time.
-    ok, buf = cv2.imencode(".png", codes, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    # zlib level 1, the Paeth filter on every row and run-length matching: measured on the demo's
+    # 336 maps, 1.6 ms and 89 KB per 256 px map (6.3 ms, 322 KB at 512 px) against 3.2 ms and 90 KB
+    # (9.7 ms, 299 KB) with the adaptive filters and the default strategy; level 6 saves 3% more
+    # bytes for ten times the time.
+    ok, buf = cv2.imencode(".png", codes, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                           cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH,
+                                           cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
     if not ok:
         raise ValueError(f"could not encode a map of shape {codes.shape}")
     return buf.tobytes()
