@@ -430,11 +430,34 @@ def _prepare_run(args: argparse.Namespace, items, out_dir: Path, where: str, inp
     writable_folder(out_dir, "run folder")
     config, registry, prompts = _agent_config(args), _registry(args), PromptSet.load(args.prompts)
     threshold = _run_threshold(args)
+    scale = _scale_options(args)
     vlm, secrets = _make_vlm(args)
-    return Runner(vlm, out_dir=out_dir, config=config, registry=registry, prompts=prompts,
+    kwargs = dict(out_dir=out_dir, config=config, registry=registry, prompts=prompts,
                   save_images=args.save_images, save_maps=not getattr(args, "no_maps", False),
                   threshold=threshold, progress=not args.no_progress, secrets=secrets,
                   source=inputs.get("manifest"), inputs=inputs, command=_command_line(getattr(args, "argv", None)))
+    if scale:
+        from anomalyclaw.eval.running.workers import ShardedRunner
+
+        return ShardedRunner(vlm, **scale, **kwargs)
+    return Runner(vlm, **kwargs)
+
+
+def _scale_options(args: argparse.Namespace) -> dict:
+    """``--workers`` / ``--ray`` as ShardedRunner's arguments ({} for one process), checked
+    before anything starts."""
+    workers, ray = getattr(args, "workers", None), getattr(args, "ray", None)
+    if ray is not None:
+        from anomalyclaw.eval.running.workers import import_ray
+
+        import_ray()  # without Ray installed: one line saying how to install it
+        return {"workers": workers or 2, "ray": ray}
+    if workers is None or workers == 1:
+        return {}
+    if args.concurrency < workers:
+        raise ValueError(f"--concurrency {args.concurrency} is below --workers {workers}: each worker needs at "
+                         "least one request in flight (raise --concurrency or lower --workers)")
+    return {"workers": workers, "ray": False}
 
 
 def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str, inputs: dict,
@@ -544,6 +567,10 @@ def _run_mcqa(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.running.runner import run_sync
     from anomalyclaw.prompts import PromptSet
 
+    if getattr(args, "workers", None) not in (None, 1) or getattr(args, "ray", None) is not None:
+        flag = "--ray" if getattr(args, "ray", None) is not None else f"--workers {args.workers}"
+        raise ValueError(f"{flag} applies to --task score; --task mcqa runs in one process (leave {flag.split()[0]} "
+                         "out)")
     if args.split:
         raise ValueError("--split does not apply to --task mcqa: an MMAD file has no splits (use --domains to pick "
                          "its datasets, e.g. DS-MVTec,VisA)")
@@ -974,6 +1001,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--domain-knowledge", metavar="FILE",
                    help="MMAD's domain_knowledge.json: its text for the image's class goes into the domain card")
     run_options(p)
+    w = p.add_argument_group("scale (the parent process is the one writer of OUT/records.jsonl)")
+    w.add_argument("--workers", type=POSITIVE_INT, metavar="N",
+                   help="judge the items in N worker processes, each with its own event loop and a share of "
+                        "--concurrency (one machine, CPU-bound); with --ray: N Ray actors (default 2)")
+    w.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="judge the items on Ray actors: the cluster at ADDRESS (e.g. ray://head:10001 or auto), "
+                        "or a local one when none is given (pip install anomalyclaw[ray])")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("demo", help="synthetic benchmark + full pipeline on the offline backend + AUROC")

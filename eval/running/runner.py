@@ -98,6 +98,9 @@ class RunSummary:
     replicas: list[dict[str, Any]] = field(default_factory=list)
     """Per endpoint replica: ``url``, ``requests``, ``errors``, ``ok``, latency mean / p50 / p95
     of successful requests, ``rests``, ``state`` (empty for a backend without replicas)."""
+    workers: dict[str, Any] = field(default_factory=dict)
+    """With ``--workers``/``--ray``: ``kind`` (processes or ray), ``n``, each one's ``concurrency``,
+    ``respawns`` (dead workers replaced) and the workers' ``cpu_s`` (empty for one process)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -400,14 +403,19 @@ class Runner:
                     await self._run_queue(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
-        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
-        summary.tool_calling = self.tool_calling.describe()
-        summary.replicas = replica_summary(self.vlm)
+        self._collect_stats(summary)
         try:
             self._write_run_info(summary.n_items, summary=summary, path=info_path)
         except OutputError as exc:  # the records are what matters, and they are already safe
             log.warning("the run summary was not written: %s", exc)
         return summary
+
+    def _collect_stats(self, summary: RunSummary) -> None:
+        """The summary's cache, tool-calling and replica figures (a runner with worker
+        processes adds up its workers' instead)."""
+        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
+        summary.tool_calling = self.tool_calling.describe()
+        summary.replicas = replica_summary(self.vlm)
 
     def _write(self, writer: RecordWriter, record: Record) -> None:
         """Append one record; a failed write (disk full, folder gone) stops the run, since
@@ -431,8 +439,10 @@ class Runner:
         await self._drive(todo, judge_item, writer, summary, size=lambda item: 1, unit="item")
 
     async def _drive(self, jobs: Sequence[J], handle: Callable[[J, Callable[[Record], Awaitable[None]]], Awaitable[None]],
-                     writer: RecordWriter, summary: RunSummary, *, size: Callable[[J], int], unit: str) -> None:
-        """Run ``handle(job, emit)`` for every job, ``item_concurrency`` at a time; ``handle``
+                     writer: RecordWriter, summary: RunSummary, *, size: Callable[[J], int], unit: str,
+                     concurrency: int | None = None) -> None:
+        """Run ``handle(job, emit)`` for every job, ``concurrency`` (default ``item_concurrency``)
+        at a time; ``handle``
         calls ``await emit(record)`` for each of its ``size(job)`` records. A stop
         (:meth:`request_stop`) takes no new job and abandons the ones in flight, but a record
         whose write has begun is finished and counted, so the summary counts exactly the
@@ -483,7 +493,8 @@ class Runner:
                 await handle(job, functools.partial(emit, key))
                 del owed[key]
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(self.item_concurrency, max(1, len(jobs))))]
+        workers = [asyncio.create_task(worker())
+                   for _ in range(min(concurrency or self.item_concurrency, max(1, len(jobs))))]
         stop = asyncio.Event()
         self._stop_event = (asyncio.get_running_loop(), stop)
         if self._stop_reason is not None:

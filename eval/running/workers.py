@@ -1,0 +1,659 @@
+"""Past one process: the runner's items judged by worker processes (``run --workers N``) or by
+Ray actors (``run --ray [ADDRESS]``), the parent the one writer of ``OUT/records.jsonl``.
+
+One event loop is one GIL: past ~10 items/s the runner's CPU, not the endpoint, is the ceiling.
+:class:`ShardedRunner` keeps everything a run folder promises (the lock, the fingerprint, resume,
+the summary) in the parent and hands the items out in small batches, a batch at a time to
+whichever worker has a free slot (work stealing: a fast worker takes more). Each worker is a whole
+:class:`~anomalyclaw.eval.running.runner.Runner` of its own (its event loop, VLM client with its
+share of ``--concurrency``, tools, experts, caches) built from a picklable :class:`WorkerSpec`; it
+sends each finished record back, and only the parent writes it, so a record is on disk once or
+not at all:
+
+- a worker that dies (SIGKILL, out of memory) loses only its unfinished items: they are judged
+  again, each alone on another worker (a fresh one replaces the dead); an item whose worker dies
+  twice while judging it alone gets an error record saying so (``--resume --retry-errors`` tries
+  it again) instead of killing worker after worker;
+- a parent that dies leaves the records it wrote; its workers see their pipe close and exit;
+  ``--resume`` judges what has no record;
+- SIGINT/SIGTERM stop the parent as a single-process run stops (no new batch, the ones in flight
+  abandoned, the summary written); the workers ignore SIGINT (a terminal's Ctrl-C reaches the
+  whole process group) and are stopped by the parent.
+
+Ray is imported only for ``--ray`` (``pip install anomalyclaw[ray]``).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import queue as queue_mod
+import signal
+import sys
+import threading
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+from anomalyclaw.cache import cache_stats
+from anomalyclaw.config import AgentConfig, EndpointConfig, redact
+from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
+from anomalyclaw.items import Item
+from anomalyclaw.prompts import PromptSet
+
+from anomalyclaw.eval.running.records import Record, RecordWriter, error_record
+from anomalyclaw.eval.running.runner import RunSummary, Runner
+
+log = logging.getLogger(__name__)
+
+#: How long the parent waits for a worker's goodbye (its last stats) before stopping it.
+CLOSE_WAIT_S = 10.0
+#: Batches a worker holds at once: one being judged while the next waits, and one more.
+SLOTS_PER_WORKER = 3
+#: Replacements for dead workers in one run before the run gives up (``workers x`` this).
+RESPAWNS_PER_WORKER = 4
+
+
+class WorkerLost(Exception):
+    """The worker judging a batch died before finishing it."""
+
+
+class WorkerStartError(EndpointFatalError):
+    """Workers cannot be started (or keep dying): like an endpoint that refuses every request,
+    it stops the run, finished records kept."""
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """Everything a worker needs to build the parent's runner again (picklable: no clients)."""
+
+    backend: str
+    endpoint: EndpointConfig | None
+    concurrency: int
+    """This worker's share of ``--concurrency`` (VLM requests in flight)."""
+    config: AgentConfig
+    tools: list[str]
+    prompts: PromptSet
+    out_dir: str
+    run_id: str
+    save_images: bool = False
+    save_maps: bool = True
+    threshold: float | None = None
+    item_timeout_s: float | None = 900.0
+    secrets: list[str] = dataclasses.field(default_factory=list, repr=False)
+
+    def build(self) -> Runner:
+        from anomalyclaw.graph.vlm import make_vlm
+        from anomalyclaw.tools.registry import ToolRegistry
+
+        vlm = make_vlm(self.backend, self.endpoint, max_concurrency=self.concurrency)
+        registry = ToolRegistry.default()
+        for name in registry.names():
+            if name not in self.tools:
+                registry.drop(name)
+        runner = Runner(vlm, out_dir=self.out_dir, config=self.config, registry=registry, prompts=self.prompts,
+                        item_timeout_s=self.item_timeout_s, save_images=self.save_images, save_maps=self.save_maps,
+                        threshold=self.threshold, progress=False, secrets=self.secrets)
+        runner.run_id = self.run_id
+        return runner
+
+
+def split_concurrency(total: int, n: int) -> list[int]:
+    """``total`` requests in flight shared by ``n`` workers, as evenly as whole numbers allow."""
+    return [total // n + (1 if k < total % n else 0) for k in range(n)]
+
+
+def worker_snapshot(runner: Runner) -> dict[str, Any]:
+    """What a worker reports after each batch: its CPU time, replica stats (with latencies, so
+    the parent can pool them) and cache counters."""
+    from anomalyclaw.graph.vlm.replicas import merge_stats  # noqa: F401 (the parent merges these rows)
+
+    stats = getattr(runner.vlm, "replica_stats", None)
+    return {"pid": os.getpid(), "cpu_s": time.process_time(),
+            "replicas": stats() if callable(stats) else [],
+            "cache": {"experts": dict(getattr(runner.expert_pool, "stats", {}) or {}), **cache_stats()}}
+
+
+class _BatchJudge:
+    """A worker's side: judges batches on its runner, at most ``item_concurrency`` items at once."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self._slots: asyncio.Semaphore | None = None
+
+    async def judge(self, items: Sequence[Item], send: Callable[[Record], None]) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.runner.item_concurrency)
+
+        async def one(item: Item) -> None:
+            async with self._slots:
+                send(await self.runner.judge(item))
+
+        tasks = [asyncio.ensure_future(one(it)) for it in items]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+# ------------------------------------------------------------------------- worker processes
+
+def _process_main(conn: Any, spec: WorkerSpec) -> None:
+    """A worker process: batches in, records out, over its own pipe (a pipe per worker, so a
+    worker killed mid-message garbles nobody else's)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a run stops
+    out: queue_mod.Queue = queue_mod.Queue()
+
+    def sender() -> None:  # pickling and sending off the event loop, in order
+        while True:
+            msg = out.get()
+            if msg is None:
+                return
+            try:
+                conn.send(msg)
+            except (OSError, EOFError):  # the parent is gone
+                os._exit(0)
+
+    threading.Thread(target=sender, name="anomalyclaw-worker-send", daemon=True).start()
+    try:
+        from anomalyclaw.config import install_secret_redaction
+        from anomalyclaw.threads import limit_compute_threads
+
+        install_secret_redaction(spec.secrets)
+        runner = spec.build()
+    except BaseException as exc:  # noqa: BLE001 (reported to the parent, which stops the run)
+        out.put(("fatal", f"worker {os.getpid()} could not start: {type(exc).__name__}: {exc}"))
+        out.put(None)
+        time.sleep(1.0)
+        return
+    with limit_compute_threads(1):
+        asyncio.run(_serve(conn, runner, out))
+    out.put(None)
+    time.sleep(0.2)
+
+
+async def _serve(conn: Any, runner: Runner, out: queue_mod.Queue) -> None:
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (OSError, EOFError):  # the parent died or closed the pipe: stop at once
+                os._exit(0)
+            loop.call_soon_threadsafe(inbox.put_nowait, msg)
+            if msg[0] == "close":
+                return
+
+    threading.Thread(target=reader, name="anomalyclaw-worker-recv", daemon=True).start()
+    judge = _BatchJudge(runner)
+    tasks: set[asyncio.Task] = set()
+
+    async def batch(bid: int, items: list[Item]) -> None:
+        try:
+            await judge.judge(items, lambda rec: out.put(("record", bid, rec)))
+        except EndpointFatalError as exc:
+            out.put(("fatal", redact(str(exc), runner.secrets)))
+            return
+        out.put(("done", bid, worker_snapshot(runner)))
+
+    out.put(("ready", worker_snapshot(runner)))
+    while True:
+        msg = await inbox.get()
+        if msg[0] == "batch":
+            task = asyncio.create_task(batch(msg[1], msg[2]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif msg[0] == "close":
+            for t in list(tasks):
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            close = getattr(runner.vlm, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001
+                    pass
+            out.put(("bye", worker_snapshot(runner)))
+            return
+
+
+class _Proc:
+    """The parent's handle of one worker process."""
+
+    def __init__(self, index: int, process: Any, conn: Any):
+        self.index, self.process, self.conn = index, process, conn
+        self.alive = True
+        self.exitcode: int | None = None
+        self.batches: dict[int, asyncio.Queue] = {}
+        self.send_lock = threading.Lock()
+        self.goodbye = asyncio.Event()
+
+
+class ProcessPool:
+    """N worker processes (forkserver where the platform has it, else spawn), each fed batches
+    over its own pipe; a dead one is replaced on its next use."""
+
+    kind = "processes"
+
+    def __init__(self, n: int, specs: Sequence[WorkerSpec]):
+        self.n = n
+        self.specs = list(specs)
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self.ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            # The fork server imports the runner once; each worker forks from it warm.
+            self.ctx.set_forkserver_preload(["anomalyclaw.eval.running.workers"])
+        self.procs: list[_Proc] = []
+        self.snapshots: dict[tuple[int, int], dict[str, Any]] = {}
+        self.respawns = 0
+        self._slots: asyncio.Queue[int] = asyncio.Queue()
+        self._bid = 0
+        self._fatal: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for k in range(self.n):
+            self.procs.append(await asyncio.to_thread(self._spawn, k))
+            for _ in range(SLOTS_PER_WORKER):
+                self._slots.put_nowait(k)
+
+    def _spawn(self, index: int) -> _Proc:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(target=_process_main, args=(child_conn, self.specs[index]),
+                                   name=f"anomalyclaw-worker-{index}", daemon=True)
+        try:
+            process.start()
+        except Exception as exc:  # noqa: BLE001
+            raise WorkerStartError(f"--workers: cannot start worker process {index}: {exc}") from None
+        child_conn.close()  # the parent's copy: a dead worker's pipe then reads as closed
+        proc = _Proc(index, process, parent_conn)
+        threading.Thread(target=self._read, args=(proc,), name=f"anomalyclaw-pool-recv-{index}", daemon=True).start()
+        return proc
+
+    def _read(self, proc: _Proc) -> None:
+        """The reader thread of one worker's pipe; its messages go to the event loop."""
+        assert self._loop is not None
+        while True:
+            try:
+                msg = proc.conn.recv()
+            except Exception:  # noqa: BLE001 (the worker is dead, or was killed mid-message)
+                proc.process.join(timeout=5)
+                self._post(self._on_dead, proc, proc.process.exitcode)
+                return
+            self._post(self._on_message, proc, msg)
+            if msg[0] == "bye":
+                return
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the run's loop has ended (the pool was closed): nothing to tell
+            pass
+
+    def _on_message(self, proc: _Proc, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "record":
+            q = proc.batches.get(msg[1])
+            if q is not None:
+                q.put_nowait(("record", msg[2]))
+        elif kind == "done":
+            self.snapshots[(proc.index, proc.process.pid)] = msg[2]
+            q = proc.batches.get(msg[1])
+            if q is not None:
+                q.put_nowait(("done", None))
+        elif kind in ("ready", "bye"):
+            self.snapshots[(proc.index, proc.process.pid)] = msg[1]
+            if kind == "bye":
+                proc.goodbye.set()
+        elif kind == "fatal":
+            self._fatal = self._fatal or msg[1]
+            for q in proc.batches.values():
+                q.put_nowait(("fatal", msg[1]))
+
+    def _on_dead(self, proc: _Proc, exitcode: int | None) -> None:
+        if not proc.alive:
+            return
+        proc.alive, proc.exitcode = False, exitcode
+        proc.goodbye.set()
+        if exitcode not in (0, None):
+            log.warning("worker process %d (pid %s) died (exit %s); its unfinished items are judged again",
+                        proc.index, proc.process.pid, exitcode)
+        for q in proc.batches.values():
+            q.put_nowait(("lost", exitcode))
+
+    async def close(self, *, wait: bool = True) -> None:
+        for proc in self.procs:
+            if proc.alive:
+                try:
+                    with proc.send_lock:
+                        proc.conn.send(("close",))
+                except (OSError, ValueError):
+                    pass
+        if wait:
+            pending = [p.goodbye.wait() for p in self.procs if p.alive]
+            if pending:
+                await asyncio.wait([asyncio.ensure_future(w) for w in pending], timeout=CLOSE_WAIT_S)
+        await asyncio.to_thread(self._stop_all)
+
+    def _stop_all(self) -> None:
+        for proc in self.procs:
+            proc.process.join(timeout=2)
+            if proc.process.is_alive():
+                proc.process.terminate()
+                proc.process.join(timeout=5)
+            if proc.process.is_alive():
+                proc.process.kill()
+                proc.process.join(timeout=5)
+            try:
+                proc.conn.close()
+            except OSError:
+                pass
+
+    # -- work
+    async def acquire(self) -> int:
+        index = await self._slots.get()
+        proc = self.procs[index]
+        if not proc.alive:
+            if self.respawns >= RESPAWNS_PER_WORKER * self.n:
+                self._slots.put_nowait(index)
+                raise WorkerStartError(f"--workers: worker processes died {self.respawns} times in this run (the "
+                                       f"last exit status {proc.exitcode}); stopping: finished items are kept")
+            self.respawns += 1
+            self.procs[index] = await asyncio.to_thread(self._spawn, index)
+        return index
+
+    def release(self, index: int) -> None:
+        self._slots.put_nowait(index)
+
+    async def judge(self, index: int, items: Sequence[Item]) -> AsyncIterator[Record]:
+        if self._fatal:
+            raise WorkerStartError(self._fatal)
+        proc = self.procs[index]
+        self._bid += 1
+        bid = self._bid
+        q: asyncio.Queue = asyncio.Queue()
+        proc.batches[bid] = q
+        try:
+            if not proc.alive:
+                raise WorkerLost(f"worker {index} exited ({proc.exitcode})")
+            try:
+                with proc.send_lock:
+                    proc.conn.send(("batch", bid, list(items)))
+            except (OSError, ValueError) as exc:
+                raise WorkerLost(f"worker {index}: {exc}") from None
+            while True:
+                kind, value = await q.get()
+                if kind == "record":
+                    yield value
+                elif kind == "done":
+                    return
+                elif kind == "fatal":
+                    raise EndpointFatalError(value)
+                else:
+                    raise WorkerLost(f"worker process {index} (pid {proc.process.pid}) died (exit status {value})")
+        finally:
+            proc.batches.pop(bid, None)
+
+    def worker_snapshots(self) -> list[dict[str, Any]]:
+        return list(self.snapshots.values())
+
+
+# ------------------------------------------------------------------------------------- Ray
+
+RAY_MISSING = "--ray needs Ray, which is not installed: pip install anomalyclaw[ray]"
+
+
+def import_ray() -> Any:
+    try:
+        import ray  # noqa: PLC0415 (an optional extra)
+    except ImportError:
+        raise AnomalyClawError(RAY_MISSING) from None
+    return ray
+
+
+class RayWorker:
+    """A Ray actor's class (made remote by :class:`RayPool`): one runner, batches judged on the
+    actor's event loop; a batch's records come back together."""
+
+    def __init__(self, spec: WorkerSpec):
+        from anomalyclaw.config import install_secret_redaction
+        from threadpoolctl import threadpool_limits
+
+        install_secret_redaction(spec.secrets)
+        threadpool_limits(limits=1)
+        try:
+            import torch
+            torch.set_num_threads(1)
+        except ImportError:
+            pass
+        self.runner = spec.build()
+        self.judge_ = _BatchJudge(self.runner)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def judge(self, items: list[Item]) -> tuple[str, Any, dict[str, Any]]:
+        records: list[Record] = []
+        try:
+            await self.judge_.judge(items, records.append)
+        except EndpointFatalError as exc:
+            return "fatal", redact(str(exc), self.runner.secrets), worker_snapshot(self.runner)
+        return "records", records, worker_snapshot(self.runner)
+
+
+class RayPool:
+    """N Ray actors (one CPU each) on a Ray cluster: the one at ``address``, or a local one
+    started for the run (``ray.init(num_cpus=...)``) when there is none. A lost actor is
+    replaced on its next use; its batch is judged again by the caller."""
+
+    kind = "ray"
+
+    def __init__(self, n: int, specs: Sequence[WorkerSpec], address: str | None = None):
+        self.ray = import_ray()
+        self.n, self.specs, self.address = n, list(specs), address
+        self.actors: list[Any] = []
+        self.alive: list[bool] = []
+        self.snapshots: dict[tuple[int, int], dict[str, Any]] = {}
+        self.respawns = 0
+        self._slots: asyncio.Queue[int] = asyncio.Queue()
+        self._started_ray = False
+        self._generation = [0] * n
+
+    async def start(self) -> None:
+        ray = self.ray
+        if not ray.is_initialized():
+            kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
+                                      log_to_driver=False)
+            if self.address:
+                kw["address"] = self.address
+            else:
+                kw["num_cpus"] = max(self.n, os.cpu_count() or 1)
+            try:
+                await asyncio.to_thread(lambda: ray.init(**kw))
+            except Exception as exc:  # noqa: BLE001 (a wrong address, a cluster that is down)
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
+                raise WorkerStartError(f"--ray: cannot connect to {where}: {type(exc).__name__}: {exc}") from None
+            self._started_ray = True
+        self._remote = ray.remote(num_cpus=1, max_restarts=0)(RayWorker)
+        for k in range(self.n):
+            self.actors.append(self._remote.remote(self.specs[k]))
+            self.alive.append(True)
+            for _ in range(SLOTS_PER_WORKER):
+                self._slots.put_nowait(k)
+
+    async def close(self, *, wait: bool = True) -> None:
+        ray = self.ray
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001
+                pass
+        if self._started_ray:
+            await asyncio.to_thread(ray.shutdown)
+
+    async def acquire(self) -> int:
+        index = await self._slots.get()
+        if not self.alive[index]:
+            if self.respawns >= RESPAWNS_PER_WORKER * self.n:
+                self._slots.put_nowait(index)
+                raise WorkerStartError(f"--ray: Ray actors died {self.respawns} times in this run; stopping: "
+                                       "finished items are kept")
+            self.respawns += 1
+            self.actors[index] = self._remote.remote(self.specs[index])
+            self.alive[index] = True
+            self._generation[index] += 1
+        return index
+
+    def release(self, index: int) -> None:
+        self._slots.put_nowait(index)
+
+    async def judge(self, index: int, items: Sequence[Item]) -> AsyncIterator[Record]:
+        ray = self.ray
+        actor, generation = self.actors[index], self._generation[index]
+        try:
+            kind, value, snapshot = await actor.judge.remote(list(items))
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError) as exc:
+            if self._generation[index] == generation:
+                self.alive[index] = False
+            raise WorkerLost(f"Ray actor {index} was lost: {type(exc).__name__}") from None
+        self.snapshots[(index, snapshot["pid"])] = snapshot
+        if kind == "fatal":
+            raise EndpointFatalError(value)
+        for record in value:
+            yield record
+
+    def worker_snapshots(self) -> list[dict[str, Any]]:
+        return list(self.snapshots.values())
+
+
+# --------------------------------------------------------------------------- the runner
+
+def merge_caches(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Cache counters of several workers added up (numbers summed, by cache name)."""
+    out: dict[str, Any] = {}
+    for group in groups:
+        for name, stats in (group or {}).items():
+            into = out.setdefault(name, {})
+            for key, value in (stats or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                        not key.startswith("max_"):
+                    into[key] = into.get(key, 0) + value
+                else:
+                    into.setdefault(key, value)
+    return dict(sorted(out.items()))
+
+
+class ShardedRunner(Runner):
+    """A :class:`Runner` whose items are judged by ``workers`` worker processes, or by Ray
+    actors when ``ray`` is set (``""`` or None for a local cluster, else the cluster's
+    address); this process is the one writer of the records. The VLM given is the parent's
+    (checked by the caller, used for the fingerprint); each worker builds its own."""
+
+    def __init__(self, vlm: Any, *, workers: int = 2, ray: str | None | bool = False, batch_size: int | None = None,
+                 **kwargs: Any):
+        super().__init__(vlm, **kwargs)
+        if workers < 1:
+            raise ValueError(f"--workers {workers}: need at least 1")
+        self.workers = workers
+        self.ray = ray
+        self.batch_size = batch_size
+        self.pool: ProcessPool | RayPool | None = None
+        self.worker_cpu_s = 0.0
+        """CPU seconds the workers spent in this run (what their last reports say)."""
+        backend = getattr(vlm, "backend", None)
+        if backend not in ("offline", "openai"):
+            raise AnomalyClawError(f"--workers/--ray need the offline or openai backend (workers build their own "
+                                   f"client); this VLM's backend is {backend!r}")
+        total = int(getattr(vlm, "max_concurrency", 0) or 0) or 2 * workers
+        if total < workers:
+            raise ValueError(f"--concurrency {total} is below --workers {workers}: each worker needs at least one "
+                             "request in flight")
+        self.shares = split_concurrency(total, workers)
+
+    def specs(self) -> list[WorkerSpec]:
+        endpoint = getattr(self.vlm, "endpoint", None) if self.vlm.backend == "openai" else None
+        return [WorkerSpec(backend=self.vlm.backend, endpoint=endpoint, concurrency=share, config=self.config,
+                           tools=self.registry.names(), prompts=self.prompts, out_dir=str(self.out_dir),
+                           run_id=self.run_id, save_images=self.save_images, save_maps=self.save_maps,
+                           threshold=self.threshold, item_timeout_s=self.item_timeout_s, secrets=self.secrets)
+                for share in self.shares]
+
+    def make_pool(self) -> ProcessPool | RayPool:
+        if self.ray is not False and self.ray is not None:
+            return RayPool(self.workers, self.specs(), address=self.ray or None)
+        return ProcessPool(self.workers, self.specs())
+
+    def _batch_size(self, n_items: int) -> int:
+        if self.batch_size:
+            return self.batch_size
+        per_worker = max(2, int(max(self.shares) * 1.5) + 1)  # a worker runner's item_concurrency
+        # Small enough that every worker gets several batches (a dead worker costs little), big
+        # enough that SLOTS_PER_WORKER batches keep its items in flight.
+        return max(1, min(math.ceil(per_worker / 2), math.ceil(n_items / (4 * self.workers))))
+
+    async def _run_queue(self, todo: list[Item], writer: RecordWriter, summary: RunSummary) -> None:
+        if not todo:
+            return
+        size = self._batch_size(len(todo))
+        batches = [todo[k:k + size] for k in range(0, len(todo), size)]
+        pool = self.pool = self.make_pool()
+        clean = False
+        try:
+            await pool.start()
+
+            async def handle(batch: list[Item], emit: Callable[[Record], Awaitable[None]]) -> None:
+                await self._judge_on_pool(pool, batch, emit, singles=False)
+
+            await self._drive(batches, handle, writer, summary, size=len, unit="item",
+                              concurrency=self.workers * SLOTS_PER_WORKER)
+            clean = summary.interrupted is None and summary.fatal is None
+        except WorkerStartError as exc:
+            summary.fatal = redact(str(exc), self.secrets)
+        finally:
+            await pool.close(wait=clean)
+            self.worker_cpu_s = sum(s.get("cpu_s", 0.0) for s in pool.worker_snapshots())
+
+    async def _judge_on_pool(self, pool: Any, items: list[Item], emit: Callable[[Record], Awaitable[None]], *,
+                             singles: bool, tries: int = 1) -> None:
+        """Judge ``items`` on one worker. If it dies, the items it did not finish are judged
+        again one per batch (so one item that kills its worker cannot take others with it); one
+        whose worker died twice judging it alone gets an error record."""
+        pending = {it.item_id: it for it in items}
+        index = await pool.acquire()
+        try:
+            async for record in pool.judge(index, list(pending.values())):
+                if pending.pop(record.item_id, None) is not None:
+                    await emit(record)
+            return
+        except WorkerLost as exc:
+            lost, reason = list(pending.values()), str(exc)
+        finally:
+            pool.release(index)
+        if singles and tries >= 2:
+            for item in lost:
+                await emit(error_record(item, f"internal: {reason} while judging this item alone, {tries} times; "
+                                              "--resume --retry-errors judges it again", run_id=self.run_id,
+                                        backend=self.vlm.backend, model=self.vlm.model))
+            return
+        await asyncio.gather(*(self._judge_on_pool(pool, [it], emit, singles=True, tries=tries + 1 if singles else 1)
+                               for it in lost))
+
+    def _collect_stats(self, summary: RunSummary) -> None:
+        from anomalyclaw.graph.vlm.replicas import merge_stats, without_latencies
+
+        snaps = self.pool.worker_snapshots() if self.pool is not None else []
+        summary.cache = merge_caches([s.get("cache") or {} for s in snaps])
+        rows = merge_stats(s.get("replicas") or [] for s in snaps)
+        summary.replicas = without_latencies(rows)
+        summary.tool_calling = self.tool_calling.describe()
+        summary.workers = {"kind": self.pool.kind if self.pool is not None else None, "n": self.workers,
+                           "concurrency": self.shares, "respawns": getattr(self.pool, "respawns", 0),
+                           "cpu_s": round(self.worker_cpu_s, 3)}
