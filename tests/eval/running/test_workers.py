@@ -216,3 +216,31 @@ def test_unsupported_combinations_are_refused_naming_the_flag(small_items, small
     code = cli_main(["run", "--manifest", str(manifest), "--out", str(tmp_path / "r"), "--ray", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install anomalyclaw[ray]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_openai_backend_with_two_workers_and_two_replicas(small_items, tmp_path, capsys, monkeypatch):
+    from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
+
+    key = "sk-anomalyclaw-workers-3c9d1e"
+    monkeypatch.setenv("ANOMALYCLAW_API_KEY", key)
+    items = small_items[:6]
+    manifest = write_manifest(items, tmp_path / "manifest.json")
+    out = tmp_path / "run"
+    with FakeVLMServer(api_key=key) as a, FakeVLMServer(api_key=key) as b:
+        code = cli_main(["run", "--manifest", str(manifest), "--out", str(out), "--backend", "openai",
+                         "--base-url", a.base_url, "--base-url", b.base_url, "--model", "fake-vlm",
+                         "--workers", "2", "--concurrency", "4", "--no-progress", "--json"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    records = load_records(out / RECORDS_FILE)
+    assert sorted(r.item_id for r in records) == sorted(it.item_id for it in items)
+    assert not any(r.error for r in records)
+    summary = _summary(out)
+    assert summary["workers"]["concurrency"] == [2, 2]
+    # The replicas' requests, pooled over both workers, are the records' requests.
+    assert len(summary["replicas"]) == 2
+    assert sum(r["requests"] for r in summary["replicas"]) == summary["requests"] == \
+        sum(r.usage["requests"] for r in records)
+    assert all(r["requests"] > 0 for r in summary["replicas"])
+    assert not [p for p in out.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert key not in printed.out and key not in printed.err
