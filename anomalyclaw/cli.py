@@ -934,8 +934,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_options(p: argparse.ArgumentParser, *, backend_default: str = "offline") -> None:
         g = p.add_argument_group("backend (the API key comes only from the environment)")
-        g.add_argument("--backend", choices=["offline", "openai"], default=backend_default,
-                       help="offline: the embedded rule-based stand-in; openai: any OpenAI-compatible endpoint")
+        g.add_argument("--backend", choices=["offline", "openai"],
+                       help="offline: the embedded rule-based stand-in; openai: any OpenAI-compatible endpoint "
+                            f"(default: openai when --preset, --base-url or --model is given, else {backend_default})")
+        p.set_defaults(backend_default=backend_default)
         g.add_argument("--preset", choices=["qwen", "gpt", "seed", "openai"],
                        help="read QWEN_API_BASE/QWEN_API_KEY/QWEN_MODEL (or GPT_*, SEED_*, OPENAI_*)")
         g.add_argument("--base-url", action="append",
@@ -1154,6 +1156,22 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _resolve_backend(args: argparse.Namespace) -> None:
+    """``--backend`` from what was asked: endpoint flags (``--preset``, ``--base-url``,
+    ``--model``) mean the openai backend, and are refused beside ``--backend offline``, which
+    would silently ignore them."""
+    if not hasattr(args, "backend_default"):
+        return
+    asked = [flag for flag, value in (("--preset", args.preset), ("--base-url", args.base_url),
+                                      ("--model", args.model)) if value]
+    if args.backend is None:
+        args.backend = "openai" if asked else args.backend_default
+    elif args.backend == "offline" and asked:
+        raise AnomalyClawError(f"{' and '.join(asked)} {'names' if len(asked) == 1 else 'name'} an endpoint, "
+                               "which --backend offline does not use: "
+                         "drop --backend offline (or say --backend openai)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -1175,6 +1193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume_hint = (f"; finished items are kept in {Path(args.out)}: rerun with --resume to continue"
                    if args.command in RUN_COMMANDS else "")
     try:
+        _resolve_backend(args)
         return handler(args)
     except AnomalyClawError as exc:
         print(f"{where}: error: {exc}", file=sys.stderr)

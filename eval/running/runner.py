@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 
 FINGERPRINT_FILE = "fingerprint.json"
+#: The fingerprint's list of forced resumes (what differed, when); not a setting.
+FORCED_RESUMES = "forced_resumes"
 
 J = TypeVar("J")
 
@@ -327,8 +329,10 @@ class Runner:
             raise OutputError(f"cannot clear {self.out_dir}: {exc.strerror or exc}") from None
 
     def _check_fingerprint(self, resume: bool, force: bool) -> None:
-        """Refuse a resume whose settings differ from the folder's (unless ``force``), then
-        record this run's fingerprint."""
+        """Refuse a resume whose settings differ from the folder's (unless ``force``); a new run
+        writes its fingerprint. The folder's fingerprint stays that of its first records: a
+        forced resume is noted in it (``forced_resumes``: when, and what differed), never adopted,
+        so the next resume is checked against the same settings again."""
         path = self.out_dir / FINGERPRINT_FILE
         records_path = self.out_dir / RECORDS_FILE
         new = self.fingerprint()
@@ -338,14 +342,18 @@ class Runner:
                 log.warning("%s has no readable %s (an older version made it): cannot check that this resume "
                             "uses the same settings", self.out_dir, FINGERPRINT_FILE)
             else:
-                changed = fingerprint_changes(old, new)
-                if changed and not force:
+                forced = old.get(FORCED_RESUMES)
+                forced = list(forced) if isinstance(forced, list) else []
+                changed = fingerprint_changes({k: v for k, v in old.items() if k != FORCED_RESUMES}, new)
+                if not changed:
+                    return
+                if not force:
                     raise RunMismatchError(
                         f"{self.out_dir} holds records made with other settings: {'; '.join(changed)}. A resume "
                         "would mix two runs in one records file: choose another --out folder, or add --force to "
                         "resume anyway")
-                if changed:
-                    log.warning("resuming %s with other settings (--force): %s", self.out_dir, "; ".join(changed))
+                log.warning("resuming %s with other settings (--force): %s", self.out_dir, "; ".join(changed))
+                new = {**old, FORCED_RESUMES: [*forced, {"at": now(), "run_id": self.run_id, "changes": changed}]}
         try:
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(new, indent=1), encoding="utf-8")

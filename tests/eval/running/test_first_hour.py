@@ -179,9 +179,18 @@ def test_resume_with_other_settings_is_refused_naming_the_fields(small_items, tm
     manifest.write_text(json.dumps(rows[:1]))  # the manifest changed since
     assert _run(manifest, out, "--resume") == EXIT_USAGE
     assert "manifest_sha256" in capsys.readouterr().err
+    original = json.loads((out / "fingerprint.json").read_text())
     assert _run(manifest, out, "--resume", "--force") == EXIT_ALL_ERRORS  # accepted, and still all errors
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert fingerprint["manifest"] == str(manifest.resolve()) and fingerprint["version"]
+    # The folder keeps its first records' fingerprint; the forced resume is noted, not adopted,
+    # so resuming again with the changed manifest still needs --force.
+    assert {k: v for k, v in fingerprint.items() if k != "forced_resumes"} == original
+    (forced,) = fingerprint["forced_resumes"]
+    assert any("manifest_sha256" in change for change in forced["changes"]) and forced["at"]
+    capsys.readouterr()
+    assert _run(manifest, out, "--resume") == EXIT_USAGE
+    assert "manifest_sha256" in capsys.readouterr().err
     assert {"split", "domains", "backend", "model", "prompts", "tools", "max_turns", "alpha",
             "expert_weight"} <= set(fingerprint)
 
@@ -339,3 +348,15 @@ def test_ctrl_c_stops_the_run_and_says_rerun_with_resume(small_items, tmp_path, 
     finally:
         manifests.read_manifest = original
     assert f"interrupted; finished items are kept in {out}: rerun with --resume" in capsys.readouterr().err
+
+
+def test_endpoint_flags_choose_the_openai_backend_and_are_refused_beside_offline(small_items, tmp_path, capsys):
+    manifest = write_manifest(small_items[:2], tmp_path / "m.json")
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens: the preflight must be what answers
+    assert _run(manifest, tmp_path / "a", "--base-url", url, "--model", "m") == EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert url in err and not (tmp_path / "a" / RECORDS_FILE).exists()  # asked the endpoint, not offline
+    assert _run(manifest, tmp_path / "b", "--backend", "offline", "--preset", "qwen") == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--preset names an endpoint, which --backend offline does not use" in err
+    assert not (tmp_path / "b").exists()
