@@ -19,6 +19,7 @@ page still renders: missing images are marked, the map is shown on its own.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -663,19 +664,31 @@ def _sort_key(r: Record) -> tuple:
 
 
 def _manifest_items(manifest: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
-    """The manifest's items by id, and notes for the page. Without ``ANOMALYCLAW_DATA`` a
-    ``{DATA_ROOT}`` manifest still loads: its paths point into an empty folder removed right
-    after, so those images show as missing instead of stopping the report."""
+    """The manifest's items by id, and notes for the page. Without a usable ``ANOMALYCLAW_DATA``
+    (unset, or not a folder) a ``{DATA_ROOT}`` manifest still loads: its paths are read against
+    an empty folder removed right after and shown as ``{DATA_ROOT}/...``, so those images are
+    marked missing instead of stopping the report."""
     from anomalyclaw.eval.data.manifests import data_root_from_env, read_manifest
 
-    if data_root_from_env() is not None:
+    root = data_root_from_env()
+    if root is not None and Path(root).is_dir():
         return {it.item_id: it for it in read_manifest(manifest).items}, []
-    # An empty folder that is gone once the manifest is read: every {DATA_ROOT} path is missing.
     with tempfile.TemporaryDirectory(prefix="anomalyclaw-no-data-root-") as empty:
         contents = read_manifest(manifest, data_root=empty)
-    note = ("ANOMALYCLAW_DATA is not set: images the manifest places under {DATA_ROOT} are marked missing. "
+        base = Path(empty).resolve()
+
+    def shown(path: Path | None) -> Path | None:
+        if path is None or not Path(path).is_relative_to(base):
+            return path
+        return Path("{DATA_ROOT}") / Path(path).relative_to(base)
+
+    items = {it.item_id: dataclasses.replace(it, query_path=shown(it.query_path), mask_path=shown(it.mask_path),
+                                             ref_paths=tuple(shown(p) for p in it.ref_paths))
+             for it in contents.items}
+    why = "is not set" if root is None else f"is {root}, which is not a folder"
+    note = (f"ANOMALYCLAW_DATA {why}: images the manifest places under {{DATA_ROOT}} are marked missing. "
             "Set it to the data folder to see them.")
-    return {it.item_id: it for it in contents.items}, [note]
+    return items, [note]
 
 
 def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None, *,

@@ -244,3 +244,33 @@ def test_cli_report(offline_run, tmp_path, capsys):
     assert main(["report", str(offline_run), "--out", str(out), "--item", "missing_id"]) == 2
     assert "missing_id" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "no_such_run")]) == 2
+
+
+def test_the_embedded_page_does_not_grow_with_the_images(offline_run, small_synth, tmp_path):
+    """Thumbnails, not full-size images: the same run reported against copies of its images at
+    four times the side (16 times the pixels) weighs about the same."""
+    import dataclasses
+
+    import cv2
+
+    from anomalyclaw.eval.data.manifests import write_manifest
+
+    items = [it for it in load_manifest(small_synth) if it.item_id in RUN_ITEMS]
+    big_dir = tmp_path / "big"
+    big_dir.mkdir()
+
+    def bigger(path: Path) -> Path:
+        out = big_dir / f"{len(list(big_dir.iterdir()))}_{path.name}"
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(out), cv2.resize(image, (image.shape[1] * 4, image.shape[0] * 4),
+                                         interpolation=cv2.INTER_CUBIC))
+        return out
+
+    big = [dataclasses.replace(it, query_path=bigger(it.query_path), ref_paths=tuple(bigger(p) for p in it.ref_paths),
+                               mask_path=bigger(it.mask_path) if it.mask_path else None) for it in items]
+    big_manifest = write_manifest(big, tmp_path / "big.json")
+    small_page = build_report(offline_run, tmp_path / "small.html", manifest=small_synth).stat().st_size
+    big_page = build_report(offline_run, tmp_path / "big.html", manifest=big_manifest).stat().st_size
+    image_bytes = sum(p.stat().st_size for it in big for p in (it.query_path, *it.ref_paths))
+    assert big_page < 1.15 * small_page, (big_page, small_page)
+    assert big_page < image_bytes / 4  # far below the images themselves

@@ -181,3 +181,9 @@ def test_report_renders_without_the_data_root(browser, hostile_run, small_synth,
     text = _check_page(browser, page, payload_expected=True)["text"]
     assert "ANOMALYCLAW_DATA is not set" in text and "could not be read and are marked missing" in text
     assert "query image missing" in text and "agent's map alone" in text
+    assert "{DATA_ROOT}/" in text and "anomalyclaw-no-data-root" not in text  # the manifest's own spelling
+    # A data root that is not a folder (a typo) is the same case, said so, not a stopped report.
+    monkeypatch.setenv("ANOMALYCLAW_DATA", str(tmp_path / "no-such-folder"))
+    page = build_report(run, tmp_path / "report2.html", manifest=portable)
+    text = _check_page(browser, page, payload_expected=True)["text"]
+    assert f"ANOMALYCLAW_DATA is {tmp_path / 'no-such-folder'}, which is not a folder" in text
