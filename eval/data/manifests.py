@@ -213,8 +213,9 @@ def read_manifest(path: str | os.PathLike, *, split: str | Sequence[str] | None 
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
     splits = {s.strip().lower() for s in splits} if splits else None
     if splits and not splits <= set(SPLITS):
-        raise ManifestError(str(src), [(str(src), "split", f"unknown split(s) {sorted(splits - set(SPLITS))}; "
-                                        f"choose from {list(SPLITS)}")])
+        # A mistake in what was asked (--split), not in the manifest.
+        unknown = ", ".join(repr(s) for s in sorted(splits - set(SPLITS)))
+        raise SelectionError(f"no split named {unknown}: a split is one of {', '.join(SPLITS)}")
     wanted = None if domains is None else [d.strip() for d in domains if d.strip()]
     wanted_keys = {w.lower() for w in wanted} if wanted else set()
     matched: set[str] = set()

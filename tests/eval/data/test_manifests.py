@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalyclaw.errors import ManifestError
+from anomalyclaw.errors import ManifestError, SelectionError
 from anomalyclaw.eval.data.manifests import load_manifest, read_manifest, write_manifest
 
 
@@ -90,7 +90,7 @@ def test_not_json_and_not_a_list(tmp_path):
         load_manifest(p)
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(tmp_path / "absent.json")
-    with pytest.raises(ManifestError, match="unknown split"):
+    with pytest.raises(SelectionError, match="no split named 'train': a split is one of calibration, dev, test"):
         load_manifest(_write(tmp_path, [_item()]), split="train")
 
 

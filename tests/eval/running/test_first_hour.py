@@ -360,3 +360,10 @@ def test_endpoint_flags_choose_the_openai_backend_and_are_refused_beside_offline
     err = capsys.readouterr().err
     assert "--preset names an endpoint, which --backend offline does not use" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_an_unknown_split_blames_the_flag_not_the_manifest(small_items, tmp_path, capsys):
+    manifest = write_manifest(small_items[:2], tmp_path / "m.json")
+    assert _run(manifest, tmp_path / "run", "--split", "foo") == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no split named 'foo': a split is one of calibration, dev, test" in err and "invalid manifest" not in err
