@@ -19,12 +19,14 @@ from anomalyclaw.eval.running.records import RECORDS_FILE, Record
 KEY = "sk-anomalyclaw-test-5f2b9c1d7e3a"
 
 
-def _cli(manifest: Path, out: Path, base_url: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ANOMALYCLAW_API_KEY=KEY, ANOMALYCLAW_MAX_RETRIES="2", ANOMALYCLAW_BACKOFF_MAX_S="0.02")
+def _cli(manifest: Path, out: Path, base_url: str, *, key: str = KEY,
+         client: str = "langchain") -> subprocess.CompletedProcess:
+    env = dict(os.environ, ANOMALYCLAW_API_KEY=key, ANOMALYCLAW_MAX_RETRIES="2", ANOMALYCLAW_BACKOFF_MAX_S="0.02")
     return subprocess.run(
         [sys.executable, "-m", "anomalyclaw", "-v", "-v", "run", "--manifest", str(manifest), "--out", str(out),
          "--backend", "openai", "--base-url", base_url, "--model", "fake-vlm", "--timeout", "0.5",
-         "--save-images", "--no-progress", "--json"], capture_output=True, text=True, env=env, timeout=240)
+         "--save-images", "--no-progress", "--json", "--client", client], capture_output=True, text=True, env=env,
+        timeout=240)
 
 
 def _files_holding_key(folder: Path) -> list[str]:
@@ -59,6 +61,19 @@ def test_key_stays_out_of_every_output(small_items, tmp_path, capsys):
     printed = capsys.readouterr()
     assert KEY not in printed.out and KEY not in printed.err
     assert list(out.glob("run_*.json")) and _files_holding_key(tmp_path) == []
+
+
+@pytest.mark.parametrize("client", ["langchain", "sdk"])
+def test_a_key_with_a_trailing_newline_stays_out_of_the_http_debug_logs(small_items, tmp_path, client):
+    """A key pasted with its line ending (``\\r\\n``) is stripped at load: the endpoint accepts
+    it, and the -vv HTTP logs of either client never show it."""
+    manifest = write_manifest(small_items[:1], tmp_path / "manifest.json")
+    out = tmp_path / "run"
+    with FakeVLMServer(api_key=KEY) as server:
+        proc = _cli(manifest, out, server.base_url, key=KEY + "\r\n", client=client)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DEBUG" in proc.stderr and server.stats.by_status[200] > 0
+    assert KEY not in proc.stdout and KEY not in proc.stderr and _files_holding_key(tmp_path) == []
 
 
 def test_rejected_key_stops_the_run_without_printing_it(small_items, tmp_path):
