@@ -222,6 +222,10 @@ class AgentConfig:
     protocol, any endpoint), "native" (the chat model bound to the item's tools; its tool calls
     are the actions) or "auto" (native until the endpoint refuses tools, then JSON for the rest
     of the run)."""
+    anomaly_maps: bool = True
+    """Whether the last node encodes the agent's and the expert's anomaly maps as PNG
+    (``localization["map_png"]``, ``["expert_map_png"]``); the boxes are found either way.
+    ``run --no-maps`` turns it off, saving the encoding's CPU (about 6 ms per 512 px map)."""
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:

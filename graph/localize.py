@@ -129,12 +129,16 @@ def gather(state: dict[str, Any], ctx: ItemContext) -> tuple[LocalizationInputs,
                     "direct_bbox": _box(direct_bbox) if direct_bbox else None, "map_shape": list(shape)}
 
 
-def localize_state(state: dict[str, Any], ctx: ItemContext, rule: LocalizationRule = DEFAULT_RULE) -> dict[str, Any]:
+def localize_state(state: dict[str, Any], ctx: ItemContext, rule: LocalizationRule = DEFAULT_RULE, *,
+                   maps: bool = True) -> dict[str, Any]:
     """The ``localization`` value of a finished run: :func:`gather`'s boxes plus ``map_png`` (the
     agent's map) and ``expert_map_png`` (the expert's raw map alone, :func:`expert_map`) as
-    16-bit PNG bytes, and ``elapsed_s``."""
+    16-bit PNG bytes (left out when ``maps`` is False), and ``elapsed_s``."""
     start = time.perf_counter()
     inputs, out = gather(state, ctx)
+    if not maps:
+        out["elapsed_s"] = round(time.perf_counter() - start, 4)
+        return out
     out["map_png"] = encode_map(fuse_map(inputs, rule))
     raw = ctx.expert_result(DEFAULT_EXPERT).anomaly_map
     if raw.shape[:2] != inputs.expert_excess.shape:
@@ -150,6 +154,7 @@ async def localize(state: PipelineState, runtime: Runtime[RunContext]) -> dict[s
     expert's map cannot be computed: the scores stand without it)."""
     run = runtime.context
     try:
-        return {"localization": await asyncio.to_thread(localize_state, dict(state), run.item_context)}
+        return {"localization": await asyncio.to_thread(localize_state, dict(state), run.item_context,
+                                                        maps=run.config.anomaly_maps)}
     except Exception as exc:  # localization is an addition: its failure must not lose the item
         return {"localization": None, "fallbacks": [f"localization unavailable: {type(exc).__name__}: {exc}"]}

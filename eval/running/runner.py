@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,6 +202,8 @@ class Runner:
         self.save_images = save_images
         self.save_maps = save_maps
         """Write each item's anomaly maps under ``OUT/maps`` (the boxes are recorded either way)."""
+        if not save_maps and self.config.anomaly_maps:  # nothing would keep them: do not encode them
+            self.config = dataclasses.replace(self.config, anomaly_maps=False)
         self.threshold = threshold
         """The image threshold: records get ``label_pred`` = anomaly_score >= threshold."""
         self.progress = progress

@@ -74,9 +74,14 @@ def test_every_record_localizes_with_safe_distinct_map_files(hostile_run):
     assert np.abs(agent - expert).max() > 0.05
 
 
-def test_no_maps_keeps_the_boxes(small_items, tmp_path):
+def test_no_maps_keeps_the_boxes(small_items, tmp_path, monkeypatch):
     items = [it for it in small_items if it.domain_code == "S6"]
     out = tmp_path / "run"
+
+    def never(*args, **kw):
+        raise AssertionError("a run that keeps no maps encoded one")
+
+    monkeypatch.setattr("anomalyclaw.graph.localize.encode_map", never)  # (a failure would leave no localization)
     asyncio.run(Runner(make_vlm("offline"), out_dir=out, progress=False, save_maps=False).run(items))
     records = load_records(out)
     assert not (out / "maps").exists()
