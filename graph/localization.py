@@ -41,8 +41,8 @@ class LocalizationRule:
 
     Chosen with the offline backend on synthetic benchmarks the project does not report: seed 1
     (all splits, 64 items per domain) and seed 2 (test split), never seed 0. The objective was
-    macro pixel AUROC + AUPRO over the seven domains, averaged over the two seeds; the sweeps
-    and their figures are in ``/work/notes/close_11.md``. Where the objective was flat, the
+    macro pixel AUROC + AUPRO over the seven domains, averaged over the two seeds; each gain's
+    docstring below gives what its sweep measured. Where the objective was flat, the
     round value in the middle of the plateau was kept. Three terms measured harmful with the
     offline policy are kept with gain 0, so a backend whose verdicts deserve them can turn them on.
     """
