@@ -408,6 +408,29 @@ class ProcessPool:
 # ------------------------------------------------------------------------------------- Ray
 
 RAY_MISSING = "--ray needs Ray, which is not installed: pip install anomalyclaw[ray]"
+#: How long ``ray.init`` may take (a local start is 10-20 s on a loaded 2-core machine).
+RAY_INIT_TIMEOUT_S = 180.0
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` or ``ray://host:port`` address must accept a TCP connection (else Ray
+    itself retries for minutes); ``auto`` and other forms are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    text = address if "://" in address else f"ray://{address}"
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise WorkerStartError(f"--ray {address}: nothing answers at {host}:{port} ({exc.strerror or exc}); is the "
+                               "Ray head running there? (leave the address out for a local cluster)") from None
 
 
 def import_ray() -> Any:
@@ -464,22 +487,48 @@ class RayPool:
         self.respawns = 0
         self._slots: asyncio.Queue[int] = asyncio.Queue()
         self._started_ray = False
+        self._release = threading.Event()
         self._generation = [0] * n
 
     async def start(self) -> None:
         ray = self.ray
         if not ray.is_initialized():
-            kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
-                                      log_to_driver=False)
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
+            if self.address:
+                await asyncio.to_thread(_check_reachable, self.address)
+            # ERROR: Ray's start-up warnings (the SIGTERM handler it leaves to this process's
+            # own, token authentication) are not the user's business.
+            kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
             if self.address:
                 kw["address"] = self.address
             else:
                 kw["num_cpus"] = max(self.n, os.cpu_count() or 1)
+            # In a thread of its own (not the main thread: Ray would take over SIGTERM there, and
+            # a daemon one, so a stop during a hung connect does not wait for it).
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future = loop.create_future()
+
+            def init() -> None:
+                try:
+                    ray.init(**kw)
+                    outcome: tuple[bool, Any] = (True, None)
+                except BaseException as exc:  # noqa: BLE001 (a wrong address, a cluster that is down)
+                    outcome = (False, exc)
+                try:
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(outcome))
+                except RuntimeError:
+                    pass
+                # Kept alive until the pool is closed: with Ray 2.60, once the thread that
+                # called ray.init had ended, the driver's later calls spun and failed after 60 s.
+                self._release.wait()
+
+            threading.Thread(target=init, name="anomalyclaw-ray-init", daemon=True).start()
             try:
-                await asyncio.to_thread(lambda: ray.init(**kw))
-            except Exception as exc:  # noqa: BLE001 (a wrong address, a cluster that is down)
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
-                raise WorkerStartError(f"--ray: cannot connect to {where}: {type(exc).__name__}: {exc}") from None
+                ok, exc = await asyncio.wait_for(done, timeout=RAY_INIT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise WorkerStartError(f"--ray: {where} did not answer within {RAY_INIT_TIMEOUT_S:.0f} s") from None
+            if not ok:
+                raise WorkerStartError(f"--ray: cannot connect to {where}: {type(exc).__name__}: {exc}")
             self._started_ray = True
         self._remote = ray.remote(num_cpus=1, max_restarts=0)(RayWorker)
         for k in range(self.n):
@@ -497,6 +546,7 @@ class RayPool:
                 pass
         if self._started_ray:
             await asyncio.to_thread(ray.shutdown)
+        self._release.set()
 
     async def acquire(self) -> int:
         index = await self._slots.get()
@@ -566,6 +616,7 @@ class ShardedRunner(Runner):
         self.ray = ray
         self.batch_size = batch_size
         self.pool: ProcessPool | RayPool | None = None
+        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self.worker_cpu_s = 0.0
         """CPU seconds the workers spent in this run (what their last reports say)."""
         backend = getattr(vlm, "backend", None)
@@ -577,6 +628,13 @@ class ShardedRunner(Runner):
             raise ValueError(f"--concurrency {total} is below --workers {workers}: each worker needs at least one "
                              "request in flight")
         self.shares = split_concurrency(total, workers)
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        super().request_stop(reason)
+        starting = self._starting
+        if starting is not None:  # still starting the workers (a Ray cluster connecting): stop that
+            loop, task = starting
+            loop.call_soon_threadsafe(task.cancel)
 
     def specs(self) -> list[WorkerSpec]:
         endpoint = getattr(self.vlm, "endpoint", None) if self.vlm.backend == "openai" else None
@@ -607,7 +665,20 @@ class ShardedRunner(Runner):
         pool = self.pool = self.make_pool()
         clean = False
         try:
-            await pool.start()
+            start = asyncio.ensure_future(pool.start())
+            self._starting = (asyncio.get_running_loop(), start)
+            if self._stop_reason is not None:
+                start.cancel()
+            try:
+                await start
+            except asyncio.CancelledError:
+                if self._stop_reason is None:
+                    raise
+                summary.interrupted, self._stop_reason = self._stop_reason, None
+                summary.n_abandoned = 0
+                return
+            finally:
+                self._starting = None
 
             async def handle(batch: list[Item], emit: Callable[[Record], Awaitable[None]]) -> None:
                 await self._judge_on_pool(pool, batch, emit, singles=False)

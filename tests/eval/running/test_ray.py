@@ -1,0 +1,85 @@
+"""``run --ray``: the same batches as Ray actors on a real local Ray, the driver the one writer;
+every item exactly once, also after an actor is killed."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from anomalyclaw.cli import main as cli_main  # noqa: E402
+from anomalyclaw.eval.data.manifests import write_manifest  # noqa: E402
+from anomalyclaw.eval.running.records import RECORDS_FILE, load_records  # noqa: E402
+from anomalyclaw.eval.running.workers import ShardedRunner  # noqa: E402
+from anomalyclaw.graph.vlm import make_vlm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (it takes 10-20 s to start here)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _copies(items, n):
+    return [dataclasses.replace(items[i % len(items)], item_id=f"{items[i % len(items)].item_id}~{i // len(items)}")
+            for i in range(n)]
+
+
+def test_ray_actors_judge_every_item_once_also_after_one_is_killed(local_ray, small_items, tmp_path):
+    items = _copies(small_items, 20)
+    runner = ShardedRunner(make_vlm("offline"), workers=2, ray="", out_dir=tmp_path, progress=False, batch_size=2)
+    records = tmp_path / RECORDS_FILE
+
+    async def main():
+        task = asyncio.create_task(runner.run(items))
+        deadline = time.monotonic() + 240
+        while not (records.exists() and records.read_bytes().count(b"\n") >= 2):
+            assert not task.done(), task
+            assert time.monotonic() < deadline, "no records"
+            await asyncio.sleep(0.05)
+        ray.kill(runner.pool.actors[0])  # the actor and every batch it holds are lost
+        return await task
+
+    summary = asyncio.run(main())
+    ids = [json.loads(line)["item_id"] for line in records.read_bytes().split(b"\n")[:-1]]
+    assert sorted(ids) == sorted(it.item_id for it in items), "an item was lost or written twice"
+    assert summary.n_done == len(ids) and summary.n_errors == 0 and summary.fatal is None
+    assert summary.workers["kind"] == "ray" and summary.workers["respawns"] >= 1
+    assert ray.is_initialized()  # a Ray the caller started stays up
+
+
+def test_run_ray_on_the_command_line_then_resume(local_ray, small_items, tmp_path, capsys):
+    items = small_items[:6]
+    manifest = write_manifest(items, tmp_path / "manifest.json")
+    out = tmp_path / "run"
+    args = ["run", "--manifest", str(manifest), "--out", str(out), "--backend", "offline", "--no-progress",
+            "--ray", "--workers", "2", "--json"]
+    assert cli_main(args) == 0
+    first = (out / RECORDS_FILE).read_bytes()
+    assert sorted(r.item_id for r in load_records(out / RECORDS_FILE)) == sorted(it.item_id for it in items)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n_items"] == len(items) and result["n_errors"] == 0
+    assert cli_main(args + ["--resume"]) == 0  # everything done: nothing judged again
+    assert (out / RECORDS_FILE).read_bytes() == first
+
+
+def test_an_address_where_nothing_answers_is_refused_at_once():
+    import socket
+
+    from anomalyclaw.eval.running.workers import WorkerStartError, _check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(WorkerStartError, match=f"--ray {address}: nothing answers at 127.0.0.1:{port}"):
+            _check_reachable(address)
+    _check_reachable("auto")  # left to Ray
