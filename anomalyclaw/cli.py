@@ -773,9 +773,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             result = run_tool_benchmark(args.size, args.repeats, tools=tools)
             print(format_latency(result, args.size, args.repeats))
     else:
-        from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench
+        from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench, scale_plan
 
-        result = run_bench(quick_plan() if args.quick else full_plan())
+        plan = scale_plan() if args.bench_command == "scale" else quick_plan() if args.quick else full_plan()
+        result = run_bench(plan)
         print(format_bench(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
@@ -1045,7 +1046,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
-    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory|profile")
+    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory|profile|scale")
+    b = bsub.add_parser("scale", help="only the throughput rows past one process: 1 s latency, concurrency 32, "
+                                      "128, 256, with 1 process, --workers 2 and Ray with 2 workers (~8 min)")
+    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
     b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")

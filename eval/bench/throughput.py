@@ -65,11 +65,24 @@ class BenchPlan:
     new_sets: int = 48
     """Items with a new reference set each (10 references) for the expert-fit case; 0 skips it."""
     demo: bool = True
+    scale_latency_s: float = 1.0
+    scale_concurrencies: tuple[int, ...] = (32, 128, 256)
+    """Concurrencies of the scale rows (one process, ``--workers 2``, Ray with 2 workers); ()
+    skips them."""
+    scale_modes: tuple[str, ...] = ("1 process", "workers 2", "ray 2")
+    scale_items_per_slot: int = 4
 
 
 def quick_plan() -> BenchPlan:
-    """About two minutes on a 2-core machine: no concurrency 128, fewer tool calls."""
-    return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3, new_sets=12)
+    """About two minutes on a 2-core machine: no concurrency 128, fewer tool calls, no scale rows."""
+    return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3, new_sets=12, scale_concurrencies=())
+
+
+def scale_plan() -> BenchPlan:
+    """Only the scale rows (``anomalyclaw bench scale``): 1 s latency, concurrency 32, 128 and
+    256, with one process, ``--workers 2`` and Ray with 2 workers; about eight minutes on a
+    2-core machine."""
+    return BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False)
 
 
 def full_plan() -> BenchPlan:
@@ -130,6 +143,49 @@ def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, po
             "summary": summary}
 
 
+def _machine_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (every process, every core; /proc/stat),
+    None where there is no /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(v) for v in fields]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any,
+                mode: str) -> dict[str, Any]:
+    """One runner pass in one of the scale modes; CPU per item counts this process and, for the
+    workers, what each reports having spent after its start-up; ``machine_busy`` is the whole
+    machine's (the fake endpoint and Ray's own processes included)."""
+    from anomalyclaw.eval.running.runner import Runner, run_sync
+
+    if mode == "1 process":
+        runner: Runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=False)
+    else:
+        from anomalyclaw.eval.running.workers import ShardedRunner
+
+        kind, n = mode.split()
+        runner = ShardedRunner(vlm, workers=int(n), ray="" if kind == "ray" else False, out_dir=out_dir,
+                               config=config, progress=False)
+    machine0, cpu, wall = _machine_cpu_s(), time.process_time(), time.perf_counter()
+    summary = run_sync(runner, items)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    machine1 = _machine_cpu_s()
+    workers_cpu = float(summary.workers.get("cpu_s") or 0.0)
+    done = max(1, summary.n_done)
+    busy = ((machine1 - machine0) / (wall * (os.cpu_count() or 1))
+            if machine0 is not None and machine1 is not None and wall > 0 else None)
+    return {"mode": mode, "items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
+            "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(out_dir),
+            "requests_per_item": round(summary.requests / done, 3),
+            "cpu_ms_per_item": round((cpu + workers_cpu) / done * 1000, 1),
+            "machine_busy": round(busy, 3) if busy is not None else None,
+            "respawns": summary.workers.get("respawns", 0)}
+
+
 def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
     """Items per second while the run is in full swing: the least-squares slope of items
     finished against time, over the items between the ``low`` and ``high`` quantiles of the
@@ -177,6 +233,63 @@ def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Pa
                              "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
                 log.info("throughput %s", rows[-1])
     return rows
+
+
+def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -> list[dict[str, Any]]:
+    """The scale rows: at ``plan.scale_latency_s``, each concurrency with one process, worker
+    processes and Ray actors (one local Ray for all its rows; its rows are left out, with the
+    reason, when Ray is not installed). Worker rows start cold: each worker fits its own
+    reference sets and fills its own caches (the one-process rows share the warm-up's)."""
+    latency = plan.scale_latency_s
+    rows: list[dict[str, Any]] = []
+    ray = None
+    if any(m.startswith("ray") for m in plan.scale_modes):
+        try:
+            import ray  # noqa: PLC0415 (optional)
+        except ImportError:
+            ray = None
+        if ray is not None and not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
+    try:
+        with fake_endpoint_process(latency) as url:
+            for concurrency in plan.scale_concurrencies:
+                n = max(plan.min_items, plan.scale_items_per_slot * concurrency)
+                for mode in plan.scale_modes:
+                    if mode.startswith("ray") and ray is None:
+                        rows.append({"mode": mode, "concurrency": concurrency, "latency_s": latency,
+                                     "skipped": "Ray is not installed (pip install anomalyclaw[ray])"})
+                        continue
+                    out = work / f"scale_{latency:g}s_c{concurrency}_{mode.replace(' ', '')}"
+                    row = _run_scaled(copies(items, n), _vlm(url, concurrency), out, AgentConfig(), pool, mode)
+                    ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
+                    steady = row["steady_items_per_s"]
+                    rows.append({"latency_s": latency, "concurrency": concurrency,
+                                 "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
+                                 "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
+                    log.info("scale %s", rows[-1])
+    finally:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    return rows
+
+
+def format_scale(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["Past one process (openai backend, langchain client, default AgentConfig; worker rows start cold)",
+             f"{'latency':>8} {'conc':>5} {'mode':>10} {'items':>6} {'items/s':>8} {'ideal':>8} {'ratio':>6} "
+             f"{'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'machine busy':>12} {'errors':>6}"]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10}  skipped: {r['skipped']}")
+            continue
+        steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
+        busy = f"{r['machine_busy']:>12.2f}" if r.get("machine_busy") is not None else f"{'-':>12}"
+        lines.append(f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r['items']:>6} "
+                     f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
+                     f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {r['errors']:>6}")
+    lines.append("cpu ms/item = this process + the workers after their start-up; machine busy = every "
+                 "process's CPU (the fake endpoint's and Ray's own too) / (wall time x cores)")
+    return "\n".join(lines)
 
 
 def bench_request_bytes(items: Sequence[Item], work: Path) -> list[dict[str, Any]]:
@@ -321,8 +434,11 @@ def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | No
         result["warmup"] = {**warm, "pool": dict(summary.cache.get("experts", {})),
                             "encoder": dict(summary.cache.get("images", {}))}
         result["throughput"] = bench_throughput(items, plan, pool, work)
-        result["request_bytes"] = bench_request_bytes(items, work)
-        result["experts"] = bench_experts(items)
+        if plan.scale_concurrencies:
+            result["scale"] = bench_scale(items, plan, pool, work)
+        if plan.latencies_s:  # (the scale plan measures nothing else)
+            result["request_bytes"] = bench_request_bytes(items, work)
+            result["experts"] = bench_experts(items)
         if plan.new_sets:
             from anomalyclaw.eval.bench.reference_sets import bench_new_sets
 
@@ -367,10 +483,14 @@ def format_bench(result: dict[str, Any]) -> str:
     lines.append("ratio = items/s / ideal, ideal = concurrency / (requests per item x latency); steady = the "
                  "same for the rate fitted between the 20th and 80th percentile finishes (a long run's rate); "
                  "loop busy = the event-loop thread's CPU time / wall time")
+    if result.get("scale"):
+        lines += ["", format_scale(result["scale"])]
     w = result["warmup"]
     lines += [f"cold pass (warm-up, {w['items']} items, concurrency 8, no latency): {w['items_per_s']:.2f} items/s, "
               f"{w['cpu_ms_per_item']:.0f} ms CPU per item; expert pool {w['pool']}; "
               f"image encoder {w['encoder']}"]
+    if not result.get("request_bytes"):  # the scale plan measures nothing else
+        return "\n".join(lines)
     lines += ["", "Request size per item (same items, no latency)",
               f"{'image policy':<28} {'req/item':>8} {'KB/item':>9} {'images/item':>11} {'vs once':>8}"]
     for r in result["request_bytes"]:

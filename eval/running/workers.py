@@ -97,6 +97,7 @@ class WorkerSpec:
                         item_timeout_s=self.item_timeout_s, save_images=self.save_images, save_maps=self.save_maps,
                         threshold=self.threshold, progress=False, secrets=self.secrets)
         runner.run_id = self.run_id
+        runner._built_cpu_s = time.process_time()  # what a worker reports is its CPU from here on
         return runner
 
 
@@ -106,12 +107,11 @@ def split_concurrency(total: int, n: int) -> list[int]:
 
 
 def worker_snapshot(runner: Runner) -> dict[str, Any]:
-    """What a worker reports after each batch: its CPU time, replica stats (with latencies, so
-    the parent can pool them) and cache counters."""
-    from anomalyclaw.graph.vlm.replicas import merge_stats  # noqa: F401 (the parent merges these rows)
-
+    """What a worker reports after each batch: its CPU time since its runner was built (imports
+    and start-up left out), replica stats (with latencies, so the parent can pool them) and cache
+    counters."""
     stats = getattr(runner.vlm, "replica_stats", None)
-    return {"pid": os.getpid(), "cpu_s": time.process_time(),
+    return {"pid": os.getpid(), "cpu_s": time.process_time() - getattr(runner, "_built_cpu_s", 0.0),
             "replicas": stats() if callable(stats) else [],
             "cache": {"experts": dict(getattr(runner.expert_pool, "stats", {}) or {}), **cache_stats()}}
 

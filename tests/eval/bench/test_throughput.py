@@ -77,3 +77,24 @@ def test_reference_reuse_counts_sets_and_images(tmp_path):
 def test_bench_command_is_wired():
     args = build_parser().parse_args(["bench", "--quick", "--json", "--out", "bench.json"])
     assert args.handler is cmd_bench and args.quick and args.json and args.out == "bench.json"
+
+
+def test_scale_rows_measure_one_process_and_workers(tmp_path):
+    """The scale rows' smallest form (Ray's rows are left to the Ray tests' module: one Ray start
+    per module)."""
+    from anomalyclaw.eval.bench.throughput import BenchPlan, format_scale
+
+    plan = BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
+                     n_test_per_domain=2, image_size=64, domains=("S1", "S3"), scale_latency_s=0.02,
+                     scale_concurrencies=(2,), scale_modes=("1 process", "workers 2"), scale_items_per_slot=3)
+    result = run_bench(plan, work_dir=tmp_path)
+    json.dumps(result)
+    rows = result["scale"]
+    assert [(r["mode"], r["concurrency"], r["items"]) for r in rows] == [("1 process", 2, 6), ("workers 2", 2, 6)]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests_per_item"] == 3.0
+        assert row["ideal_items_per_s"] == round(2 / (3 * 0.02), 3) and row["ratio"] > 0
+        assert row["cpu_ms_per_item"] > 0
+    assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
+    args = build_parser().parse_args(["bench", "scale", "--json"])
+    assert args.handler is cmd_bench and args.bench_command == "scale"
