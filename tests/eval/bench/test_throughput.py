@@ -11,7 +11,7 @@ from anomalyclaw.eval.bench.throughput import BenchPlan, copies, format_bench, r
 def test_smallest_bench_measures_every_section(tmp_path):
     plan = BenchPlan(latencies_s=(0.02,), concurrencies=(2,), items_per_slot=2, min_items=2, image_size=64,
                      n_test_per_domain=2, domains=("S1", "S3"), compare_sdk=((0.02, 2),), tool_repeats=1,
-                     new_sets=4, demo=False)
+                     new_sets=4, demo=False, scale_concurrencies=())  # (scale rows: their own test)
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)  # the --json and --out forms
 
