@@ -26,7 +26,7 @@ from langgraph.runtime import Runtime
 from .calls import ask
 from .context import RunContext
 from .messages import first_mcq_messages, mcq_direct_messages, observation_message, reply_message
-from .refutation import _action_dict, _open, add_refutation_nodes
+from .refutation import _action_dict, _open, add_refutation_nodes, apply_verdicts
 from .replies import FORMATS, McqCommitReply, McqDirectReply, McqProposeReply, McqRefuteReply
 from .state import DirectState, PipelineState, RefuteState
 
@@ -93,13 +93,7 @@ async def mcq_refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[s
         return {"messages": [human], "turn": turn_no, "calls": turn.calls, "history": [row],
                 "fallbacks": turn.fallbacks + [f"refute failed: {turn.error}"], "pending": {"commit": True}}
     reply: McqRefuteReply = turn.parsed  # type: ignore[assignment]
-    verdicts = []
-    for v in reply.verdicts:
-        for c in candidates:
-            if c["id"] == v.id:
-                c["status"], c["evidence"] = v.status, v.evidence
-                verdicts.append({"turn": turn_no, "id": v.id, "status": v.status, "evidence": v.evidence,
-                                 "tool": obs["tool"]})
+    verdicts = apply_verdicts(candidates, reply.verdicts, turn_no, obs["tool"])
     pending = _action_dict(reply.action)
     answer = reply.answer or state.get("answer")
     scores = reply.option_scores or state.get("option_scores")

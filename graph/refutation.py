@@ -36,6 +36,18 @@ def _open(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in candidates if c.get("status") in OPEN]
 
 
+def apply_verdicts(candidates: list[dict[str, Any]], replied: Any, turn_no: int, tool: Any) -> list[dict[str, Any]]:
+    """Set each replied verdict's status and evidence on its candidate (in place; verdicts
+    about ids that are not candidates are dropped) and return the history's verdict rows."""
+    rows = []
+    for v in replied:
+        for c in candidates:
+            if c["id"] == v.id:
+                c["status"], c["evidence"] = v.status, v.evidence
+                rows.append({"turn": turn_no, "id": v.id, "status": v.status, "evidence": v.evidence, "tool": tool})
+    return rows
+
+
 def _action_dict(action: Any, turn: TurnResult | None = None) -> dict[str, Any]:
     if action.commit or not action.tool:
         return {"commit": True}
@@ -174,13 +186,7 @@ async def refute(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
         return {"messages": sent, "turn": turn_no, "calls": turn.calls, "history": [row],
                 "fallbacks": turn.fallbacks + [f"refute failed: {turn.error}"], "pending": {"commit": True}}
     reply: RefuteReply = turn.parsed  # type: ignore[assignment]
-    verdicts = []
-    for v in reply.verdicts:
-        for c in candidates:
-            if c["id"] == v.id:
-                c["status"], c["evidence"] = v.status, v.evidence
-                verdicts.append({"turn": turn_no, "id": v.id, "status": v.status, "evidence": v.evidence,
-                                 "tool": obs["tool"]})
+    verdicts = apply_verdicts(candidates, reply.verdicts, turn_no, obs["tool"])
     pending = _action_dict(reply.action, turn)
     row.update(anomaly_score=reply.updated_score, verdicts=verdicts, action=pending, rationale=reply.rationale)
     return {"messages": sent + [_reply(turn, native)], "turn": turn_no, "calls": turn.calls,
