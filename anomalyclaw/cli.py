@@ -1000,7 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "MMAD/ folder, or the file's own folder: the first that holds the images)")
     m.add_argument("--mmad-refs", choices=["random", "similar"], default="random",
                    help="which template list gives the references (default random, as MMAD's protocol)")
-    m.add_argument("--mmad-shots", type=int, default=1, help="templates per question (default 1, as MMAD's protocol)")
+    m.add_argument("--mmad-shots", type=POSITIVE_INT, default=1, help="templates per question (default 1, as MMAD's protocol)")
     m.add_argument("--domain-knowledge", metavar="FILE",
                    help="MMAD's domain_knowledge.json: its text for the image's class goes into the domain card")
     run_options(p)
@@ -1047,11 +1047,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
     bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory|profile|scale")
-    b = bsub.add_parser("scale", help="only the throughput rows past one process: 1 s latency, concurrency 32, "
+    bench_outputs: list[tuple[argparse.ArgumentParser, str]] = []
+
+    def bench_command(name: str, *, out: str = "the results to this JSON file", **kw: Any) -> argparse.ArgumentParser:
+        """A ``bench`` subcommand; each gets --out ("also write OUT") and --json after its own flags."""
+        sub_parser = bsub.add_parser(name, **kw)
+        bench_outputs.append((sub_parser, out))
+        return sub_parser
+
+    b = bench_command("scale", help="only the throughput rows past one process: 1 s latency, concurrency 32, "
                                       "128, 256, with 1 process, --workers 2 and Ray with 2 workers (~8 min)")
-    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b = bsub.add_parser("experts", help="image and pixel AUROC of the frozen experts per domain")
+
+    b = bench_command("experts", out="the full report (with per-item scores) here",
+                      help="image and pixel AUROC of the frozen experts per domain")
     b.add_argument("--manifest", required=True, help="manifest file, or a folder holding manifest.json")
     b.add_argument("--split", default="test", help="calibration, dev, test, or all (default: test)")
     b.add_argument("--backbone", default="classic", help="classic (no weights), dinov2 or clip")
@@ -1064,38 +1072,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--held-out", choices=["shared", "direct"], default="shared",
                    help="leave-one-out calibration: 'shared' (per image pair, reused across sets; the default) or "
                         "'direct' (a refit per held-out reference, the original method, for comparison)")
-    b.add_argument("--out", metavar="FILE", help="also write the full report (with per-item scores) here")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b = bsub.add_parser("memory", help="peak resident memory of a long run that reuses a few images, against "
+    b = bench_command("memory", help="peak resident memory of a long run that reuses a few images, against "
                                        "a run of a tenth as many items")
     b.add_argument("--items", type=POSITIVE_INT, default=5000, help="items in the long run (default 5000)")
     b.add_argument("--baseline-items", type=POSITIVE_INT, help="items in the short run (default a tenth)")
     b.add_argument("--size", type=IMAGE_SIDE, default=128, help="side of the synthetic images in px (default 128)")
     b.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="the runs' --concurrency (default 8)")
-    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b = bsub.add_parser("fusion", help="fused AUROC with and without the expert term per domain, offline, on the "
+
+    b = bench_command("fusion", help="fused AUROC with and without the expert term per domain, offline, on the "
                                        "synthetic benchmark and an MVTec-style folder drawn from other images")
     b.add_argument("--dir", default="anomalyclaw-bench-fusion", help="folder for the benchmarks and runs")
-    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic benchmark and the folder")
+    b.add_argument("--seed", type=SEED, default=0, help="seed of the synthetic benchmark and the folder")
     b.add_argument("--synth", metavar="MANIFEST", help="use this synthetic benchmark (its test split) instead of "
                                                        "generating one")
     b.add_argument("--weight", type=EXPERT_WEIGHT, help="expert weight of the runs, >= 0 (default 0.2)")
     b.add_argument("--only", choices=["synthetic", "folder"], help="run one of the two benchmarks")
-    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b = bsub.add_parser("profile", help="CPU per item of a run against the fake endpoint, by category (tools, "
+
+    b = bench_command("profile", help="CPU per item of a run against the fake endpoint, by category (tools, "
                                         "experts, image decode and encode, request building, HTTP, LangGraph, ...)")
     b.add_argument("--client", default="langchain,sdk", help="comma-separated clients to profile (default both)")
-    b.add_argument("--items", type=int, default=96, help="items in the measured pass (default 96)")
-    b.add_argument("--concurrency", type=int, default=32, help="VLM requests in flight (default 32)")
-    b.add_argument("--latency", type=float, default=0.05, help="the fake endpoint's seconds per request")
-    b.add_argument("--size", type=int, default=512, help="synthetic image side in px (default 512)")
+    b.add_argument("--items", type=POSITIVE_INT, default=96, help="items in the measured pass (default 96)")
+    b.add_argument("--concurrency", type=POSITIVE_INT, default=32, help="VLM requests in flight (default 32)")
+    b.add_argument("--latency", type=_number(float, 0.0), default=0.05, help="the fake endpoint's seconds per request")
+    b.add_argument("--size", type=IMAGE_SIDE, default=512, help="synthetic image side in px (default 512)")
     b.add_argument("--new-sets", action="store_true",
                    help="items bring new 10-reference sets (else the reference sets are warm)")
-    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    b = bsub.add_parser("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
+
+    b = bench_command("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
                                       "localization per tool and domain")
     b.add_argument("--size", type=IMAGE_SIDE, default=512, help="synthetic image side in px (latency)")
     b.add_argument("--repeats", type=POSITIVE_INT, default=30, help="warm calls per tool (latency)")
@@ -1103,17 +1106,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--manifest", help="measure evidence quality on this manifest instead of latency")
     b.add_argument("--split", help="manifest split (quality)")
     b.add_argument("--domains", help="comma-separated domain codes (quality)")
-    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
-    b = bsub.add_parser("tool-calling", help="requests and request bytes per item, JSON actions against native "
+
+    b = bench_command("tool-calling", help="requests and request bytes per item, JSON actions against native "
                                              "tool calling, on the same scripted items (fake endpoint)")
     b.add_argument("--manifest", help="items to use (default: a small synthetic benchmark, two items per domain)")
     b.add_argument("--split", default="test", help="manifest split (default: test)")
-    b.add_argument("--limit", type=int, default=7, help="items from the manifest (default 7)")
+    b.add_argument("--limit", type=POSITIVE_INT, default=7, help="items from the manifest (default 7)")
     b.add_argument("--client", choices=["langchain", "sdk"], default="langchain", help="endpoint client")
-    b.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    for b, out in bench_outputs:
+        b.add_argument("--out", metavar="FILE", help=f"also write {out}")
+        b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = sub.add_parser("trace", help="print a finished item's trajectory turn by turn")
     p.add_argument("records", help="run folder or records file")
