@@ -23,13 +23,15 @@ import argparse
 import json
 import logging
 import math
-import shlex
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # the command line imports the rest on use; for annotations only
+    from anomalyclaw.eval.running.records import RecordsRead
 
 from .errors import (EXIT_ALL_ERRORS, EXIT_CHECK_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED,
                      EXIT_UNAVAILABLE, EXIT_USAGE, AnomalyClawError)
@@ -188,9 +190,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["left_out"]["other domains"] = read.rows - len(read.unreadable) - len(read.duplicates) - len(records)
     result["rows"] = read.rows
     fusion = dict(expert_weight=weight, expert=expert, require_expert=require)
+    from anomalyclaw.eval.scoring.metrics import column
+
     threshold = args.threshold
     if threshold is None and args.calibration:
-        from anomalyclaw.eval.scoring.metrics import column
         from anomalyclaw.eval.scoring.thresholds import choose_threshold
 
         if calibration is None:
@@ -230,7 +233,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{ties['gain']:+.4f} gain at weight {weight or DEFAULT_EXPERT_WEIGHT:g} ({ties['share']:.0%})")
     decision = pixel = None
     if threshold is not None:
-        from anomalyclaw.eval.scoring.metrics import column
         from anomalyclaw.eval.scoring.thresholds import decision_metrics, format_decision_table
 
         decision = decision_metrics(records, threshold,
