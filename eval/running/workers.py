@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import queue as queue_mod
 import signal
-import sys
 import threading
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence

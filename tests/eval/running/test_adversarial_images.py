@@ -76,7 +76,6 @@ def test_each_hostile_image_loads_its_first_frame_or_names_the_file(picture, tmp
 
 async def test_a_run_over_hostile_images_judges_or_names_each(small_items, picture, tmp_path):
     item = small_items[0]
-    refs = list(item.ref_paths)
     kinds = hostile_images(picture, tmp_path / "imgs")
     black = tmp_path / "imgs" / "black.png"
     Image.fromarray(np.zeros_like(picture)).save(black)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from anomalyclaw.cli import main
-from anomalyclaw.eval.running.records import RECORDS_FILE, read_records
+from anomalyclaw.eval.running.records import read_records
 from anomalyclaw.experts.pool import FUSION_EXPERTS
 from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, fuse, logistic
 

@@ -26,7 +26,7 @@ def test_predict_one_synthetic_query_against_its_references(coins, tmp_path, cap
     printed = capsys.readouterr().out
     text, last = printed.strip().rsplit("\n", 1)
     assert f"{item.query_path.name}: anomaly score " in text and " -> anomalous (threshold 0.5" in text
-    assert "  verdict c1: confirmed" in text and "  box [" in text and f"tool images (" in text
+    assert "  verdict c1: confirmed" in text and "  box [" in text and "tool images (" in text
     (pred,) = json.loads(last)["predictions"]
     assert pred["query"] == str(item.query_path) and pred["label"] == "anomalous"
     assert 0.5 <= pred["anomaly_score"] <= 1.0 and pred["tools_used"] and pred["boxes"]
