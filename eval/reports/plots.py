@@ -42,7 +42,7 @@ def plot_roc_curves(records: Sequence[Record], path: str | Path, *, alpha: float
                     label=f"{col} AUROC {auroc(y, s):.3f}")
             drawn += 1
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        ax.set_title(f"{code} (n={len(group)})", fontsize=9)
+        ax.set_title(f"{_short(code)} (n={len(group)})", fontsize=9)
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         ax.tick_params(labelsize=7)
@@ -69,11 +69,18 @@ def plot_domain_bars(result: dict, path: str | Path,
         vals = [result["per_domain"][c][col] for c in codes[:-1]] + [result["macro_auroc"][col]]
         ax.bar(x + (k - (len(cols) - 1) / 2) * width, vals, width, label=col, color=COLOURS.get(col))
     ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
-    ax.set_xticks(x, codes, fontsize=8)
+    ax.set_xticks(x, [_short(c) for c in codes], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("AUROC")
     ax.legend(fontsize=8, ncols=len(cols), loc="lower left")
     return _save(fig, path)
+
+
+def _short(label: str, limit: int = 24) -> str:
+    """A domain label cut to ``limit`` characters for a panel title or tick (a 10,000-character
+    domain name must not push the axes off the figure)."""
+    label = str(label)
+    return label if len(label) <= limit else label[: limit - 1] + "\u2026"
 
 
 def _save(fig: "plt.Figure", path: str | Path) -> Path:
