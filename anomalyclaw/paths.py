@@ -82,3 +82,23 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
     except OSError as exc:
         raise OutputError(f"cannot write to the {what} {folder}: {exc.strerror or exc}") from None
     return folder
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, fsync: bool = False) -> Path:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` through a temporary file beside it
+    and a rename, so a reader or a killed process never sees half a file; the folder is made
+    when missing. ``fsync``: the data is on disk before the rename. Raises OSError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 from anomalyclaw.domains import DomainCard
 from anomalyclaw.errors import ManifestError, SelectionError
 from anomalyclaw.items import Item
-from anomalyclaw.paths import DATA_ROOT_PLACEHOLDER, portable_path
+from anomalyclaw.paths import DATA_ROOT_PLACEHOLDER, portable_path, write_atomic
 
 PLACEHOLDER = DATA_ROOT_PLACEHOLDER
 REQUIRED = ("item_id", "query_path", "ref_paths", "label")
@@ -294,7 +294,4 @@ def write_manifest(items: Iterable[Item | dict[str, Any]], path: str | os.PathLi
                 row[key] = portable_path(row[key], base=base, data_root=data_root)
         row["ref_paths"] = [portable_path(p, base=base, data_root=data_root) for p in row.get("ref_paths", [])]
         rows.append(row)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, json.dumps(rows, indent=1))

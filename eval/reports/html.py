@@ -37,7 +37,7 @@ from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.experts.maps import overlay_heatmap
 from anomalyclaw.graph.localization import valid_bbox
 from anomalyclaw.imaging import decode_image, encode_image, load_image, load_mask, resize_longest, to_data_url
-from anomalyclaw.paths import safe_file_name
+from anomalyclaw.paths import safe_file_name, write_atomic
 
 from anomalyclaw.eval.scoring.metrics import domain_order, evaluate
 from anomalyclaw.eval.running.records import Record, load_records
@@ -723,7 +723,4 @@ def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None, 
     page.parent.mkdir(parents=True, exist_ok=True)
     text = render_report(records, run_dir=run_dir, page_dir=page.parent, manifest_items=manifest_items,
                          embed_images=embed_images, alpha=alpha, summary=not item_ids, source=str(src), notes=notes)
-    tmp = page.with_name(f".{page.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, page)
-    return page
+    return write_atomic(page, text)

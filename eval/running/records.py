@@ -25,7 +25,7 @@ from pydantic_core import PydanticSerializationError
 from anomalyclaw.config import redact_value
 from anomalyclaw.errors import AnomalyClawError, OutputError
 from anomalyclaw.items import Item
-from anomalyclaw.paths import writable_folder
+from anomalyclaw.paths import writable_folder, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -763,10 +763,5 @@ def drop_error_records(out_dir: str | os.PathLike) -> int:
                 continue
             keep.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, "".join(keep), fsync=True)
     return dropped

@@ -41,7 +41,7 @@ from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadE
                                 RunMismatchError)
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
-from anomalyclaw.paths import safe_file_name, writable_folder
+from anomalyclaw.paths import safe_file_name, writable_folder, write_atomic
 from anomalyclaw.threads import limit_compute_threads
 from anomalyclaw.version import __version__
 from anomalyclaw.graph.context import make_context
@@ -112,18 +112,6 @@ class RunSummary:
 MAPS_FOLDER = "maps"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename, so a reader (or a killed
-    run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_maps(out_dir: Path, item: Item, state: dict[str, Any], save: bool) -> None:
     """Replace the PNG bytes of ``state["localization"]`` by files: the agent's map at
     ``OUT/maps/<safe id>.png``, the expert's at ``OUT/maps/expert/<safe id>.png`` (paths kept
@@ -138,10 +126,10 @@ def _save_maps(out_dir: Path, item: Item, state: dict[str, Any], save: bool) -> 
         start = time.perf_counter()
         name = safe_file_name(item.item_id, suffix=".png")
         try:
-            _write_atomic(out_dir / MAPS_FOLDER / name, agent_png)
+            write_atomic(out_dir / MAPS_FOLDER / name, agent_png)
             loc["map"] = f"{MAPS_FOLDER}/{name}"
             if expert_png:
-                _write_atomic(out_dir / MAPS_FOLDER / "expert" / name, expert_png)
+                write_atomic(out_dir / MAPS_FOLDER / "expert" / name, expert_png)
                 loc["expert_map"] = f"{MAPS_FOLDER}/expert/{name}"
         except OSError as exc:  # the scores and boxes stand without the files
             state["fallbacks"] = list(state.get("fallbacks") or []) + [f"anomaly map not written: {exc}"]
@@ -358,9 +346,7 @@ class Runner:
                 log.warning("resuming %s with other settings (--force): %s", self.out_dir, "; ".join(changed))
                 new = {**old, FORCED_RESUMES: [*forced, {"at": now(), "run_id": self.run_id, "changes": changed}]}
         try:
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(new, indent=1), encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(new, indent=1))
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -556,10 +542,8 @@ class Runner:
         if summary is not None:
             info.update(finished_at=now(), summary=summary.to_json())
         text = json.dumps(redact_value(json.loads(json.dumps(info, default=str)), self.secrets), indent=1)
-        tmp = path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, text)
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path

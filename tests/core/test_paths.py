@@ -32,3 +32,20 @@ def test_safe_file_name_is_stable_readable_and_suffixed():
     for bad in ("/../y", "png", ".p/ng", ".."):
         with pytest.raises(ValueError, match="suffix"):
             safe_file_name("x", suffix=bad)
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_behind(tmp_path, monkeypatch):
+    from anomalyclaw.paths import write_atomic
+
+    target = tmp_path / "new" / "f.json"
+    assert write_atomic(target, "é\n") == target and target.read_bytes() == "é\n".encode()
+    write_atomic(target, b"\x00\x01", fsync=True)
+    assert target.read_bytes() == b"\x00\x01"
+
+    def no_rename(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("anomalyclaw.paths.os.replace", no_rename)
+    with pytest.raises(OSError):
+        write_atomic(target, b"half")
+    assert target.read_bytes() == b"\x00\x01" and sorted(p.name for p in target.parent.iterdir()) == ["f.json"]

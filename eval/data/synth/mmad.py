@@ -27,6 +27,7 @@ import numpy as np
 
 from anomalyclaw.imaging import load_image, load_mask
 from anomalyclaw.items import Item
+from anomalyclaw.paths import write_atomic
 from anomalyclaw.tools.item_context import thumbnail_descriptor
 
 from ..manifests import load_manifest
@@ -91,11 +92,7 @@ def write_mmad_questions(manifest: str | os.PathLike, *, seed: int = 0, split: s
     entries: dict[str, dict] = {}
     for item in items:
         entries.update(_entry(item, root, seed, pools))
-    out = root / MMAD_FILE
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(root / MMAD_FILE, json.dumps(entries, indent=1))
 
 
 def _entry(item: Item, root: Path, seed: int, pools: dict[str, list[tuple[str, np.ndarray]]]) -> dict[str, dict]:
