@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import redact
 from anomalyclaw.errors import EndpointFatalError, ImageLoadError
 from anomalyclaw.items import Item, Question
@@ -28,7 +27,7 @@ from anomalyclaw.graph.state import new_state
 from anomalyclaw.tools.item_context import ItemContext
 
 from .records import Record, RecordWriter, RunLock, finished_ids, mcq_error_record, mcq_record_from_state
-from .runner import Runner, RunSummary, _save_observation_images, replica_summary
+from .runner import Runner, RunSummary, _save_observation_images
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,7 @@ class McqRunner(Runner):
                 await self._run_images(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
-        summary.cache = {"experts": getattr(self.expert_pool, "stats", {}), **cache_stats()}
-        summary.replicas = replica_summary(self.vlm)
+        self._collect_stats(summary)
         self._write_run_info(n_questions, summary=summary, path=info_path)
         return summary
 

@@ -28,8 +28,8 @@ import shutil
 import signal
 import threading
 import time
-from collections import Counter
 import dataclasses
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
