@@ -158,19 +158,21 @@ class ExpertPool:
         entry = self._sets.get(key)
         if entry is not None:
             return entry.features
-        return self._features(key, reference_images(), backbone)
+        images = list(reference_images())
+        return self._features(images, backbone, _image_ids(key, images))
 
     def _new_set(self, key: tuple[str, ...], images: Sequence[np.ndarray], backbone: Backbone) -> _FittedSet:
         images = list(images)
-        ids = [(k, tuple(np.shape(im))) for k, im in zip(key, images)] if len(images) == len(key) else None
-        return _FittedSet(self._features(key, images, backbone), ids)
+        ids = _image_ids(key, images)
+        return _FittedSet(self._features(images, backbone, ids), ids)
 
-    def _features(self, key: tuple[str, ...], images: Sequence[np.ndarray], backbone: Backbone) -> np.ndarray:
-        """``[N, gh, gw, D]`` patch features of a set, encoding only the images not cached."""
+    def _features(self, images: Sequence[np.ndarray], backbone: Backbone,
+                  keys: list[tuple[str, tuple[int, ...]]] | None) -> np.ndarray:
+        """``[N, gh, gw, D]`` patch features of a set, encoding only the images not cached
+        (``keys``: :func:`_image_ids`; None encodes them all)."""
         images = list(images)
-        if len(images) != len(key):  # no way to tell which image is which: encode them all
+        if keys is None:  # no way to tell which image is which: encode them all
             return backbone.patch_features(images)
-        keys = [(k, tuple(np.shape(im))) for k, im in zip(key, images)]
         found = {k: v for k in keys if (v := self._image_features.get(k)) is not None}
         missing = sorted({keys.index(k) for k in keys if k not in found})
         if missing:
@@ -206,3 +208,12 @@ def default_pool(backbone: str = "classic", backbone_path: str | None = None, de
         if key not in _DEFAULT_POOLS:
             _DEFAULT_POOLS[key] = ExpertPool(backbone, backbone_path=backbone_path, device=device)
         return _DEFAULT_POOLS[key]
+
+
+def _image_ids(key: Sequence[str], images: Sequence[np.ndarray]) -> list[tuple[str, tuple[int, ...]]] | None:
+    """Each image's cache key (its path and shape), or None when ``key`` does not name every
+    image one to one (then nothing can be cached per image)."""
+    if len(images) != len(key):
+        return None
+    return [(k, tuple(np.shape(im))) for k, im in zip(key, images)]
+
