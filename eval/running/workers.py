@@ -107,12 +107,13 @@ def split_concurrency(total: int, n: int) -> list[int]:
 
 def worker_snapshot(runner: Runner) -> dict[str, Any]:
     """What a worker reports after each batch: its CPU time since its runner was built (imports
-    and start-up left out), replica stats (with latencies, so the parent can pool them) and cache
-    counters."""
+    and start-up left out), replica stats (with latencies, so the parent can pool them), cache
+    counters, and why ``--tool-calling auto`` fell back to JSON there (None while it has not)."""
     stats = getattr(runner.vlm, "replica_stats", None)
     return {"pid": os.getpid(), "cpu_s": time.process_time() - getattr(runner, "_built_cpu_s", 0.0),
             "replicas": stats() if callable(stats) else [],
-            "cache": {"experts": dict(getattr(runner.expert_pool, "stats", {}) or {}), **cache_stats()}}
+            "cache": {"experts": dict(getattr(runner.expert_pool, "stats", {}) or {}), **cache_stats()},
+            "tool_calling_fallback": runner.tool_calling.fallback}
 
 
 class _BatchJudge:
@@ -723,6 +724,11 @@ class ShardedRunner(Runner):
         summary.cache = merge_caches([s.get("cache") or {} for s in snaps])
         rows = merge_stats(s.get("replicas") or [] for s in snaps)
         summary.replicas = without_latencies(rows)
+        # The workers' conversations are where an ``auto`` run falls back; the parent's own
+        # ToolCalling never sees a request.
+        fallback = next((s["tool_calling_fallback"] for s in snaps if s.get("tool_calling_fallback")), None)
+        if fallback is not None and self.tool_calling.mode == "auto" and self.tool_calling.fallback is None:
+            self.tool_calling.fallback = fallback
         summary.tool_calling = self.tool_calling.describe()
         summary.workers = {"kind": self.pool.kind if self.pool is not None else None, "n": self.workers,
                            "concurrency": self.shares, "respawns": getattr(self.pool, "respawns", 0),

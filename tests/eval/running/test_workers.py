@@ -244,3 +244,20 @@ def test_openai_backend_with_two_workers_and_two_replicas(small_items, tmp_path,
     assert all(r["requests"] > 0 for r in summary["replicas"])
     assert not [p for p in out.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
     assert key not in printed.out and key not in printed.err
+
+
+def test_the_summary_says_when_the_workers_fell_back_to_json_actions(small_items, tmp_path, capsys):
+    """Under --tool-calling auto the fallback happens in the workers' conversations: the run's
+    summary reports it as a one-process run does."""
+    from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
+
+    manifest = write_manifest(small_items[:4], tmp_path / "manifest.json")
+    out = tmp_path / "run"
+    with FakeVLMServer(tools_supported=False) as server:
+        code = cli_main(["run", "--manifest", str(manifest), "--out", str(out), "--base-url", server.base_url,
+                         "--model", "fake-vlm", "--tool-calling", "auto", "--workers", "2", "--concurrency", "4",
+                         "--no-progress", "--json"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert json.loads(printed.out.strip().splitlines()[-1])["tool_calling"].startswith("auto (fell back to json")
+    assert _summary(out)["tool_calling"].startswith("auto (fell back to json")
