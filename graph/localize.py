@@ -22,7 +22,7 @@ from anomalyclaw.tools.difference import expert_excess_map
 from anomalyclaw.tools.item_context import ItemContext
 from anomalyclaw.tools.observation import decode_mask
 
-from .context import RunContext
+from .context import RunContext, arun_context
 from .localization import (DEFAULT_RULE, WHOLE_IMAGE, LocalizationInputs, LocalizationRule, Region, expert_map,
                            fuse_map, valid_bbox)
 from .state import PipelineState
@@ -152,7 +152,7 @@ def localize_state(state: dict[str, Any], ctx: ItemContext, rule: LocalizationRu
 async def localize(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     """Pipeline node: ``localization`` for the record (None, with a fallback saying why, when the
     expert's map cannot be computed: the scores stand without it)."""
-    run = runtime.context
+    run = await arun_context(runtime.context, state)
     try:
         return {"localization": await asyncio.to_thread(localize_state, dict(state), run.item_context,
                                                         maps=run.config.anomaly_maps)}

@@ -54,6 +54,8 @@ async def test_studio_graphs_run_from_plain_settings(small_synth, small_items, m
     # what a server sends: JSON settings, coerced into the graph's context schema
     state = await make_pipeline().ainvoke({"item_id": item.item_id}, context={"tool_calling": "native"})
     assert state["tool_calling"] == "native" and 0 <= state["anomaly_score"] <= 1
+    # the last node localizes from the same settings (its boxes and the maps' PNG bytes)
+    assert state["localization"] is not None and state["localization"]["map_png"], state.get("fallbacks")
     first = await make_direct().ainvoke({}, context=StudioContext())  # no item: the manifest's first
     assert first["direct_label"] in ("normal", "anomalous")
     with pytest.raises(ConfigError, match="no item 'nope'"):
