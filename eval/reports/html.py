@@ -36,6 +36,7 @@ import numpy as np
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.experts.maps import overlay_heatmap
 from anomalyclaw.graph.localization import valid_bbox
+from anomalyclaw.graph.localize import decode_map
 from anomalyclaw.imaging import decode_image, encode_image, load_image, load_mask, resize_longest, to_data_url
 from anomalyclaw.paths import safe_file_name, write_atomic
 
@@ -264,9 +265,10 @@ class _Images:
         if map_rel is not None:
             path, _ = self._inside(map_rel, "maps", (".png",))
             if path is not None and path.is_file():
-                codes = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-                if codes is not None and codes.ndim == 2:
-                    amap = codes.astype(np.float32) / (255.0 if codes.dtype == np.uint8 else 65535.0)
+                try:
+                    amap = decode_map(path.read_bytes())
+                except (OSError, ValueError):  # not a greyscale PNG: shown as no map
+                    amap = None
         notes = []
         if query is not None and amap is not None:
             heat = np.clip((cv2.resize(amap, (query.shape[1], query.shape[0])) - OVERLAY_FROM) / (1 - OVERLAY_FROM),
@@ -436,10 +438,10 @@ def draw_localization(record: Record, *, run_dir: str | os.PathLike, query_path:
         path = (run_dir / loc["map"]).resolve()
         if not path.is_relative_to((run_dir / "maps").resolve()):
             raise ValueError(f"map path {loc['map']!r} of {record.item_id!r} is not under {run_dir / 'maps'}")
-        codes = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if codes is None or codes.ndim != 2:
-            raise AnomalyClawError(f"{path}: not a greyscale PNG map")
-        amap = codes.astype(np.float32) / (255.0 if codes.dtype == np.uint8 else 65535.0)
+        try:
+            amap = decode_map(path.read_bytes())
+        except (OSError, ValueError):
+            raise AnomalyClawError(f"{path}: not a greyscale PNG map") from None
     if query_path is not None:
         image = load_image(query_path, max_side=side)
     else:
