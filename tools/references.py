@@ -232,7 +232,7 @@ def image_diff(ctx: ItemContext, args: ImageDiffArgs) -> Observation:
         r["bbox"] = px_to_norm(r["px"], query.shape)
         x0, y0, x1, y1 = r["px"]
         r["mean_delta_e"] = float(analysis.diff[y0:y1, x0:x1].mean())
-    evidence = ramp(regions[0]["peak"], 1.5, 4.0) if regions else 0.0
+    evidence = ramp(regions[0]["peak"], REGION_EXCESS, FULL_EXCESS) if regions else 0.0
     sl = region.slices()
     region_excess = float(analysis.diff[sl].mean() / analysis.baseline[sl].mean())
 

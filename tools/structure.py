@@ -208,7 +208,7 @@ def change_heatmap_viz(ctx: ItemContext, args: ChangeHeatmapArgs) -> Observation
     for r in regions:
         r["bbox"] = px_to_norm(r["px"], query.shape)
     change_fraction = float(mask[valid].mean()) if valid.any() else 0.0
-    evidence = ramp(regions[0]["peak"], 1.5, 4.0) if regions else 0.0
+    evidence = ramp(regions[0]["peak"], REGION_EXCESS, FULL_EXCESS) if regions else 0.0
     heat = overlay_heatmap(query, np.clip((analysis.excess - 0.5) / 3.5, 0, 1), TOOL_OVERLAY_ALPHA,
                            proportional=True)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
