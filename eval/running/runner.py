@@ -158,6 +158,12 @@ def _save_observation_images(out_dir: Path, item: Item, state: dict[str, Any]) -
             turn_rows[k]["images"] = paths
 
 
+def default_item_concurrency(vlm_slots: int) -> int:
+    """Items in flight for ``vlm_slots`` concurrent VLM requests: enough to keep every slot busy
+    while some items run tools."""
+    return max(2, int(vlm_slots * 1.5) + 1)
+
+
 class Runner:
     """Runs items through one compiled pipeline with shared VLM, tools, experts and encoder."""
 
@@ -183,9 +189,8 @@ class Runner:
         self.expert_pool = expert_pool or default_pool(self.config.backbone, self.config.backbone_path,
                                                        self.config.device)
         self.score_cache = score_cache
-        # Items in flight: enough to keep every VLM slot busy while some items run tools.
         vlm_slots = getattr(vlm, "max_concurrency", 2)
-        self.item_concurrency = item_concurrency or max(2, int(vlm_slots * 1.5) + 1)
+        self.item_concurrency = item_concurrency or default_item_concurrency(vlm_slots)
         self.item_timeout_s = item_timeout_s
         self.save_images = save_images
         self.save_maps = save_maps

@@ -43,7 +43,7 @@ from anomalyclaw.items import Item
 from anomalyclaw.prompts import PromptSet
 
 from anomalyclaw.eval.running.records import Record, RecordWriter, error_record
-from anomalyclaw.eval.running.runner import RunSummary, Runner
+from anomalyclaw.eval.running.runner import RunSummary, Runner, default_item_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +652,7 @@ class ShardedRunner(Runner):
     def _batch_size(self, n_items: int) -> int:
         if self.batch_size:
             return self.batch_size
-        per_worker = max(2, int(max(self.shares) * 1.5) + 1)  # a worker runner's item_concurrency
+        per_worker = default_item_concurrency(max(self.shares))  # a worker runner's item_concurrency
         # Small enough that every worker gets several batches (a dead worker costs little), big
         # enough that SLOTS_PER_WORKER batches keep its items in flight.
         return max(1, min(math.ceil(per_worker / 2), math.ceil(n_items / (4 * self.workers))))
