@@ -325,16 +325,17 @@ class _EndpointVLM(ABC):
             replicas.done(replica)
             raise
         except BaseException as exc:
-            what = self._what(exc)
+            what = failure = self._what(exc)
+            fault = isinstance(exc, Exception) and _replica_fault(exc)
             if len(replicas) > 1:
-                what += f" at {public_url(replica.url)}"
+                failure += f" at {public_url(replica.url)}"
                 try:
                     exc.add_note(f"replica {public_url(replica.url)}")  # _describe names it
                 except AttributeError:
                     pass
-                if isinstance(exc, Exception) and _replica_fault(exc):
-                    log.info("replica %s failed (%s)", public_url(replica.url), self._what(exc))
-            replicas.done(replica, failure=what, replica_fault=isinstance(exc, Exception) and _replica_fault(exc))
+                if fault:
+                    log.info("replica %s failed (%s)", public_url(replica.url), what)
+            replicas.done(replica, failure=failure, replica_fault=fault)
             raise
         replicas.done(replica, latency_s=time.perf_counter() - started)
         return answer
