@@ -447,15 +447,10 @@ class RayWorker:
 
     def __init__(self, spec: WorkerSpec):
         from anomalyclaw.config import install_secret_redaction
-        from threadpoolctl import threadpool_limits
+        from anomalyclaw.threads import set_compute_threads
 
         install_secret_redaction(spec.secrets)
-        threadpool_limits(limits=1)
-        try:
-            import torch
-            torch.set_num_threads(1)
-        except ImportError:
-            pass
+        set_compute_threads(1)
         self.runner = spec.build()
         self.judge_ = _BatchJudge(self.runner)
 
