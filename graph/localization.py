@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from anomalyclaw.tools.regions import norm_to_px
+
 #: The whole image as a normalized box.
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
@@ -105,11 +107,8 @@ class LocalizationInputs:
 
 def box_mask(bbox: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
     """bool (H, W): the pixels of a normalized box (x1, y1 exclusive; at least one pixel)."""
-    h, w = int(shape[0]), int(shape[1])
-    x0, y0, x1, y1 = (float(v) for v in bbox)
-    c0, r0 = min(w - 1, max(0, int(math.floor(x0 * w)))), min(h - 1, max(0, int(math.floor(y0 * h))))
-    c1, r1 = max(c0 + 1, min(w, int(math.ceil(x1 * w)))), max(r0 + 1, min(h, int(math.ceil(y1 * h))))
-    out = np.zeros((h, w), bool)
+    c0, r0, c1, r1 = norm_to_px([float(v) for v in bbox], shape)
+    out = np.zeros((int(shape[0]), int(shape[1])), bool)
     out[r0:r1, c0:c1] = True
     return out
 
