@@ -18,7 +18,6 @@ page still renders: missing images are marked, the map is shown on its own.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -359,9 +358,8 @@ def _plots(records: Sequence[Record], result: dict, alpha: float, weight: float 
     with tempfile.TemporaryDirectory(prefix="anomalyclaw-report-") as tmp:
         roc = plot_roc_curves(records, Path(tmp) / "roc_curves.png", alpha=alpha, expert_weight=weight)
         bars = plot_domain_bars(result, Path(tmp) / "domain_auroc.png")
-        return [{"title": "ROC curves", "src": "data:image/png;base64," + base64.b64encode(roc.read_bytes()).decode()},
-                {"title": "AUROC by domain",
-                 "src": "data:image/png;base64," + base64.b64encode(bars.read_bytes()).decode()}]
+        return [{"title": "ROC curves", "src": to_data_url(roc.read_bytes())},
+                {"title": "AUROC by domain", "src": to_data_url(bars.read_bytes())}]
 
 
 def _decision(records: Sequence[Record]) -> dict[str, Any] | None:
