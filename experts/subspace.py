@@ -86,16 +86,20 @@ class SubspaceExpert(Expert):
         if self.held_out not in ("moments", "direct"):
             raise ValueError(f"{self.name}: held_out must be 'moments' or 'direct', got {self.held_out!r}")
 
+    def _fixed_components(self, count: int, dim: int) -> int:
+        """``n_components`` as an int, checked to leave a residual for ``count`` patches of
+        dimension ``dim``."""
+        limit = min(int(count), int(dim)) - 1
+        if int(self.n_components) > limit:
+            raise ValueError(f"{self.name}: n_components={self.n_components} leaves no residual for "
+                             f"{count} patches of dimension {dim}; use at most {limit}, or set variance instead")
+        return int(self.n_components)
+
     def _make_pca(self, patches: np.ndarray) -> PCA:
         if self.n_components is None:
             components: float | int = float(self.variance)
         else:
-            limit = min(patches.shape) - 1
-            if int(self.n_components) > limit:
-                raise ValueError(f"{self.name}: n_components={self.n_components} leaves no residual for "
-                                 f"{patches.shape[0]} patches of dimension {patches.shape[1]}; use at "
-                                 f"most {limit}, or set variance instead")
-            components = int(self.n_components)
+            components = self._fixed_components(patches.shape[0], patches.shape[1])
         # svd_solver="auto" takes the covariance eigen-solver when patches far outnumber
         # dimensions (the usual case here): milliseconds instead of a full SVD.
         return PCA(n_components=components, svd_solver="auto", random_state=0).fit(patches)
@@ -163,12 +167,7 @@ class SubspaceExpert(Expert):
             ratio = np.cumsum(values) / max(values.sum(), 1e-300)
             keep = int(np.searchsorted(ratio, float(self.variance), side="right")) + 1
         else:
-            limit = min(count, outer.shape[0]) - 1
-            if int(self.n_components) > limit:
-                raise ValueError(f"{self.name}: n_components={self.n_components} leaves no residual for "
-                                 f"{count} patches of dimension {outer.shape[0]}; use at most {limit}, or set "
-                                 "variance instead")
-            keep = int(self.n_components)
+            keep = self._fixed_components(count, outer.shape[0])
         keep = min(keep, values.size)
         return _Subspace(mean.astype(np.float32), np.ascontiguousarray(vectors[:, :keep].T, dtype=np.float32),
                          values[:keep].astype(np.float32))
