@@ -36,6 +36,20 @@ from anomalyclaw.tools.regions import norm_to_px
 #: The whole image as a normalized box.
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
+#: Longest side of the maps, in pixels: a larger query's map is made and stored at this side (its
+#: aspect kept). The pixel metrics read maps at this side (``eval``'s ``METRIC_SIDE`` is this), and
+#: the expert's map it starts from is a 32 x 32 patch grid, so more pixels would add file bytes and
+#: CPU (at 512 px: 4x both), not detail.
+MAP_SIDE = 256
+
+
+def map_shape(image_shape: Sequence[int]) -> tuple[int, int]:
+    """(H, W) of the map of an image of shape ``image_shape`` (H, W, ...): at most :data:`MAP_SIDE`
+    on the longer side, never larger than the image."""
+    h, w = int(image_shape[0]), int(image_shape[1])
+    scale = min(1.0, MAP_SIDE / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
 
 @dataclass(frozen=True)
 class LocalizationRule:
@@ -135,7 +149,9 @@ def _logit(p: float) -> float:
 def expert_log_odds(expert_excess: np.ndarray, rule: LocalizationRule = DEFAULT_RULE) -> np.ndarray:
     """The first term alone: the expert's map as log-odds (0 at its threshold)."""
     excess = np.nan_to_num(np.asarray(expert_excess, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    return (rule.slope * (excess - 1.0)).astype(np.float32)
+    excess -= 1.0
+    excess *= np.float32(rule.slope)
+    return excess
 
 
 def fuse_log_odds(inputs: LocalizationInputs, rule: LocalizationRule = DEFAULT_RULE) -> np.ndarray:
@@ -172,7 +188,10 @@ def fuse_log_odds(inputs: LocalizationInputs, rule: LocalizationRule = DEFAULT_R
 
 def logistic_map(logits: np.ndarray) -> np.ndarray:
     """float32 logistic of log-odds, computed without overflow."""
-    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, np.float64)))).astype(np.float32)
+    out = np.tanh(np.float32(0.5) * np.asarray(logits, np.float32))
+    out += 1.0
+    out *= 0.5
+    return out
 
 
 def fuse_map(inputs: LocalizationInputs, rule: LocalizationRule = DEFAULT_RULE) -> np.ndarray:
@@ -185,5 +204,6 @@ def expert_map(anomaly_map: np.ndarray) -> np.ndarray:
     ``anomaly_map`` (patch scores, >= 0) through the fixed monotone ``v / (1 + v)`` into [0, 1).
     The transform is the same for every item, so pooled pixel AUROC and AUPRO are those of the
     raw map itself (not of the per-item rescaled E the agent starts from)."""
-    values = np.clip(np.nan_to_num(np.asarray(anomaly_map, np.float64), nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
-    return (values / (1.0 + values)).astype(np.float32)
+    values = np.nan_to_num(np.asarray(anomaly_map, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(values, 0.0, out=values)
+    return values / (1.0 + values)

@@ -216,18 +216,27 @@ def _analyse_diff(ctx: ItemContext, n_refs: int, illumination: tuple[int, ...], 
     return DiffAnalysis(diff, baseline, excess.astype(np.float32), valid, indices, calibrated, regs, warped)
 
 
-def expert_excess_map(ctx: ItemContext, name: str) -> tuple[np.ndarray, tuple[float, float]]:
-    """(excess map, (typical, threshold)): expert ``name``'s anomaly map at the query's shape on
-    the references' own scale, float32 (H, W): 0 = an ordinary normal patch (``typical``), 1 = the
-    expert's threshold (the image score of the most unusual reference, leave-one-out)."""
+def expert_map_at(ctx: ItemContext, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Expert ``name``'s raw anomaly map at the query's shape, or ``shape`` (H, W): float32."""
+    amap = ctx.expert_result(name).anomaly_map
+    h, w = shape or ctx.query.shape[:2]
+    if amap.shape[:2] != (h, w):
+        amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_AREA if h < amap.shape[0] else cv2.INTER_LINEAR)
+    return amap
+
+
+def expert_excess_map(ctx: ItemContext, name: str,
+                      shape: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """(excess map, (typical, threshold)): expert ``name``'s anomaly map at the query's shape (or
+    ``shape``, (H, W)) on the references' own scale, float32 (H, W): 0 = an ordinary normal patch
+    (``typical``), 1 = the expert's threshold (the image score of the most unusual reference,
+    leave-one-out)."""
     result = ctx.expert_result(name)
     typical, threshold = getattr(result, "normal_range", (0.0, result.threshold))
     typical, threshold = float(typical), float(threshold)
     if not threshold > typical:  # a degenerate scale: fall back to a ratio to the threshold
         typical = 0.0
-    amap = result.anomaly_map
-    if amap.shape[:2] != ctx.query.shape[:2]:
-        amap = cv2.resize(amap, (ctx.query.shape[1], ctx.query.shape[0]), interpolation=cv2.INTER_LINEAR)
+    amap = expert_map_at(ctx, name, shape)
     scale = max(threshold - typical, 1e-9)
     return ((amap - typical) / scale).astype(np.float32), (typical, threshold)
 

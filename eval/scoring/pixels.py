@@ -32,14 +32,15 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from anomalyclaw.graph.localize import decode_map
-from anomalyclaw.graph.localization import box_mask, valid_bbox
+from anomalyclaw.graph.localization import MAP_SIDE, box_mask, map_shape, valid_bbox
 from anomalyclaw.imaging import load_mask
 
 from anomalyclaw.eval.running.records import Record
 from anomalyclaw.eval.scoring.metrics import by_domain
 
-#: Longest side at which maps and masks are compared (MVTec evaluations commonly use 256).
-METRIC_SIDE = 256
+#: Longest side at which maps and masks are compared (MVTec evaluations commonly use 256): the
+#: side the runner writes maps at.
+METRIC_SIDE = MAP_SIDE
 #: AUPRO integrates the overlap curve up to this false-positive rate (the MVTec AD convention).
 FPR_LIMIT = 0.3
 MAPS = ("agent", "expert")
@@ -137,12 +138,6 @@ def best_box_hits(record: Record, mask: np.ndarray) -> bool:
     return bool((box_mask(best, mask.shape) & mask).any())
 
 
-def _metric_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    h, w = shape
-    scale = min(1.0, METRIC_SIDE / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
 def _read_map(run_dir: Path, rel: Any) -> np.ndarray | None:
     if not isinstance(rel, str) or not rel:
         return None
@@ -203,7 +198,7 @@ def evaluate_pixels(records: Sequence[Record], items: Mapping[str, Any], run_dir
             if any(m is None for m in loaded.values()):
                 no_map += 1
                 continue
-            small = _metric_shape(shape)
+            small = map_shape(shape)
             mask = (np.zeros(small, bool) if full is None else
                     cv2.resize(full.astype(np.uint8), (small[1], small[0]), interpolation=cv2.INTER_NEAREST) > 0)
             masks.append(mask)
