@@ -355,46 +355,77 @@ def _cut(dist: np.ndarray, min_contrast: float) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ region match
 
-def match_region(query_gray: np.ndarray, query_lab: np.ndarray, box: Sequence[int],
-                 reference_gray: np.ndarray, reference_lab: np.ndarray, *,
-                 search_margin: float | None) -> tuple[tuple[int, int, int, int], float]:
-    """Find the place in a reference that looks most like the query's ``box``.
+class RegionSearch:
+    """Where one ``box`` is looked for in images of one shape (H, W): the search window and the
+    scale of the match, the same for every image, so a caller matching the box of several images
+    into several others resizes each image's template and window once (:meth:`template`,
+    :meth:`window`) and pairs them (:meth:`match`).
 
-    Inputs are the query's and the reference's grey (float32 [0, 1]) and Lab images, all of one
-    shape. ``search_margin``: search within this fraction of the image side around the same
-    place (aligned domains), or ``None`` to search the whole reference (unaligned domains).
-    Matching is normalized squared difference of grey at <= 128 px (fast); the returned
-    distance is the mean Delta E between the query's box and the matched box at full size
-    (:func:`mean_delta_e`).
-    Returns (matched box in pixels, mean Delta E).
+    ``search_margin``: search within this fraction of the image side around the same place
+    (aligned domains), or ``None`` to search the whole image (unaligned domains). Matching is
+    normalized squared difference of grey at <= 128 px (fast); a box as large as the window is
+    not searched (it matches at its own place).
     """
-    h, w = query_gray.shape[:2]
-    x0, y0, x1, y1 = box
-    bw, bh = x1 - x0, y1 - y0
-    if search_margin is None:
-        sx0, sy0, sx1, sy1 = 0, 0, w, h
-    else:
-        mx, my = int(round(search_margin * w)), int(round(search_margin * h))
-        sx0, sy0, sx1, sy1 = max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)
-    best = (x0, y0)
-    if (sx1 - sx0) > bw or (sy1 - sy0) > bh:
+
+    def __init__(self, shape: Sequence[int], box: Sequence[int], *, search_margin: float | None):
+        h, w = int(shape[0]), int(shape[1])
+        self.shape, self.box = (h, w), tuple(int(v) for v in box)
+        x0, y0, x1, y1 = self.box
+        self.bw, self.bh = x1 - x0, y1 - y0
+        if search_margin is None:
+            self.window = (0, 0, w, h)
+        else:
+            mx, my = int(round(search_margin * w)), int(round(search_margin * h))
+            self.window = (max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my))
+        sx0, sy0, sx1, sy1 = self.window
+        self.searched = (sx1 - sx0) > self.bw or (sy1 - sy0) > self.bh
         scale = min(1.0, 128.0 / max(sx1 - sx0, sy1 - sy0))
-        scale = max(scale, min(1.0, 6.0 / max(1, min(bw, bh))))  # keep the template >= ~6 px
-        tpl = query_gray[y0:y1, x0:x1]
-        area = reference_gray[sy0:sy1, sx0:sx1]
-        if scale < 1.0:
-            tpl = cv2.resize(tpl, (max(2, round(bw * scale)), max(2, round(bh * scale))), interpolation=cv2.INTER_AREA)
-            area = cv2.resize(area, (max(tpl.shape[1], round((sx1 - sx0) * scale)),
-                                     max(tpl.shape[0], round((sy1 - sy0) * scale))), interpolation=cv2.INTER_AREA)
+        self.scale = max(scale, min(1.0, 6.0 / max(1, min(self.bw, self.bh))))  # keep the template >= ~6 px
+
+    def template(self, gray: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """The box of ``gray`` at the match's scale and the matching method it needs (None when
+        the box is not searched)."""
+        if not self.searched:
+            return None
+        x0, y0, x1, y1 = self.box
+        tpl = gray[y0:y1, x0:x1]
+        if self.scale < 1.0:
+            tpl = cv2.resize(tpl, (max(2, round(self.bw * self.scale)), max(2, round(self.bh * self.scale))),
+                             interpolation=cv2.INTER_AREA)
         # A flat template makes the normalized score undefined; plain squared difference works.
-        method = cv2.TM_SQDIFF_NORMED if float(tpl.std()) > 1e-4 else cv2.TM_SQDIFF
-        _, _, min_loc, _ = cv2.minMaxLoc(cv2.matchTemplate(area, tpl, method))
-        bx = sx0 + int(round(min_loc[0] / scale))
-        by = sy0 + int(round(min_loc[1] / scale))
-        best = (min(max(bx, 0), w - bw), min(max(by, 0), h - bh))
-    mx0, my0 = best
-    dist = mean_delta_e(query_lab[y0:y1, x0:x1], reference_lab[my0:my0 + bh, mx0:mx0 + bw])
-    return (mx0, my0, mx0 + bw, my0 + bh), dist
+        return tpl, cv2.TM_SQDIFF_NORMED if float(tpl.std()) > 1e-4 else cv2.TM_SQDIFF
+
+    def window_of(self, gray: np.ndarray) -> np.ndarray | None:
+        """The search window of ``gray`` at the match's scale (None when the box is not searched)."""
+        if not self.searched:
+            return None
+        sx0, sy0, sx1, sy1 = self.window
+        area = gray[sy0:sy1, sx0:sx1]
+        if self.scale < 1.0:
+            tw, th = max(2, round(self.bw * self.scale)), max(2, round(self.bh * self.scale))
+            area = cv2.resize(area, (max(tw, round((sx1 - sx0) * self.scale)), max(th, round((sy1 - sy0) * self.scale))),
+                              interpolation=cv2.INTER_AREA)
+        return area
+
+    def match(self, template: tuple[np.ndarray, int] | None, window: np.ndarray | None) -> tuple[int, int, int, int]:
+        """The box in pixels where ``template`` (of one image) best matches ``window`` (of another)."""
+        x0, y0 = self.box[:2]
+        h, w = self.shape
+        best = (x0, y0)
+        if template is not None and window is not None:
+            tpl, method = template
+            _, _, min_loc, _ = cv2.minMaxLoc(cv2.matchTemplate(window, tpl, method))
+            bx = self.window[0] + int(round(min_loc[0] / self.scale))
+            by = self.window[1] + int(round(min_loc[1] / self.scale))
+            best = (min(max(bx, 0), w - self.bw), min(max(by, 0), h - self.bh))
+        return best[0], best[1], best[0] + self.bw, best[1] + self.bh
+
+
+def box_delta_e(lab_a: np.ndarray, box_a: Sequence[int], lab_b: np.ndarray, box_b: Sequence[int]) -> float:
+    """:func:`mean_delta_e` of ``box_a`` of one Lab image and ``box_b`` (same size) of another."""
+    x0, y0, x1, y1 = box_a
+    u0, v0, u1, v1 = box_b
+    return mean_delta_e(lab_a[y0:y1, x0:x1], lab_b[v0:v1, u0:u1])
 
 
 # ----------------------------------------------------------------------------------- drawing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .imageops import match_region, to_gray, to_lab
+from .imageops import RegionSearch, box_delta_e, to_gray, to_lab
 from .item_context import ItemContext
 from .observation import ramp
 
@@ -35,17 +35,22 @@ def region_distances(ctx: ItemContext, box: tuple[int, int, int, int]) -> dict:
     """
     margin = search_margin(ctx)
     candidates = ctx.closest_references(min(MAX_CANDIDATE_REFS, ctx.n_references))
-    q_gray, q_lab = ctx.gray(), ctx.lab()
+    search = RegionSearch(ctx.query.shape, box, search_margin=margin)
+    # Each image's template and search window, resized once for every pair it is in.
+    windows = {i: search.window_of(ctx.gray(i)) for i in candidates}
+    query_template = search.template(ctx.gray())
     matches = []
     for i in candidates:
-        matched, dist = match_region(q_gray, q_lab, box, ctx.gray(i), ctx.lab(i), search_margin=margin)
-        matches.append({"reference": i, "matched_px": matched, "distance": dist})
+        matched = search.match(query_template, windows[i])
+        matches.append({"reference": i, "matched_px": matched,
+                        "distance": box_delta_e(ctx.lab(), box, ctx.lab(i), matched)})
     matches.sort(key=lambda m: m["distance"])
     loo = []
     if len(candidates) >= 2:
         for j in candidates:
-            loo.append(min(match_region(ctx.gray(j), ctx.lab(j), box, ctx.gray(i), ctx.lab(i),
-                                        search_margin=margin)[1] for i in candidates if i != j))
+            template = search.template(ctx.gray(j))
+            loo.append(min(box_delta_e(ctx.lab(j), box, ctx.lab(i), search.match(template, windows[i]))
+                           for i in candidates if i != j))
     query_distance = matches[0]["distance"]
     if loo:
         ref_median, ref_max = float(np.median(loo)), float(np.max(loo))
