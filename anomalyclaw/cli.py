@@ -122,9 +122,10 @@ def _mcqa_report(records, args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.scoring.mcqa import split_records
-    from anomalyclaw.eval.scoring.metrics import bootstrap_columns, evaluate, kept, records_expert_weight
+    from anomalyclaw.eval.scoring.metrics import (bootstrap_columns, evaluate, expert_weight_choice,
+                                                  has_expert_scores, kept)
     from anomalyclaw.eval.scoring.tables import format_table
-    from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT, check_expert_weight
+    from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT
 
     if args.plots:
         from .paths import writable_folder
@@ -160,23 +161,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for line in join.describe():
             print(line)
     expert = join.units if join else None
-    has_expert = join is not None or any(r.expert_score is not None for r in kept(records))
+    has_expert = has_expert_scores(records, expert)
     calibration = None
-    if args.expert_weight is not None:
-        weight, why = check_expert_weight(args.expert_weight), "--expert-weight"
-    elif args.calibration:
-        from anomalyclaw.eval.scoring.weights import choose_expert_weight
-
+    if args.calibration:  # read once: it may choose the weight and the threshold
         calibration, cal_read = _read_for_eval(args.calibration, args.merge, " calibration")
         problems += [] if cal_read.clean else [f"{args.calibration}: " + "; ".join(cal_read.messages())]
+    if args.expert_weight is None and calibration is not None:
+        from anomalyclaw.eval.scoring.weights import choose_expert_weight
+
         weight, tried = choose_expert_weight(calibration, alpha=args.alpha)
         why = "chosen on calibration"
         print("expert weight chosen on calibration: " + f"{weight:.2f} (macro fused AUROC there: "
               + ", ".join(f"{w:.2f}: {a:.4f}" for w, a in tried.items()) + ")")
-    elif join is None and (own := records_expert_weight(records)) is not None:
-        weight, why = own, "the records' own w_expert"
     else:
-        weight, why = (DEFAULT_EXPERT_WEIGHT, "the default") if has_expert else (0.0, "no expert scores")
+        weight, why = expert_weight_choice(records, args.expert_weight, expert)
+        why = "--expert-weight" if why == "given" else why
     if has_expert:
         print(f"expert weight {weight:g} ({why}; --expert-weight 0 gives the paper's two-branch blend)")
     require = bool(join and join.require_expert)
@@ -193,11 +192,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.scoring.metrics import column
 
     threshold = args.threshold
-    if threshold is None and args.calibration:
+    if threshold is None and calibration is not None:
         from anomalyclaw.eval.scoring.thresholds import choose_threshold
 
-        if calibration is None:
-            calibration, cal_read = _read_for_eval(args.calibration, args.merge, " calibration")
         # The threshold is chosen on the same fused column this evaluation reports (same weight).
         threshold, f1 = choose_threshold(calibration, lambda r: column(r, "fused", args.alpha, weight))
         print(f"image threshold chosen on calibration (F1-max of the fused score): {threshold:.4f} "
@@ -379,7 +376,7 @@ def _make_vlm(args: argparse.Namespace):
     from .config import EndpointConfig, install_secret_redaction
 
     if args.backend == "offline":
-        return make_vlm("offline"), []
+        return make_vlm("offline", max_concurrency=args.concurrency), []
     endpoint = EndpointConfig.from_env(preset=args.preset, base_url=args.base_url, model=args.model,
                                        timeout_s=args.timeout, client=args.client).require()
     install_secret_redaction(endpoint.secret_values())
@@ -449,17 +446,15 @@ def _scale_options(args: argparse.Namespace) -> dict:
     """``--workers`` / ``--ray`` as ShardedRunner's arguments ({} for one process), checked
     before anything starts."""
     workers, ray = getattr(args, "workers", None), getattr(args, "ray", None)
-    if ray is not None:
-        from anomalyclaw.eval.running.workers import import_ray
-
-        import_ray()  # without Ray installed: one line saying how to install it
-        return {"workers": workers or 2, "ray": ray}
-    if workers is None or workers == 1:
+    if ray is None and (workers is None or workers == 1):
         return {}
-    if args.concurrency < workers:
-        raise ValueError(f"--concurrency {args.concurrency} is below --workers {workers}: each worker needs at "
-                         "least one request in flight (raise --concurrency or lower --workers)")
-    return {"workers": workers, "ray": False}
+    from anomalyclaw.eval.running.workers import import_ray, split_concurrency
+
+    if ray is not None:
+        import_ray()  # without Ray installed: one line saying how to install it
+    workers = workers or 2
+    split_concurrency(args.concurrency, workers)  # the check ShardedRunner makes, before the endpoint's
+    return {"workers": workers, "ray": ray if ray is not None else False}
 
 
 def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str, inputs: dict,

@@ -63,6 +63,9 @@ class ToolEntry:
     family: str
     specialty: str
     applicability: Applicability
+    builtin: bool = False
+    """From the 13-tool catalog as :meth:`ToolRegistry.default` built it (another process can
+    build the same tool again from its name)."""
 
 
 def _canonical(name: str) -> str:
@@ -94,6 +97,7 @@ class ToolRegistry:
         for name in TOOL_NAMES:
             tool = built[name]
             registry.add(tool, family=tool.metadata["family"], specialty=tool.metadata["specialty"])
+            registry._entries[name].builtin = True
         return registry
 
     # ------------------------------------------------------------------------------- editing
@@ -120,6 +124,10 @@ class ToolRegistry:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def custom_names(self) -> list[str]:
+        """Tools added (or replaced) with :meth:`add` rather than taken from the catalog."""
+        return [name for name, entry in self._entries.items() if not entry.builtin]
 
     def get(self, name: str) -> BaseTool:
         if name not in self._entries:

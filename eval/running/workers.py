@@ -101,7 +101,11 @@ class WorkerSpec:
 
 
 def split_concurrency(total: int, n: int) -> list[int]:
-    """``total`` requests in flight shared by ``n`` workers, as evenly as whole numbers allow."""
+    """``total`` requests in flight (``--concurrency``) shared by ``n`` workers, as evenly as whole
+    numbers allow; ValueError when some worker would get none."""
+    if total < n:
+        raise ValueError(f"--concurrency {total} is below --workers {n}: each worker needs at least one "
+                         "request in flight (raise --concurrency or lower --workers)")
     return [total // n + (1 if k < total % n else 0) for k in range(n)]
 
 
@@ -618,11 +622,13 @@ class ShardedRunner(Runner):
         if backend not in ("offline", "openai"):
             raise AnomalyClawError(f"--workers/--ray need the offline or openai backend (workers build their own "
                                    f"client); this VLM's backend is {backend!r}")
-        total = int(getattr(vlm, "max_concurrency", 0) or 0) or 2 * workers
-        if total < workers:
-            raise ValueError(f"--concurrency {total} is below --workers {workers}: each worker needs at least one "
-                             "request in flight")
-        self.shares = split_concurrency(total, workers)
+        self.shares = split_concurrency(int(getattr(vlm, "max_concurrency", 0) or 0) or 2 * workers, workers)
+        custom = self.registry.custom_names()
+        if custom:  # a worker builds its tools from their names: these it could not
+            raise AnomalyClawError(
+                f"--workers/--ray: each worker builds its tools again from the 13-tool catalog by name, and "
+                f"{', '.join(custom)} {'is' if len(custom) == 1 else 'are'} not from it (added with "
+                "ToolRegistry.add); run this registry in one process (no --workers/--ray)")
 
     def request_stop(self, reason: str = "stop requested") -> None:
         super().request_stop(reason)

@@ -127,17 +127,29 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def expert_weight_choice(records: Sequence[Record], expert_weight: float | None,
+                         expert: dict[str, float] | None = None) -> tuple[float, str]:
+    """(weight, why): ``expert_weight`` when given; else the records' own ``w_expert`` when they
+    agree on one (and no external ``expert`` replaces their scores); else the default weight
+    when there is an expert score; else 0."""
+    if expert_weight is not None:
+        return check_expert_weight(expert_weight), "given"
+    if expert is None and (own := records_expert_weight(records)) is not None:
+        return own, "the records' own w_expert"
+    if has_expert_scores(records, expert):
+        return DEFAULT_EXPERT_WEIGHT, "the default"
+    return 0.0, "no expert scores"
+
+
+def has_expert_scores(records: Sequence[Record], expert: dict[str, float] | None = None) -> bool:
+    """Whether an expert term exists: external scores joined, or a kept record's own."""
+    return expert is not None or any(r.expert_score is not None for r in kept(records))
+
+
 def resolve_expert_weight(records: Sequence[Record], expert_weight: float | None,
                           expert: dict[str, float] | None = None) -> float:
-    """``expert_weight`` when given; else the records' own ``w_expert`` when they agree on one
-    (and no external ``expert`` replaces their scores); else the default weight when there is an
-    expert score; else 0."""
-    if expert_weight is not None:
-        return check_expert_weight(expert_weight)
-    if expert is None and (own := records_expert_weight(records)) is not None:
-        return own
-    has_expert = bool(expert) or any(r.expert_score is not None for r in kept(records))
-    return DEFAULT_EXPERT_WEIGHT if has_expert else 0.0
+    """The weight of :func:`expert_weight_choice`."""
+    return expert_weight_choice(records, expert_weight, expert)[0]
 
 
 def evaluate(records: Sequence[Record], *, alpha: float = 0.5, expert_weight: float | None = None,

@@ -27,7 +27,7 @@ def make_vlm(backend: str = "offline", endpoint: EndpointConfig | None = None, *
                        max_retries=policy.max_retries, backoff_max_s=policy.backoff_max_s,
                        max_concurrency=max_concurrency, timeout_s=policy.timeout_s, secrets=policy.secret_values())
     if backend == "offline":
-        return OfflineVLM()
+        return OfflineVLM(max_concurrency=max_concurrency)
     if backend == "openai":
         endpoint = (endpoint or EndpointConfig.from_env()).require()
         policy = dict(model=endpoint.model or "unknown", backend="openai", max_retries=endpoint.max_retries,

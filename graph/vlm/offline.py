@@ -371,8 +371,11 @@ class OfflineVLM:
     backend = "offline"
     model = "offline-rule-policy-v2"
 
-    def __init__(self, policy: OfflinePolicy | None = None):
+    def __init__(self, policy: OfflinePolicy | None = None, *, max_concurrency: int = 2):
         self.policy = policy or OfflinePolicy()
+        self.max_concurrency = max(1, int(max_concurrency))
+        """The run's ``--concurrency``: there are no requests to bound here, but the runner sizes
+        its items in flight from it, as for an endpoint (and ``--workers`` shares it out)."""
 
     async def acall(self, messages: Sequence[BaseMessage], *, stage: str, view: RunView | None = None,
                     logprobs: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> VLMReply:

@@ -69,6 +69,24 @@ def test_one_broken_row_is_counted_named_and_fails_strict(tmp_path, capsys):
     assert code == 1 and "--strict" in err and last["unreadable"] == 1
 
 
+def test_a_broken_calibration_row_is_read_once_and_fails_strict(tmp_path, capsys):
+    def lines(prefix):
+        return [Record(item_id=f"{prefix}{i}", domain_code="S1", label_gt=i % 2, expert_score=0.2 + 0.1 * i,
+                       direct_score=0.1 + 0.2 * (i % 2) + 0.01 * i, refute_score=0.5).to_line() for i in range(6)]
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / RECORDS_FILE).write_text("\n".join(lines("t")) + "\n")
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / RECORDS_FILE).write_text("\n".join(lines("c")[:3] + ['{"item_id": "c9", "dir'] + lines("c")[3:])
+                                                 + "\n")
+    # The calibration run chooses both the expert weight and the threshold: read (and counted) once.
+    code, last, out, err = _eval(capsys, str(tmp_path / "test"), "--calibration", str(tmp_path / "cal"))
+    assert code == 0 and err.count("1 unreadable rows") == 1 and out.count("read calibration") == 1
+    assert "expert weight chosen on calibration" in out and "image threshold chosen on calibration" in out
+    code, _, _, err = _eval(capsys, str(tmp_path / "test"), "--calibration", str(tmp_path / "cal"), "--strict",
+                            "--expert-weight", "0.3")
+    assert code == 1 and f"{tmp_path / 'cal'}: 1 unreadable rows" in err
+
+
 def test_rows_without_an_id_or_not_objects_are_unreadable(tmp_path, capsys):
     rows = [_released_row(0, 0), [1, 2], {"direct_score": 0.4}, _released_row(1, 1, item_id=7), _released_row(2, 1)]
     (tmp_path / "D1.json").write_text(json.dumps(rows))

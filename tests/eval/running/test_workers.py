@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from anomalyclaw.cli import main as cli_main
+from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.eval.data.manifests import write_manifest
 from anomalyclaw.eval.running.records import RECORDS_FILE, Record, load_records
 from anomalyclaw.eval.running.runner import Runner, run_sync
@@ -216,6 +217,29 @@ def test_unsupported_combinations_are_refused_naming_the_flag(small_items, small
     code = cli_main(["run", "--manifest", str(manifest), "--out", str(tmp_path / "r"), "--ray", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install anomalyclaw[ray]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_registry_with_a_custom_tool_is_refused_naming_it(tmp_path):
+    from langchain_core.tools import StructuredTool
+
+    from anomalyclaw.tools.registry import ToolRegistry
+
+    registry = ToolRegistry.default()
+    registry.drop("fft_spectrum_viz")  # dropping catalog tools is fine: workers drop them too
+    ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path / "ok", registry=registry, progress=False)
+    registry.add(StructuredTool.from_function(lambda word: word, name="say", description="Say a word."),
+                 family="custom", specialty="say a word")
+    with pytest.raises(AnomalyClawError, match="say is not from it"):
+        ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path / "no", registry=registry, progress=False)
+
+
+def test_workers_share_the_offline_backends_concurrency_as_one_process_uses_it(tmp_path):
+    assert Runner(make_vlm("offline", max_concurrency=1), out_dir=tmp_path / "a").item_concurrency == 2
+    assert Runner(make_vlm("offline", max_concurrency=8), out_dir=tmp_path / "b").item_concurrency == 13
+    runner = ShardedRunner(make_vlm("offline", max_concurrency=5), workers=2, out_dir=tmp_path / "c")
+    assert runner.shares == [3, 2]
+    with pytest.raises(ValueError, match="--concurrency 1 is below --workers 2"):
+        ShardedRunner(make_vlm("offline", max_concurrency=1), workers=2, out_dir=tmp_path / "d")
 
 
 def test_openai_backend_with_two_workers_and_two_replicas(small_items, tmp_path, capsys, monkeypatch):
