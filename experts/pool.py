@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -59,13 +59,15 @@ class _FittedSet:
 class ExpertPool:
     """Fitted experts cached per reference set (thread-safe; each set fitted once).
 
-    The backbone is loaded on first use. A reference set is identified by ``reference_key``
-    (``Item.reference_set_key``: the reference paths); its patch features are computed once
+    The backbone is loaded on first use. A reference set is identified by ``reference_key``: one
+    entry per image, its path or, as :class:`~anomalyclaw.tools.item_context.ItemContext` passes
+    it, its (path, mtime, size), so that a file rewritten in place is a new image; its patch
+    features are computed once
     and shared by every expert fitted on it. At most ``max_sets`` sets are kept, least
     recently used first out. Two threads asking for the same set wait for one computation.
 
     Benchmarks draw reference sets from a small pool of normal images, so sets differ while
-    their images repeat: each image's features are also kept, keyed by its path and size, up to
+    their images repeat: each image's features are also kept, keyed by its entry and shape, up to
     ``max_feature_mb`` (least recently used out), and a new set only encodes the images it does
     not share (``anomalyclaw bench`` reports how often that happens on CrossDomainVAD-12). The
     leave-one-out calibration of a fit is built from per-image and per-image-pair parts (patch
@@ -115,7 +117,7 @@ class ExpertPool:
                 self._backbone = load_backbone(str(self._backbone_spec), self.backbone_path, self.device)
             return self._backbone
 
-    def expert(self, name: str, reference_key: Sequence[str],
+    def expert(self, name: str, reference_key: Sequence[Hashable],
                reference_images: Callable[[], Sequence[np.ndarray]], **params: Any) -> Expert:
         """The expert ``name`` ("anomaly_vfm" or "subspace_ad") fitted on the reference set.
 
@@ -126,7 +128,7 @@ class ExpertPool:
         expert_class = EXPERTS.get(name)
         if expert_class is None:
             raise ValueError(f"unknown expert {name!r}; choose one of {sorted(EXPERTS)}")
-        key = tuple(str(k) for k in reference_key)
+        key = _set_key(reference_key)
         if not key:
             raise ValueError("reference_key is empty: an expert needs at least one reference image")
         backbone = self.backbone
@@ -149,11 +151,11 @@ class ExpertPool:
                 self._fit_seconds += time.perf_counter() - start
             return fitted
 
-    def image_features(self, reference_key: Sequence[str],
+    def image_features(self, reference_key: Sequence[Hashable],
                        reference_images: Callable[[], Sequence[np.ndarray]]) -> np.ndarray:
         """``[N, gh, gw, D]`` patch features of the images named by ``reference_key`` (paths),
         from the per-image cache; ``reference_images`` is called only when one is missing."""
-        key = tuple(str(k) for k in reference_key)
+        key = _set_key(reference_key)
         backbone = self.backbone
         entry = self._sets.get(key)
         if entry is not None:
@@ -161,13 +163,13 @@ class ExpertPool:
         images = list(reference_images())
         return self._features(images, backbone, _image_ids(key, images))
 
-    def _new_set(self, key: tuple[str, ...], images: Sequence[np.ndarray], backbone: Backbone) -> _FittedSet:
+    def _new_set(self, key: tuple[Hashable, ...], images: Sequence[np.ndarray], backbone: Backbone) -> _FittedSet:
         images = list(images)
         ids = _image_ids(key, images)
         return _FittedSet(self._features(images, backbone, ids), ids)
 
     def _features(self, images: Sequence[np.ndarray], backbone: Backbone,
-                  keys: list[tuple[str, tuple[int, ...]]] | None) -> np.ndarray:
+                  keys: list[tuple[Hashable, tuple[int, ...]]] | None) -> np.ndarray:
         """``[N, gh, gw, D]`` patch features of a set, encoding only the images not cached
         (``keys``: :func:`_image_ids`; None encodes them all)."""
         images = list(images)
@@ -210,9 +212,14 @@ def default_pool(backbone: str = "classic", backbone_path: str | None = None, de
         return _DEFAULT_POOLS[key]
 
 
-def _image_ids(key: Sequence[str], images: Sequence[np.ndarray]) -> list[tuple[str, tuple[int, ...]]] | None:
-    """Each image's cache key (its path and shape), or None when ``key`` does not name every
-    image one to one (then nothing can be cached per image)."""
+def _set_key(reference_key: Sequence[Hashable]) -> tuple[Hashable, ...]:
+    """A reference set's cache key: file keys (tuples) as given, paths as strings."""
+    return tuple(k if isinstance(k, tuple) else str(k) for k in reference_key)
+
+
+def _image_ids(key: Sequence[Hashable], images: Sequence[np.ndarray]) -> list[tuple[Hashable, tuple[int, ...]]] | None:
+    """Each image's cache key (its entry of the set's key, and its shape), or None when ``key``
+    does not name every image one to one (then nothing can be cached per image)."""
     if len(images) != len(key):
         return None
     return [(k, tuple(np.shape(im))) for k, im in zip(key, images)]

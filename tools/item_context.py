@@ -103,7 +103,6 @@ class ItemContext:
         self._references: dict[int, np.ndarray] = {}
         self._aligned: dict[int, np.ndarray] = {}
         self._ranking: list[tuple[int, float]] | None = None
-        self._expert_results: dict[str, "ExpertResult"] = {}
         self._memo: dict[Any, Any] = {}
         self._computing: dict[Any, threading.Lock] = {}
         self._file_keys: dict[int, tuple[str, float, int]] = {}
@@ -140,6 +139,11 @@ class ItemContext:
         if key is None:
             key = self._file_keys[index] = _file_key(Path(self.item.ref_paths[index]))
         return key
+
+    def reference_set_file_key(self) -> tuple[tuple[str, float, int], ...]:
+        """Every reference's :meth:`reference_file_key`: what the reference-set caches (the expert
+        pool's fits, :meth:`reference_cached`) key the set by."""
+        return tuple(self.reference_file_key(i) for i in range(self.n_references))
 
     def reference(self, index: int) -> np.ndarray:
         """Reference ``index`` at work size (cached across items that share the file)."""
@@ -197,7 +201,7 @@ class ItemContext:
     def reference_cached(self, name: str, compute: Callable[[], T], *, shape: tuple[int, ...] | None = None) -> T:
         """Memoise ``compute()`` for this reference set at this work size (and ``shape`` when the
         value depends on the query's shape), shared by every item that has the same references."""
-        key = (self.item.reference_set_key, self.work_side, name, tuple(shape) if shape else None)
+        key = (self.reference_set_file_key(), self.work_side, name, tuple(shape) if shape else None)
         return _REFERENCE_SETS.get_or_compute(key, compute)
 
     def item_cached(self, key: Any, compute: Callable[[], T]) -> T:
@@ -276,21 +280,18 @@ class ItemContext:
 
     def expert_result(self, name: str) -> "ExpertResult":
         """The query scored by expert ``name`` ("anomaly_vfm" or "subspace_ad"), fitted on this
-        item's references through the pool; cached per item."""
-        with self._lock:
-            cached = self._expert_results.get(name)
-        if cached is not None:
-            return cached
-        from anomalyclaw.experts.pool import default_params
+        item's references through the pool; computed once per item (two branches asking at once
+        wait for one computation)."""
+        def compute() -> "ExpertResult":
+            from anomalyclaw.experts.pool import default_params
 
-        start = time.perf_counter()
-        pool = self.get_expert_pool()
-        expert = pool.expert(name, self.item.reference_set_key, lambda: self.references,
-                             **default_params(name, self.traits))
-        result = expert.score_features(self.query_features(pool.backbone), self.query.shape[:2], started=start)
-        with self._lock:
-            self._expert_results[name] = result
-        return result
+            start = time.perf_counter()
+            pool = self.get_expert_pool()
+            expert = pool.expert(name, self.reference_set_file_key(), lambda: self.references,
+                                 **default_params(name, self.traits))
+            return expert.score_features(self.query_features(pool.backbone), self.query.shape[:2], started=start)
+
+        return self.item_cached(("expert_result", name), compute)
 
     def query_features(self, backbone: Any) -> np.ndarray:
         """The query's patch features ``[gh, gw, D]`` from ``backbone``, computed once per item
@@ -304,9 +305,9 @@ class ItemContext:
         backbone)."""
         pool = self.get_expert_pool()
         if pool.backbone is backbone:
-            return pool.image_features(self.item.reference_set_key, lambda: self.references)
+            return pool.image_features(self.reference_set_file_key(), lambda: self.references)
         return np.asarray(backbone.patch_features(self.references), np.float32)
 
     def has_expert_result(self, name: str) -> bool:
         with self._lock:
-            return name in self._expert_results
+            return ("expert_result", name) in self._memo

@@ -188,6 +188,28 @@ def test_context_loads_lazily_at_work_size_and_caches(tmp_path):
         ItemContext(item, work_side=4)
 
 
+def test_a_reference_rewritten_in_place_is_fitted_again_and_one_reading_serves_two_threads(tmp_path):
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from anomalyclaw.experts.pool import ExpertPool
+
+    item = make_item(tmp_path, "rewritten")
+    pool = ExpertPool("classic")
+    ctx = ItemContext(item, work_side=96, expert_pool=pool)
+    with ThreadPoolExecutor(2) as ex:  # the two branches asking at once: one reading
+        first, again = ex.map(lambda _: ctx.expert_result("anomaly_vfm"), range(2))
+    assert first is again and pool.stats["misses"] == 1
+    ItemContext(item, work_side=96, expert_pool=pool).expert_result("anomaly_vfm")
+    assert pool.stats["misses"] == 1  # same files: the fitted set is reused
+    save_image(np.full((96, 96, 3), 255, np.uint8), item.ref_paths[0])  # another image, same path
+    os.utime(item.ref_paths[0], ns=(1, 1))  # and a different mtime whatever the clock's resolution
+    rewritten = ItemContext(item, work_side=96, expert_pool=pool)
+    assert not np.array_equal(rewritten.reference(0), ctx.reference(0))
+    rewritten.expert_result("anomaly_vfm")
+    assert pool.stats["misses"] == 2  # the pool fitted the set again instead of serving stale features
+
+
 def test_unreadable_query_becomes_a_failed_observation(tmp_path, registry):
     item = make_item(tmp_path, "broken")
     item.query_path.write_bytes(b"not an image")
