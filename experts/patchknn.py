@@ -85,6 +85,18 @@ def _smallest(x: Any, k: int, dim: int) -> Any:
     return x.topk(k, dim=dim, largest=False, sorted=False).values
 
 
+def _smallest_np(x: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """:func:`_smallest` for an array: the min(``k``, size) smallest along ``axis``, unsorted."""
+    k = min(k, x.shape[axis])
+    return np.partition(x, k - 1, axis=axis).take(range(k), axis=axis) if k > 1 else x.min(axis=axis, keepdims=True)
+
+
+def _root_mean(squared: np.ndarray, axis: int) -> np.ndarray:
+    """float32 mean over ``axis`` of the distances whose squares are ``squared`` (negatives from
+    float32 cancellation count as 0)."""
+    return np.sqrt(np.maximum(squared, 0.0)).mean(axis=axis).astype(np.float32)
+
+
 def positional_nearest(query: np.ndarray, references: np.ndarray, radius: int, k: int = 1) -> np.ndarray:
     """float32 ``[k', gh, gw]``: the ``k'`` = min(``k``, candidates) smallest squared distances
     of each query patch ``[gh, gw, D]`` to the patches of ``references`` ``[R, gh, gw, D]``
@@ -107,9 +119,7 @@ def positional_nearest(query: np.ndarray, references: np.ndarray, radius: int, k
             dot = np.einsum("hwd,rhwd->rhw", query[qy, qx], references[:, ry, rx])
             squared[:, qy, qx] = query_sq[qy, qx][None] + reference_sq[:, ry, rx] - 2.0 * dot
             candidates.append(squared)
-    stacked = np.concatenate(candidates, axis=0)
-    k = min(k, stacked.shape[0])
-    return np.partition(stacked, k - 1, axis=0)[:k] if k > 1 else stacked.min(axis=0, keepdims=True)
+    return _smallest_np(np.concatenate(candidates, axis=0), k, axis=0)
 
 
 def positional_distances(query: np.ndarray, references: np.ndarray, radius: int, k: int = 1) -> np.ndarray:
@@ -117,16 +127,12 @@ def positional_distances(query: np.ndarray, references: np.ndarray, radius: int,
     ``k`` nearest patches among the references ``[R, gh, gw, D]`` lying within ``radius``
     cells of the same grid position (for aligned images: a patch is compared only with what
     normally sits there)."""
-    nearest = positional_nearest(query, references, radius, k)
-    return np.sqrt(np.maximum(nearest, 0.0)).mean(axis=0).astype(np.float32)
+    return _root_mean(positional_nearest(query, references, radius, k), axis=0)
 
 
 def _merge_nearest(parts: Sequence[np.ndarray], k: int) -> np.ndarray:
     """Root mean of the ``k`` smallest of per-pair candidates ``[P, k_j]`` (concatenated)."""
-    stacked = np.concatenate(parts, axis=1)
-    k = min(k, stacked.shape[1])
-    nearest = np.partition(stacked, k - 1, axis=1)[:, :k] if k > 1 else stacked.min(axis=1, keepdims=True)
-    return np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1).astype(np.float32)
+    return _root_mean(_smallest_np(np.concatenate(parts, axis=1), k, axis=1), axis=1)
 
 
 class PatchKNNExpert(Expert):
