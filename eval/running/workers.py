@@ -238,24 +238,68 @@ class _Proc:
         self.goodbye = asyncio.Event()
 
 
-class ProcessPool:
+class _SlotPool:
+    """What both pools share: ``SLOTS_PER_WORKER`` slots per worker handed out by
+    :meth:`acquire`, a dead worker replaced on its slot's next use (at most
+    ``RESPAWNS_PER_WORKER`` times per worker in a run), and the workers' last reports."""
+
+    kind = "workers"
+    flag = "--workers"
+    dead = "worker processes"
+
+    def __init__(self, n: int, specs: Sequence[WorkerSpec]):
+        self.n = n
+        self.specs = list(specs)
+        self.snapshots: dict[tuple[int, int], dict[str, Any]] = {}
+        self.respawns = 0
+        self._slots: asyncio.Queue[int] = asyncio.Queue()
+
+    def _open_slots(self, index: int) -> None:
+        for _ in range(SLOTS_PER_WORKER):
+            self._slots.put_nowait(index)
+
+    def _alive(self, index: int) -> bool:
+        raise NotImplementedError
+
+    async def _replace(self, index: int) -> None:
+        """Start a new worker in place of dead worker ``index``."""
+        raise NotImplementedError
+
+    def _last_exit(self, index: int) -> str:
+        return ""
+
+    async def acquire(self) -> int:
+        index = await self._slots.get()
+        if not self._alive(index):
+            if self.respawns >= RESPAWNS_PER_WORKER * self.n:
+                self._slots.put_nowait(index)
+                raise WorkerStartError(f"{self.flag}: {self.dead} died {self.respawns} times in this run"
+                                       f"{self._last_exit(index)}; stopping: finished items are kept")
+            self.respawns += 1
+            await self._replace(index)
+        return index
+
+    def release(self, index: int) -> None:
+        self._slots.put_nowait(index)
+
+    def worker_snapshots(self) -> list[dict[str, Any]]:
+        return list(self.snapshots.values())
+
+
+class ProcessPool(_SlotPool):
     """N worker processes (forkserver where the platform has it, else spawn), each fed batches
     over its own pipe; a dead one is replaced on its next use."""
 
     kind = "processes"
 
     def __init__(self, n: int, specs: Sequence[WorkerSpec]):
-        self.n = n
-        self.specs = list(specs)
+        super().__init__(n, specs)
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self.ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             # The fork server imports the runner once; each worker forks from it warm.
             self.ctx.set_forkserver_preload(["anomalyclaw.eval.running.workers"])
         self.procs: list[_Proc] = []
-        self.snapshots: dict[tuple[int, int], dict[str, Any]] = {}
-        self.respawns = 0
-        self._slots: asyncio.Queue[int] = asyncio.Queue()
         self._bid = 0
         self._fatal: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -265,8 +309,7 @@ class ProcessPool:
         self._loop = asyncio.get_running_loop()
         for k in range(self.n):
             self.procs.append(await asyncio.to_thread(self._spawn, k))
-            for _ in range(SLOTS_PER_WORKER):
-                self._slots.put_nowait(k)
+            self._open_slots(k)
 
     def _spawn(self, index: int) -> _Proc:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
@@ -361,20 +404,14 @@ class ProcessPool:
                 pass
 
     # -- work
-    async def acquire(self) -> int:
-        index = await self._slots.get()
-        proc = self.procs[index]
-        if not proc.alive:
-            if self.respawns >= RESPAWNS_PER_WORKER * self.n:
-                self._slots.put_nowait(index)
-                raise WorkerStartError(f"--workers: worker processes died {self.respawns} times in this run (the "
-                                       f"last exit status {proc.exitcode}); stopping: finished items are kept")
-            self.respawns += 1
-            self.procs[index] = await asyncio.to_thread(self._spawn, index)
-        return index
+    def _alive(self, index: int) -> bool:
+        return self.procs[index].alive
 
-    def release(self, index: int) -> None:
-        self._slots.put_nowait(index)
+    async def _replace(self, index: int) -> None:
+        self.procs[index] = await asyncio.to_thread(self._spawn, index)
+
+    def _last_exit(self, index: int) -> str:
+        return f" (the last exit status {self.procs[index].exitcode})"
 
     async def judge(self, index: int, items: Sequence[Item]) -> AsyncIterator[Record]:
         if self._fatal:
@@ -404,9 +441,6 @@ class ProcessPool:
                     raise WorkerLost(f"worker process {index} (pid {proc.process.pid}) died (exit status {value})")
         finally:
             proc.batches.pop(bid, None)
-
-    def worker_snapshots(self) -> list[dict[str, Any]]:
-        return list(self.snapshots.values())
 
 
 # ------------------------------------------------------------------------------------- Ray
@@ -470,21 +504,21 @@ class RayWorker:
         return "records", records, worker_snapshot(self.runner)
 
 
-class RayPool:
+class RayPool(_SlotPool):
     """N Ray actors (one CPU each) on a Ray cluster: the one at ``address``, or a local one
     started for the run (``ray.init(num_cpus=...)``) when there is none. A lost actor is
     replaced on its next use; its batch is judged again by the caller."""
 
     kind = "ray"
+    flag = "--ray"
+    dead = "Ray actors"
 
     def __init__(self, n: int, specs: Sequence[WorkerSpec], address: str | None = None):
         self.ray = import_ray()
-        self.n, self.specs, self.address = n, list(specs), address
+        super().__init__(n, specs)
+        self.address = address
         self.actors: list[Any] = []
         self.alive: list[bool] = []
-        self.snapshots: dict[tuple[int, int], dict[str, Any]] = {}
-        self.respawns = 0
-        self._slots: asyncio.Queue[int] = asyncio.Queue()
         self._started_ray = False
         self._release = threading.Event()
         self._generation = [0] * n
@@ -533,8 +567,7 @@ class RayPool:
         for k in range(self.n):
             self.actors.append(self._remote.remote(self.specs[k]))
             self.alive.append(True)
-            for _ in range(SLOTS_PER_WORKER):
-                self._slots.put_nowait(k)
+            self._open_slots(k)
 
     async def close(self, *, wait: bool = True) -> None:
         ray = self.ray
@@ -547,21 +580,13 @@ class RayPool:
             await asyncio.to_thread(ray.shutdown)
         self._release.set()
 
-    async def acquire(self) -> int:
-        index = await self._slots.get()
-        if not self.alive[index]:
-            if self.respawns >= RESPAWNS_PER_WORKER * self.n:
-                self._slots.put_nowait(index)
-                raise WorkerStartError(f"--ray: Ray actors died {self.respawns} times in this run; stopping: "
-                                       "finished items are kept")
-            self.respawns += 1
-            self.actors[index] = self._remote.remote(self.specs[index])
-            self.alive[index] = True
-            self._generation[index] += 1
-        return index
+    def _alive(self, index: int) -> bool:
+        return self.alive[index]
 
-    def release(self, index: int) -> None:
-        self._slots.put_nowait(index)
+    async def _replace(self, index: int) -> None:
+        self.actors[index] = self._remote.remote(self.specs[index])
+        self.alive[index] = True
+        self._generation[index] += 1
 
     async def judge(self, index: int, items: Sequence[Item]) -> AsyncIterator[Record]:
         ray = self.ray
@@ -578,9 +603,6 @@ class RayPool:
             raise EndpointFatalError(value)
         for record in value:
             yield record
-
-    def worker_snapshots(self) -> list[dict[str, Any]]:
-        return list(self.snapshots.values())
 
 
 # --------------------------------------------------------------------------- the runner
