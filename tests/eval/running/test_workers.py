@@ -285,3 +285,29 @@ def test_the_summary_says_when_the_workers_fell_back_to_json_actions(small_items
     assert code == 0, printed.err[-2000:]
     assert json.loads(printed.out.strip().splitlines()[-1])["tool_calling"].startswith("auto (fell back to json")
     assert _summary(out)["tool_calling"].startswith("auto (fell back to json")
+
+
+def test_a_pool_whose_workers_keep_dying_stops_after_its_respawn_budget():
+    from anomalyclaw.eval.running.workers import RESPAWNS_PER_WORKER, SLOTS_PER_WORKER, WorkerStartError, _SlotPool
+
+    class AlwaysDead(_SlotPool):
+        replaced = 0
+
+        def _alive(self, index):
+            return False
+
+        async def _replace(self, index):
+            self.replaced += 1
+
+    async def go(pool):
+        pool._open_slots(0)
+        pool._open_slots(1)
+        for _ in range(RESPAWNS_PER_WORKER * 2):
+            pool.release(await pool.acquire())
+        with pytest.raises(WorkerStartError, match=f"--workers: worker processes died {RESPAWNS_PER_WORKER * 2} "
+                                                   "times in this run; stopping: finished items are kept"):
+            await pool.acquire()
+        return pool
+
+    pool = asyncio.run(go(AlwaysDead(2, [])))
+    assert pool.replaced == pool.respawns == RESPAWNS_PER_WORKER * 2 and pool._slots.qsize() == 2 * SLOTS_PER_WORKER  # no slot lost
