@@ -153,7 +153,7 @@ class ExpertPool:
 
     def image_features(self, reference_key: Sequence[Hashable],
                        reference_images: Callable[[], Sequence[np.ndarray]]) -> np.ndarray:
-        """``[N, gh, gw, D]`` patch features of the images named by ``reference_key`` (paths),
+        """``[N, gh, gw, D]`` patch features of the images named by ``reference_key`` (one entry each),
         from the per-image cache; ``reference_images`` is called only when one is missing."""
         key = _set_key(reference_key)
         backbone = self.backbone

@@ -21,8 +21,7 @@ to that one place. Calls that release the GIL therefore also absorb some of the 
 their thread did just before them: the event loop's ``select`` and the connection pool's
 socket checks (``HTTP``) take part of the loop thread's other work, OpenCV calls part of the
 tools' Python. The total and the event-loop thread's CPU are exact; an A/B of the process's
-CPU (two runs, one change) is the way to price one function: switching the pool's socket checks
-off saved 2 ms per item, where the split charged them 9. A sampling profiler
+CPU (two runs, one change) is the way to price one function. A sampling profiler
 from outside (py-spy) was tried first: on this 2-core machine its "active thread" heuristic
 charged several times the process's CPU time (threads waiting on a queue or the GIL counted as
 running), so its shares could not be read as CPU.
