@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import json
 import logging
 import re
@@ -76,6 +77,13 @@ def _canonical(name: str) -> str:
         if text.startswith(prefix):
             text = text[len(prefix):]
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """An arguments model's JSON schema, built once per process (pydantic takes ~7 ms a schema,
+    and every registry, one per runner, would build all 13 again)."""
+    return model.model_json_schema()
 
 
 class ToolRegistry:
@@ -185,7 +193,7 @@ class ToolRegistry:
         if name not in self._schemas:
             model = self.args_model(name)
             if model is not None:
-                schema = model.model_json_schema()
+                schema = _model_schema(model)
             else:
                 schema = self._entries[name].tool.args_schema
                 schema = schema if isinstance(schema, dict) else schema.model_json_schema()
