@@ -130,7 +130,7 @@ def test_quickstart_runs_end_to_end(kernel_name, tmp_path, monkeypatch):
 
     # section 7: custom events, a checkpointed thread in memory, then SQLite with native tool calls
     events = text_of(tagged_cell(nb, "langgraph-events"))
-    assert "VLM propose answered" in events and "tool rotate_align ok in" in events
+    assert "VLM propose answered" in events and re.search(r"tool \w+ ok in \d+ ms", events), events
     assert "fuse: anomaly score" in events and "base64" not in events and len(events) < 8000
     threads = text_of(tagged_cell(nb, "langgraph-threads"))
     assert re.search(r"\d+ checkpoints on thread 'S2_\d+'", threads) and "next refute" in threads

@@ -40,9 +40,23 @@ def test_a_profiled_run_adds_up(tmp_path):
                          work_dir=tmp_path, interval_s=0.002)
     assert result["items"] == 6 and result["errors"] == 0 and result["requests_per_item"] == 3.0
     parts = result["by_category"]
-    assert parts["tools"] > 0 and parts["LangGraph"] > 0 and parts["HTTP"] > 0
+    # The big categories always show; a small one (LangGraph, ~1 ms per item) may miss every sample
+    # of a 6-item run: its rule is checked on a frame below.
+    assert parts["tools"] > 0 and parts["experts"] > 0 and parts["HTTP"] > 0
     total = sum(parts.values()) + result["profiler_ms_per_item"]
     assert abs(total - result["cpu_ms_per_item"]) < 0.2  # rounding only: the rest is "unattributed"
     # What no thread's clock accounts for is small, and never negative beyond rounding.
     assert -0.2 < parts["unattributed"] < 0.25 * result["cpu_ms_per_item"]
     assert "total (process CPU)" in format_profile(result)
+
+
+def test_library_frames_go_to_their_category():
+    import langgraph.pregel.main as pregel
+
+    from anomalyclaw.eval.bench.profile import _Rules
+    from anomalyclaw.experts import patchknn
+
+    rules = _Rules()
+    assert rules(pregel.__file__, "astream") == "LangGraph"
+    assert rules(patchknn.__file__, "nearest_distances") == "experts"
+    assert rules(np.__file__, "mean") is None  # NumPy decides nothing: its caller does
