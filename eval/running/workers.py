@@ -34,6 +34,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from anomalyclaw.cache import cache_stats
@@ -238,7 +239,7 @@ class _Proc:
         self.goodbye = asyncio.Event()
 
 
-class _SlotPool:
+class _SlotPool(ABC):
     """What both pools share: ``SLOTS_PER_WORKER`` slots per worker handed out by
     :meth:`acquire`, a dead worker replaced on its slot's next use (at most
     ``RESPAWNS_PER_WORKER`` times per worker in a run), and the workers' last reports."""
@@ -258,12 +259,13 @@ class _SlotPool:
         for _ in range(SLOTS_PER_WORKER):
             self._slots.put_nowait(index)
 
+    @abstractmethod
     def _alive(self, index: int) -> bool:
-        raise NotImplementedError
+        """Whether worker ``index`` can take a batch."""
 
+    @abstractmethod
     async def _replace(self, index: int) -> None:
         """Start a new worker in place of dead worker ``index``."""
-        raise NotImplementedError
 
     def _last_exit(self, index: int) -> str:
         return ""
