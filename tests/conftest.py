@@ -54,3 +54,31 @@ def small_mmad(tmp_path_factory) -> Path:
     manifest = generate_benchmark(tmp_path_factory.mktemp("mmad_small"), seed=0, n_test_per_domain=4,
                                   n_calibration=0, n_dev=0, size=128, domains=["S2", "S7"])
     return write_mmad_questions(manifest)
+
+
+@pytest.fixture
+def kill_mid_run():
+    """``run(runner, items, after, kill)``: runs ``runner`` on ``items`` and calls ``kill(runner)``
+    once ``after`` records are on disk (a worker or actor killed mid-run); returns (the run's
+    summary, what ``kill`` returned)."""
+    import asyncio
+    import time
+
+    from anomalyclaw.eval.running.records import RECORDS_FILE
+
+    def run(runner, items, after, kill):
+        records = runner.out_dir / RECORDS_FILE
+
+        async def main():
+            task = asyncio.create_task(runner.run(items))
+            deadline = time.monotonic() + 240
+            while not (records.exists() and records.read_bytes().count(b"\n") >= after):
+                assert not task.done(), task
+                assert time.monotonic() < deadline, "no records"
+                await asyncio.sleep(0.05)
+            killed = kill(runner)
+            return await task, killed
+
+        return asyncio.run(main())
+
+    return run

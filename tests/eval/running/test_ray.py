@@ -2,16 +2,14 @@
 every item exactly once, also after an actor is killed."""
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
-import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from anomalyclaw.cli import main as cli_main  # noqa: E402
+from anomalyclaw.eval.bench.throughput import copies  # noqa: E402
 from anomalyclaw.eval.data.manifests import write_manifest  # noqa: E402
 from anomalyclaw.eval.running.records import RECORDS_FILE, load_records  # noqa: E402
 from anomalyclaw.eval.running.workers import ShardedRunner  # noqa: E402
@@ -28,27 +26,12 @@ def local_ray():
     ray.shutdown()
 
 
-def _copies(items, n):
-    return [dataclasses.replace(items[i % len(items)], item_id=f"{items[i % len(items)].item_id}~{i // len(items)}")
-            for i in range(n)]
-
-
-def test_ray_actors_judge_every_item_once_also_after_one_is_killed(local_ray, small_items, tmp_path):
-    items = _copies(small_items, 20)
+def test_ray_actors_judge_every_item_once_also_after_one_is_killed(local_ray, small_items, tmp_path, kill_mid_run):
+    items = copies(small_items, 20)
     runner = ShardedRunner(make_vlm("offline"), workers=2, ray="", out_dir=tmp_path, progress=False, batch_size=2)
     records = tmp_path / RECORDS_FILE
-
-    async def main():
-        task = asyncio.create_task(runner.run(items))
-        deadline = time.monotonic() + 240
-        while not (records.exists() and records.read_bytes().count(b"\n") >= 2):
-            assert not task.done(), task
-            assert time.monotonic() < deadline, "no records"
-            await asyncio.sleep(0.05)
-        ray.kill(runner.pool.actors[0])  # the actor and every batch it holds are lost
-        return await task
-
-    summary = asyncio.run(main())
+    # The actor and every batch it holds are lost.
+    summary, _ = kill_mid_run(runner, items, 2, lambda r: ray.kill(r.pool.actors[0]))
     ids = [json.loads(line)["item_id"] for line in records.read_bytes().split(b"\n")[:-1]]
     assert sorted(ids) == sorted(it.item_id for it in items), "an item was lost or written twice"
     assert summary.n_done == len(ids) and summary.n_errors == 0 and summary.fatal is None

@@ -3,7 +3,6 @@ every item exactly once, also after a worker or the parent is SIGKILLed."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import pytest
 
 from anomalyclaw.cli import main as cli_main
 from anomalyclaw.errors import AnomalyClawError
+from anomalyclaw.eval.bench.throughput import copies
 from anomalyclaw.eval.data.manifests import write_manifest
 from anomalyclaw.eval.running.records import RECORDS_FILE, Record, load_records
 from anomalyclaw.eval.running.runner import Runner, run_sync
@@ -23,11 +23,6 @@ from anomalyclaw.eval.running.workers import ShardedRunner, WorkerLost
 from anomalyclaw.graph.vlm import make_vlm
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-
-
-def _copies(items, n):
-    return [dataclasses.replace(items[i % len(items)], item_id=f"{items[i % len(items)].item_id}~{i // len(items)}")
-            for i in range(n)]
 
 
 def _ids(path: Path) -> list[str]:
@@ -58,23 +53,17 @@ def test_two_workers_judge_every_item_once_as_one_process_does(small_items, tmp_
     assert {r.run_id for r in records} == {runner.run_id}
 
 
-def test_sigkill_of_a_worker_mid_run_redoes_its_items(small_items, tmp_path, caplog):
-    items = _copies(small_items, 24)
+def test_sigkill_of_a_worker_mid_run_redoes_its_items(small_items, tmp_path, caplog, kill_mid_run):
+    items = copies(small_items, 24)
     runner = ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path, progress=False, batch_size=2)
     records = tmp_path / RECORDS_FILE
 
-    async def main():
-        task = asyncio.create_task(runner.run(items))
-        deadline = time.monotonic() + 240
-        while not (records.exists() and records.read_bytes().count(b"\n") >= 3):
-            assert not task.done(), task
-            assert time.monotonic() < deadline, "no records"
-            await asyncio.sleep(0.05)
+    def kill(runner):
         victim = runner.pool.procs[0]
         os.kill(victim.process.pid, signal.SIGKILL)
-        return await task, victim
+        return victim
 
-    summary, victim = asyncio.run(main())
+    summary, victim = kill_mid_run(runner, items, 3, kill)
     ids = _ids(records)
     assert sorted(ids) == sorted(it.item_id for it in items), "an item was lost or written twice"
     assert summary.n_done == len(ids) and summary.n_errors == 0 and summary.fatal is None
@@ -162,7 +151,7 @@ def _wait_for_lines(proc: subprocess.Popen, records: Path, n: int, timeout_s: fl
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_sigkill_of_the_parent_then_resume_loses_and_duplicates_nothing(small_items, tmp_path, capsys):
-    items = _copies(small_items, 28)
+    items = copies(small_items, 28)
     manifest = write_manifest(items, tmp_path / "manifest.json")
     out = tmp_path / "run"
     records = out / RECORDS_FILE
@@ -188,7 +177,7 @@ def test_sigkill_of_the_parent_then_resume_loses_and_duplicates_nothing(small_it
 
 
 def test_sigterm_stops_the_workers_run_with_its_summary(small_items, tmp_path):
-    items = _copies(small_items, 28)
+    items = copies(small_items, 28)
     manifest = write_manifest(items, tmp_path / "manifest.json")
     out = tmp_path / "run"
     proc = _start(manifest, out)
