@@ -11,6 +11,7 @@ they return is the only one a call produces. Inside a LangGraph run each call is
 from __future__ import annotations
 
 import asyncio
+import copy
 import difflib
 import functools
 import json
@@ -82,7 +83,7 @@ def _canonical(name: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """An arguments model's JSON schema, built once per process (pydantic takes ~7 ms a schema,
-    and every registry, one per runner, would build all 13 again)."""
+    and every registry, one per runner, would build all 13 again); callers keep a copy."""
     return model.model_json_schema()
 
 
@@ -193,7 +194,7 @@ class ToolRegistry:
         if name not in self._schemas:
             model = self.args_model(name)
             if model is not None:
-                schema = _model_schema(model)
+                schema = copy.deepcopy(_model_schema(model))  # this registry's own, as before
             else:
                 schema = self._entries[name].tool.args_schema
                 schema = schema if isinstance(schema, dict) else schema.model_json_schema()
