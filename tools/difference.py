@@ -217,12 +217,17 @@ def _analyse_diff(ctx: ItemContext, n_refs: int, illumination: tuple[int, ...], 
 
 
 def expert_map_at(ctx: ItemContext, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Expert ``name``'s raw anomaly map at the query's shape, or ``shape`` (H, W): float32."""
-    amap = ctx.expert_result(name).anomaly_map
-    h, w = shape or ctx.query.shape[:2]
-    if amap.shape[:2] != (h, w):
-        amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_AREA if h < amap.shape[0] else cv2.INTER_LINEAR)
-    return amap
+    """Expert ``name``'s raw anomaly map at the query's shape, or ``shape`` (H, W): float32,
+    resized once per item and shape (the excess map and the expert's own map file both read it)."""
+    h, w = (int(v) for v in (shape or ctx.query.shape[:2]))
+
+    def resized() -> np.ndarray:
+        amap = ctx.expert_result(name).anomaly_map
+        if amap.shape[:2] == (h, w):
+            return amap
+        return cv2.resize(amap, (w, h), interpolation=cv2.INTER_AREA if h < amap.shape[0] else cv2.INTER_LINEAR)
+
+    return ctx.item_cached(("expert_map_at", name, h, w), resized)
 
 
 def expert_excess_map(ctx: ItemContext, name: str,
