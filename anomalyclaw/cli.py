@@ -122,7 +122,7 @@ def _mcqa_report(records, args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.scoring.mcqa import split_records
-    from anomalyclaw.eval.scoring.metrics import (bootstrap_columns, evaluate, expert_weight_choice,
+    from anomalyclaw.eval.scoring.metrics import (bootstrap_columns, column, evaluate, expert_weight_choice,
                                                   has_expert_scores, kept)
     from anomalyclaw.eval.scoring.tables import format_table
     from anomalyclaw.scores import DEFAULT_EXPERT_WEIGHT
@@ -189,8 +189,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["left_out"]["other domains"] = read.rows - len(read.unreadable) - len(read.duplicates) - len(records)
     result["rows"] = read.rows
     fusion = dict(expert_weight=weight, expert=expert, require_expert=require)
-    from anomalyclaw.eval.scoring.metrics import column
-
     threshold = args.threshold
     if threshold is None and calibration is not None:
         from anomalyclaw.eval.scoring.thresholds import choose_threshold
@@ -1173,8 +1171,8 @@ def _resolve_backend(args: argparse.Namespace) -> None:
         args.backend = "openai" if asked else args.backend_default
     elif args.backend == "offline" and asked:
         raise AnomalyClawError(f"{' and '.join(asked)} {'names' if len(asked) == 1 else 'name'} an endpoint, "
-                               "which --backend offline does not use: "
-                         "drop --backend offline (or say --backend openai)")
+                               "which --backend offline does not use: drop --backend offline (or say --backend "
+                               "openai)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

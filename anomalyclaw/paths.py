@@ -101,4 +101,3 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Fa
     finally:
         tmp.unlink(missing_ok=True)
     return path
-

@@ -444,10 +444,9 @@ class Runner:
                      writer: RecordWriter, summary: RunSummary, *, size: Callable[[J], int], unit: str,
                      concurrency: int | None = None) -> None:
         """Run ``handle(job, emit)`` for every job, ``concurrency`` (default ``item_concurrency``)
-        at a time; ``handle``
-        calls ``await emit(record)`` for each of its ``size(job)`` records. A stop
-        (:meth:`request_stop`) takes no new job and abandons the ones in flight, but a record
-        whose write has begun is finished and counted, so the summary counts exactly the
+        at a time; ``handle`` calls ``await emit(record)`` for each of its ``size(job)`` records.
+        A stop (:meth:`request_stop`) takes no new job and abandons the ones in flight, but a
+        record whose write has begun is finished and counted, so the summary counts exactly the
         records on disk; ``n_abandoned`` is the records the jobs in flight still owed."""
         queue: asyncio.Queue[J] = asyncio.Queue()
         for job in jobs:

@@ -244,7 +244,6 @@ class _SlotPool(ABC):
     :meth:`acquire`, a dead worker replaced on its slot's next use (at most
     ``RESPAWNS_PER_WORKER`` times per worker in a run), and the workers' last reports."""
 
-    kind = "workers"
     flag = "--workers"
     dead = "worker processes"
 
