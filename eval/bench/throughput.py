@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from anomalyclaw.config import AgentConfig, EndpointConfig
+from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.items import Item
 
 log = logging.getLogger(__name__)
@@ -242,21 +243,22 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
     reference sets and fills its own caches (the one-process rows share the warm-up's)."""
     latency = plan.scale_latency_s
     rows: list[dict[str, Any]] = []
-    ray = None
+    session = None  # one local Ray for every Ray row, started as `anomalyclaw run --ray` starts it
     if any(m.startswith("ray") for m in plan.scale_modes):
+        from anomalyclaw.eval.running.workers import RaySession
+
         try:
-            import ray  # noqa: PLC0415 (optional)
-        except ImportError:
-            ray = None
-        if ray is not None and not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR)
+            session = RaySession(num_cpus=os.cpu_count() or 2)
+        except AnomalyClawError:  # Ray is not installed
+            session = None
+        else:
+            session.start()
     try:
         with fake_endpoint_process(latency) as url:
             for concurrency in plan.scale_concurrencies:
                 n = max(plan.min_items, plan.scale_items_per_slot * concurrency)
                 for mode in plan.scale_modes:
-                    if mode.startswith("ray") and ray is None:
+                    if mode.startswith("ray") and session is None:
                         rows.append({"mode": mode, "concurrency": concurrency, "latency_s": latency,
                                      "skipped": "Ray is not installed (pip install anomalyclaw[ray])"})
                         continue
@@ -269,8 +271,8 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
                                  "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
                     log.info("scale %s", rows[-1])
     finally:
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
+        if session is not None:
+            session.close()
     return rows
 
 

@@ -480,6 +480,114 @@ def import_ray() -> Any:
     return ray
 
 
+class RaySession:
+    """A connection to Ray for one run or benchmark: to the cluster at ``address``, else a local
+    one started with ``num_cpus``; nothing is done when Ray is already initialised (the
+    caller's own session is left as it is).
+
+    ``ray.init`` runs in a daemon thread of its own, never the main thread (Ray would take over
+    SIGTERM there) and one that may be abandoned (a stop during a hung connect does not wait
+    for it). The thread is kept alive until :meth:`close`: with Ray 2.60, once the thread that
+    called ``ray.init`` had ended, the driver's later calls spun and failed after 60 s."""
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
+                 timeout_s: float = RAY_INIT_TIMEOUT_S):
+        self.ray = import_ray()
+        self.address = address
+        self.num_cpus = num_cpus
+        self.timeout_s = timeout_s
+        self.started = False  # this session called ray.init (and so shuts Ray down)
+        self._outcome: BaseException | None = None
+        self._release = threading.Event()
+
+    @property
+    def where(self) -> str:
+        return f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
+
+    def _begin(self, notify: Callable[[], None]) -> bool:
+        """Start ``ray.init`` in its thread, which calls ``notify`` when it has an outcome;
+        False (nothing started) when Ray is already initialised."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        # ERROR: Ray's start-up warnings (the SIGTERM handler it leaves to this process's own,
+        # token authentication) are not the user's business.
+        kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        if self.address:
+            kw["address"] = self.address
+        else:
+            kw["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+
+        def init() -> None:
+            try:
+                if self.address:
+                    _check_reachable(self.address)
+                ray.init(**kw)
+                self._outcome = None
+            except BaseException as exc:  # noqa: BLE001 (a wrong address, a cluster that is down)
+                self._outcome = exc
+            notify()
+            self._release.wait()
+
+        threading.Thread(target=init, name="anomalyclaw-ray-init", daemon=True).start()
+        return True
+
+    def _end(self, answered: bool) -> None:
+        if not answered:
+            self._release.set()
+            raise WorkerStartError(f"--ray: {self.where} did not answer within {self.timeout_s:.0f} s")
+        exc = self._outcome
+        if exc is not None:
+            self._release.set()
+            if isinstance(exc, WorkerStartError):
+                raise exc
+            raise WorkerStartError(f"--ray: cannot connect to {self.where}: {type(exc).__name__}: {exc}")
+        self.started = True
+
+    def start(self) -> None:
+        """Connect, blocking at most ``timeout_s``; raises :class:`WorkerStartError` naming the
+        cluster when it cannot."""
+        done = threading.Event()
+        if self._begin(done.set):
+            self._end(done.wait(self.timeout_s))
+
+    async def astart(self) -> None:
+        """:meth:`start` on an event loop: a cancelled start returns at once, leaving the init
+        thread behind (asyncio.run does not wait for it as it would for ``to_thread``)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def notify() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop has closed: nobody waits any more
+                pass
+
+        if self._begin(notify):
+            try:
+                await asyncio.wait_for(done, timeout=self.timeout_s)
+                answered = True
+            except asyncio.TimeoutError:
+                answered = False
+            self._end(answered)
+
+    def close(self) -> None:
+        """Shut Ray down if this session started it; release the init thread."""
+        try:
+            if self.started and self.ray.is_initialized():
+                self.ray.shutdown()
+        finally:
+            self.started = False
+            self._release.set()
+
+    def __enter__(self) -> "RaySession":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 class RayWorker:
     """A Ray actor's class (made remote by :class:`RayPool`): one runner, batches judged on the
     actor's event loop; a batch's records come back together."""
@@ -518,52 +626,14 @@ class RayPool(_SlotPool):
         self.ray = import_ray()
         super().__init__(n, specs)
         self.address = address
+        self.session = RaySession(address, num_cpus=max(n, os.cpu_count() or 1))
         self.actors: list[Any] = []
         self.alive: list[bool] = []
-        self._started_ray = False
-        self._release = threading.Event()
         self._generation = [0] * n
 
     async def start(self) -> None:
+        await self.session.astart()
         ray = self.ray
-        if not ray.is_initialized():
-            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
-            if self.address:
-                await asyncio.to_thread(_check_reachable, self.address)
-            # ERROR: Ray's start-up warnings (the SIGTERM handler it leaves to this process's
-            # own, token authentication) are not the user's business.
-            kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-            if self.address:
-                kw["address"] = self.address
-            else:
-                kw["num_cpus"] = max(self.n, os.cpu_count() or 1)
-            # In a thread of its own (not the main thread: Ray would take over SIGTERM there, and
-            # a daemon one, so a stop during a hung connect does not wait for it).
-            loop = asyncio.get_running_loop()
-            done: asyncio.Future = loop.create_future()
-
-            def init() -> None:
-                try:
-                    ray.init(**kw)
-                    outcome: tuple[bool, Any] = (True, None)
-                except BaseException as exc:  # noqa: BLE001 (a wrong address, a cluster that is down)
-                    outcome = (False, exc)
-                try:
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(outcome))
-                except RuntimeError:
-                    pass
-                # Kept alive until the pool is closed: with Ray 2.60, once the thread that
-                # called ray.init had ended, the driver's later calls spun and failed after 60 s.
-                self._release.wait()
-
-            threading.Thread(target=init, name="anomalyclaw-ray-init", daemon=True).start()
-            try:
-                ok, exc = await asyncio.wait_for(done, timeout=RAY_INIT_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise WorkerStartError(f"--ray: {where} did not answer within {RAY_INIT_TIMEOUT_S:.0f} s") from None
-            if not ok:
-                raise WorkerStartError(f"--ray: cannot connect to {where}: {type(exc).__name__}: {exc}")
-            self._started_ray = True
         self._remote = ray.remote(num_cpus=1, max_restarts=0)(RayWorker)
         for k in range(self.n):
             self.actors.append(self._remote.remote(self.specs[k]))
@@ -577,9 +647,7 @@ class RayPool(_SlotPool):
                 ray.kill(actor)
             except Exception:  # noqa: BLE001
                 pass
-        if self._started_ray:
-            await asyncio.to_thread(ray.shutdown)
-        self._release.set()
+        await asyncio.to_thread(self.session.close)
 
     def _alive(self, index: int) -> bool:
         return self.alive[index]

@@ -2,6 +2,7 @@
 every item exactly once, also after an actor is killed."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -12,18 +13,52 @@ from anomalyclaw.cli import main as cli_main  # noqa: E402
 from anomalyclaw.eval.bench.throughput import copies  # noqa: E402
 from anomalyclaw.eval.data.manifests import write_manifest  # noqa: E402
 from anomalyclaw.eval.running.records import RECORDS_FILE, load_records  # noqa: E402
-from anomalyclaw.eval.running.workers import ShardedRunner  # noqa: E402
+from anomalyclaw.eval.running.workers import RaySession, ShardedRunner, WorkerStartError  # noqa: E402
 from anomalyclaw.graph.vlm import make_vlm  # noqa: E402
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port that was free a moment ago: nothing listens there."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray for the module (it takes 10-20 s to start here)."""
+    """One local Ray for the module (it takes 10-20 s to start here), started as ``run --ray``
+    starts one: :class:`RaySession`, ``ray.init`` in its own thread."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    session = RaySession(num_cpus=2)
+    session.start()
+    assert session.started and ray.is_initialized()
     yield ray
-    ray.shutdown()
+    session.close()
+    assert not ray.is_initialized()
+
+
+def test_a_session_refuses_an_address_where_nothing_answers_sync_and_on_a_loop(free_port):
+    # The module's first test: no Ray is up yet (local_ray starts one for the tests below).
+    if ray.is_initialized():
+        ray.shutdown()
+    session = RaySession(f"127.0.0.1:{free_port}")
+    with pytest.raises(WorkerStartError, match=f"nothing answers at 127.0.0.1:{free_port}"):
+        session.start()
+    with pytest.raises(WorkerStartError, match=f"nothing answers at 127.0.0.1:{free_port}"):
+        asyncio.run(RaySession(f"ray://127.0.0.1:{free_port}").astart())
+    assert not session.started and not ray.is_initialized()
+
+
+def test_a_session_leaves_a_ray_it_did_not_start_running(local_ray):
+    session = RaySession()
+    session.start()
+    assert not session.started
+    session.close()
+    assert ray.is_initialized()
 
 
 def test_ray_actors_judge_every_item_once_also_after_one_is_killed(local_ray, small_items, tmp_path, kill_mid_run):
@@ -54,15 +89,23 @@ def test_run_ray_on_the_command_line_then_resume(local_ray, small_items, tmp_pat
     assert (out / RECORDS_FILE).read_bytes() == first
 
 
-def test_an_address_where_nothing_answers_is_refused_at_once():
-    import socket
+def test_an_address_where_nothing_answers_is_refused_at_once(free_port):
+    from anomalyclaw.eval.running.workers import _check_reachable
 
-    from anomalyclaw.eval.running.workers import WorkerStartError, _check_reachable
-
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         with pytest.raises(WorkerStartError, match=f"--ray {address}: nothing answers at 127.0.0.1:{port}"):
             _check_reachable(address)
     _check_reachable("auto")  # left to Ray
+
+
+def test_the_benchs_ray_row_runs_on_a_ray_it_did_not_start_and_leaves_it_up(local_ray, tmp_path):
+    from anomalyclaw.eval.bench.throughput import BenchPlan, run_bench
+
+    plan = BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
+                     n_test_per_domain=2, image_size=64, domains=("S1",), scale_latency_s=0.02,
+                     scale_concurrencies=(2,), scale_modes=("ray 2",), scale_items_per_slot=2)
+    rows = run_bench(plan, work_dir=tmp_path)["scale"]
+    assert [(r["mode"], r["items"], r["errors"]) for r in rows] == [("ray 2", 4, 0)]
+    assert rows[0]["requests_per_item"] == 3.0 and rows[0]["ratio"] > 0
+    assert ray.is_initialized()
