@@ -81,6 +81,11 @@ SECONDS = _number(float, 0.0, low_open=True)
 IMAGE_SIDE = _number(int, 64)
 
 
+def _positive_list(text: str) -> list[int]:
+    """``3,64`` -> [3, 64]: comma-separated whole numbers >= 1."""
+    return [POSITIVE_INT(part.strip()) for part in text.split(",")]
+
+
 def _print_json(obj: dict) -> None:
     from anomalyclaw.eval.scoring.tables import rounded
     print(json.dumps(rounded(obj), sort_keys=False))
@@ -751,12 +756,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_fusion(result))
         print(f"benchmarks and runs in {args.dir}, {time.perf_counter() - started:.1f} s")
     elif args.bench_command == "profile":
-        from anomalyclaw.eval.bench.profile import format_profile, profile_run
+        from anomalyclaw.eval.bench.profile import format_passes, format_profile, profile_run
 
+        slots = [None] if args.compute_slots is None else args.compute_slots
         result = {"profiles": [profile_run(n_items=args.items, concurrency=args.concurrency, latency_s=args.latency,
-                                           client=client, image_size=args.size, new_sets=args.new_sets)
-                               for client in args.client.split(",")]}
+                                           client=client, image_size=args.size, new_sets=args.new_sets,
+                                           compute_slots=n)
+                               for _ in range(args.rounds) for client in args.client.split(",") for n in slots]}
         print("\n\n".join(format_profile(r) for r in result["profiles"]))
+        if len(result["profiles"]) > len(args.client.split(",")):
+            print("\n" + format_passes(result["profiles"]))
     elif args.bench_command == "tools":
         from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
 
@@ -1092,6 +1101,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=IMAGE_SIDE, default=512, help="synthetic image side in px (default 512)")
     b.add_argument("--new-sets", action="store_true",
                    help="items bring new 10-reference sets (else the reference sets are warm)")
+    b.add_argument("--compute-slots", type=_positive_list, metavar="N[,N...]",
+                   help="threads that may compute at once, one pass each (default: the cores plus one); "
+                        "e.g. 3,64 compares the default on 2 cores with no limit")
+    b.add_argument("--rounds", type=POSITIVE_INT, default=1,
+                   help="repeat the passes, alternating, this many times (A/B on a noisy machine)")
 
     b = bench_command("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
                                       "localization per tool and domain")

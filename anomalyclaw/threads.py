@@ -1,15 +1,26 @@
-"""One knob for intra-operation threads (BLAS, OpenMP, torch) while items run in parallel.
+"""How many threads compute at once while items run in parallel.
 
-The runner parallelises across items (threads for tools and experts); letting every small
-matrix product also fan out over all cores oversubscribes the machine: under load a small PCA
-fit becomes several times slower with the default BLAS threads than with one
-(``anomalyclaw bench`` measures the runner with this setting).
+Two knobs. Intra-operation threads (BLAS, OpenMP, torch): the runner parallelises across
+items, and letting every small matrix product also fan out over all cores oversubscribes the
+machine (under load a small PCA fit becomes several times slower with the default BLAS threads
+than with one). Compute slots: the CPU work of items (tools, experts, maps, image decoding and
+encoding) runs in worker threads, and the event loop's default pool has ``cpu_count + 4`` of
+them; more threads computing at once than there are cores only contend for the GIL and the
+caches. :func:`compute_slot` lets at most :func:`compute_slots` threads in (by default the
+cores plus one, so that one thread's I/O leaves no core idle); ``anomalyclaw bench profile``
+measures both settings.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import os
 import sys
-from typing import Iterator
+import threading
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 from threadpoolctl import threadpool_limits
 
@@ -50,3 +61,58 @@ def limit_compute_threads(n: int | None = 1) -> Iterator[None]:
         finally:
             if torch is not None and before is not None:
                 torch.set_num_threads(before)
+
+
+def default_compute_slots(cores: int | None = None) -> int:
+    """The cores a process may use (default: the machine's), plus one."""
+    return max(1, int(cores if cores is not None else os.cpu_count() or 1)) + 1
+
+
+_slots = default_compute_slots()
+_gate = threading.BoundedSemaphore(_slots)
+_inside = threading.local()
+
+
+def compute_slots() -> int:
+    """How many threads may compute at once in this process."""
+    return _slots
+
+
+def set_compute_slots(n: int) -> None:
+    """For the rest of the process (a worker's lifetime), at most ``n`` threads compute at once
+    (threads inside a slot already keep theirs)."""
+    global _slots, _gate
+    if int(n) < 1:
+        raise ValueError(f"compute slots must be >= 1, got {n}")
+    _slots, _gate = int(n), threading.BoundedSemaphore(int(n))
+
+
+@contextlib.contextmanager
+def compute_slot() -> Iterator[None]:
+    """Within the block this thread holds one of the process's compute slots, waiting (without
+    spinning) for one to be free. Re-entrant: a tool that asks an expert holds one slot."""
+    if getattr(_inside, "depth", 0):
+        _inside.depth += 1
+        try:
+            yield
+        finally:
+            _inside.depth -= 1
+        return
+    gate = _gate
+    gate.acquire()
+    _inside.depth = 1
+    try:
+        yield
+    finally:
+        _inside.depth = 0
+        gate.release()
+
+
+def _in_slot(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    with compute_slot():
+        return fn(*args, **kwargs)
+
+
+async def to_compute_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``asyncio.to_thread`` for CPU work: ``fn`` runs in a worker thread inside a compute slot."""
+    return await asyncio.to_thread(functools.partial(_in_slot, fn), *args, **kwargs)

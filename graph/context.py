@@ -1,7 +1,6 @@
 """The run context every node reads (LangGraph ``context_schema``): item, VLM, tools, prompts."""
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -10,6 +9,7 @@ from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.experts.pool import DEFAULT_EXPERT, default_pool
 from anomalyclaw.items import Item, Question
 from anomalyclaw.prompts import PromptSet
+from anomalyclaw.threads import to_compute_thread
 from anomalyclaw.tools.item_context import ItemContext
 from anomalyclaw.tools.registry import ToolRegistry
 
@@ -102,5 +102,5 @@ async def arun_context(context: Any, state: Mapping[str, Any]) -> RunContext:
     if isinstance(context, RunContext):
         return context
     if callable(getattr(context, "resolve", None)):
-        return await asyncio.to_thread(run_context, context, state)
+        return await to_compute_thread(run_context, context, state)
     return run_context(context, state)

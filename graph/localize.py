@@ -8,7 +8,6 @@ greyscale PNG bytes (the runner writes them to ``OUT/maps`` and keeps only their
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from langgraph.runtime import Runtime
 
 from anomalyclaw.experts.pool import DEFAULT_EXPERT
+from anomalyclaw.threads import to_compute_thread
 from anomalyclaw.tools.difference import expert_excess_map, expert_map_at
 from anomalyclaw.tools.item_context import ItemContext
 from anomalyclaw.tools.observation import decode_mask
@@ -153,7 +153,7 @@ async def localize(state: PipelineState, runtime: Runtime[RunContext]) -> dict[s
     expert's map cannot be computed: the scores stand without it)."""
     run = await arun_context(runtime.context, state)
     try:
-        return {"localization": await asyncio.to_thread(localize_state, dict(state), run.item_context,
-                                                        maps=run.config.anomaly_maps)}
+        return {"localization": await to_compute_thread(localize_state, dict(state), run.item_context,
+                                                         maps=run.config.anomaly_maps)}
     except Exception as exc:  # localization is an addition: its failure must not lose the item
         return {"localization": None, "fallbacks": [f"localization unavailable: {type(exc).__name__}: {exc}"]}

@@ -12,7 +12,6 @@ at ``fuse``, with nothing to localize).
 """
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
@@ -21,6 +20,7 @@ from langgraph.runtime import Runtime
 from anomalyclaw.experts.pool import FUSION_EXPERTS
 from anomalyclaw.scores import fuse as fuse_scores
 from anomalyclaw.scores import logistic
+from anomalyclaw.threads import to_compute_thread
 
 from .context import RunContext, arun_context
 from .direct import direct
@@ -46,7 +46,7 @@ async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, 
     if cfg.expert_score:
         for name in FUSION_EXPERTS:
             try:
-                result = await asyncio.to_thread(run.item_context.expert_result, name)
+                result = await to_compute_thread(run.item_context.expert_result, name)
             except Exception as exc:  # the expert is optional: its failure must not lose the item
                 fallbacks.append(f"expert {name} unavailable: {type(exc).__name__}: {exc}")
                 continue

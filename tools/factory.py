@@ -16,6 +16,7 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel
 
 from anomalyclaw.errors import AnomalyClawError
+from anomalyclaw.threads import compute_slot
 
 from .applicability import Applicability
 from .item_context import CONTEXT_KEY, ItemContext
@@ -43,7 +44,8 @@ def run_checked(impl: ToolImpl, ctx: ItemContext, call: CheckedCall) -> Observat
     start = time.perf_counter()
     args = call.args_dict()
     try:
-        obs = impl(ctx, call.args)
+        with compute_slot():
+            obs = impl(ctx, call.args)
         obs.tool = call.tool
         obs.args = {**args, **obs.args}
     except ToolArgumentError as exc:

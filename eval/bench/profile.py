@@ -230,9 +230,29 @@ class CPUSampler:
 def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 0.05, client: str = "langchain",
                 image_size: int = 512, n_test_per_domain: int = 4, new_sets: bool = False,
                 interval_s: float = 0.005, work_dir: str | os.PathLike | None = None,
-                config: AgentConfig | None = None, top_functions: int = 25) -> dict[str, Any]:
+                config: AgentConfig | None = None, top_functions: int = 25,
+                compute_slots: int | None = None) -> dict[str, Any]:
     """Profile one runner pass; returns ``{"cpu_ms_per_item", "by_category": {name: ms per
-    item}, ...}`` (see the module docstring)."""
+    item}, ...}`` (see the module docstring). ``compute_slots``: threads that may compute at
+    once during the run (:func:`~anomalyclaw.threads.set_compute_slots`; None: the default)."""
+    from anomalyclaw.threads import compute_slots as current_slots
+    from anomalyclaw.threads import set_compute_slots
+
+    before = current_slots()
+    if compute_slots is not None:
+        set_compute_slots(compute_slots)
+    try:
+        return _profile_run(n_items=n_items, concurrency=concurrency, latency_s=latency_s, client=client,
+                            image_size=image_size, n_test_per_domain=n_test_per_domain, new_sets=new_sets,
+                            interval_s=interval_s, work_dir=work_dir, config=config, top_functions=top_functions)
+    finally:
+        set_compute_slots(before)
+
+
+def _profile_run(*, n_items: int, concurrency: int, latency_s: float, client: str, image_size: int,
+                 n_test_per_domain: int, new_sets: bool, interval_s: float, work_dir: str | os.PathLike | None,
+                 config: AgentConfig | None, top_functions: int) -> dict[str, Any]:
+    from anomalyclaw.threads import compute_slots
     from anomalyclaw.eval.bench.reference_sets import new_set_items
     from anomalyclaw.eval.bench.throughput import _run, _vlm, copies, fake_endpoint_process
     from anomalyclaw.eval.data.manifests import load_manifest
@@ -266,7 +286,7 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
            for (name, where), sec in sampler.functions.most_common(top_functions)]
     return {"client": client, "items": row["items"], "errors": row["errors"], "concurrency": concurrency,
             "latency_s": latency_s, "image_size": image_size, "new_sets": new_sets,
-            "cpu_ms_per_item": cpu_ms, "profiler_ms_per_item": own,
+            "compute_slots": compute_slots(), "cpu_ms_per_item": cpu_ms, "profiler_ms_per_item": own,
             "loop_cpu_ms_per_item": row["loop_cpu_ms_per_item"], "items_per_s": row["items_per_s"],
             "requests_per_item": row["requests_per_item"], "samples": sampler.samples, "by_category": by,
             "top_functions": top,
@@ -277,7 +297,7 @@ def format_profile(result: dict[str, Any]) -> str:
     head = (f"CPU per item by category: {result['items']} items at {result['image_size']} px, client "
             f"{result['client']}, concurrency {result['concurrency']}, latency {result['latency_s']:g} s, "
             + ("new reference sets" if result["new_sets"] else "reference sets warm")
-            + f"; {result['samples']} samples")
+            + f", {result['compute_slots']} compute slots; {result['samples']} samples")
     lines = [head, f"{'category':<24} {'ms/item':>8} {'share':>6}"]
     total = result["cpu_ms_per_item"] or 1.0
     for name, ms in result["by_category"].items():
@@ -288,4 +308,22 @@ def format_profile(result: dict[str, Any]) -> str:
     if result.get("top_functions"):
         lines += ["", "functions that decided the most CPU (ms/item)"]
         lines += [f"{r['ms_per_item']:>8.2f}  {r['category']:<22} {r['function']}" for r in result["top_functions"]]
+    return "\n".join(lines)
+
+
+def format_passes(results: list[dict[str, Any]]) -> str:
+    """One line per (client, compute slots): each pass's CPU per item and items/s, in run order,
+    and their medians (repeated, alternating passes are the A/B on a noisy machine)."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["client"], r["compute_slots"]), []).append(r)
+    lines = ["passes (CPU ms per item, items/s; median)"]
+    for (client, slots), rows in groups.items():
+        cpu = [r["cpu_ms_per_item"] for r in rows]
+        rate = [r["items_per_s"] for r in rows]
+        lines.append(f"  {client:<10} {slots:>3} compute slots: " + ", ".join(f"{c:.1f}" for c in cpu)
+                     + f" ms (median {statistics.median(cpu):.1f}); " + ", ".join(f"{x:.1f}" for x in rate)
+                     + f" items/s (median {statistics.median(rate):.1f})")
     return "\n".join(lines)

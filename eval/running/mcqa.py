@@ -19,7 +19,7 @@ from anomalyclaw.config import redact
 from anomalyclaw.errors import EndpointFatalError, ImageLoadError
 from anomalyclaw.items import Item, Question
 from anomalyclaw.paths import writable_folder
-from anomalyclaw.threads import limit_compute_threads
+from anomalyclaw.threads import limit_compute_threads, to_compute_thread
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.messages import warm_images
 from anomalyclaw.graph.pipeline import build_pipeline
@@ -136,7 +136,7 @@ class McqRunner(Runner):
                                            timeout=self.item_timeout_s)
             if self.save_images:
                 shown = Item(item_id=question.question_id, query_path=item.query_path, ref_paths=item.ref_paths)
-                await asyncio.to_thread(_save_observation_images, self.out_dir, shown, state)
+                await to_compute_thread(_save_observation_images, self.out_dir, shown, state)
             return mcq_record_from_state(item, meta, state, elapsed_s=time.perf_counter() - start, **kw)
         except EndpointFatalError:
             raise
@@ -158,7 +158,7 @@ class McqRunner(Runner):
                 setup_error = "no reference images: the question's image needs at least one normal template"
             else:
                 try:
-                    ctx = await asyncio.to_thread(self._prepare, image.item)
+                    ctx = await to_compute_thread(self._prepare, image.item)
                 except ImageLoadError as exc:
                     setup_error = f"image: {exc}"
                 except Exception as exc:  # one bad image must not stop the run

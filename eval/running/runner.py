@@ -42,7 +42,7 @@ from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadE
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
 from anomalyclaw.paths import safe_file_name, writable_folder, write_atomic
-from anomalyclaw.threads import limit_compute_threads
+from anomalyclaw.threads import limit_compute_threads, to_compute_thread
 from anomalyclaw.version import __version__
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
@@ -253,7 +253,7 @@ class Runner:
             ctx = run.item_context
             # Decoding, ranking and encoding the first messages' images is CPU work: do it in a
             # worker thread so that the nodes on the event loop find it done.
-            await asyncio.to_thread(lambda: (ctx.preload(), warm_images(run)))
+            await to_compute_thread(lambda: (ctx.preload(), warm_images(run)))
         except ImageLoadError as exc:
             return failed(f"image: {exc}")
         except Exception as exc:  # one bad item must not stop the run
@@ -263,8 +263,8 @@ class Runner:
             state = await asyncio.wait_for(self.graph.ainvoke(new_state(item.item_id), context=run),
                                            timeout=self.item_timeout_s)
             if self.save_images:
-                await asyncio.to_thread(_save_observation_images, self.out_dir, item, state)
-            await asyncio.to_thread(_save_maps, self.out_dir, item, state, self.save_maps)
+                await to_compute_thread(_save_observation_images, self.out_dir, item, state)
+            await to_compute_thread(_save_maps, self.out_dir, item, state, self.save_maps)
             record = record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
             if self.threshold is not None:
                 record.threshold = self.threshold

@@ -42,6 +42,7 @@ from anomalyclaw.config import AgentConfig, EndpointConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
 from anomalyclaw.items import Item
 from anomalyclaw.prompts import PromptSet
+from anomalyclaw.threads import default_compute_slots
 
 from anomalyclaw.eval.running.records import Record, RecordWriter, error_record
 from anomalyclaw.eval.running.runner import RunSummary, Runner, default_item_concurrency
@@ -83,6 +84,9 @@ class WorkerSpec:
     threshold: float | None = None
     item_timeout_s: float | None = 900.0
     secrets: list[str] = dataclasses.field(default_factory=list, repr=False)
+    compute_slots: int | None = None
+    """Threads that may compute at once in the worker (:func:`~anomalyclaw.threads.set_compute_slots`;
+    None: the default for a whole machine)."""
 
     def build(self) -> Runner:
         from anomalyclaw.graph.vlm import make_vlm
@@ -165,9 +169,11 @@ def _process_main(conn: Any, spec: WorkerSpec) -> None:
     threading.Thread(target=sender, name="anomalyclaw-worker-send", daemon=True).start()
     try:
         from anomalyclaw.config import install_secret_redaction
-        from anomalyclaw.threads import limit_compute_threads
+        from anomalyclaw.threads import limit_compute_threads, set_compute_slots
 
         install_secret_redaction(spec.secrets)
+        if spec.compute_slots:
+            set_compute_slots(spec.compute_slots)
         runner = spec.build()
     except BaseException as exc:  # noqa: BLE001 (reported to the parent, which stops the run)
         out.put(("fatal", f"worker {os.getpid()} could not start: {type(exc).__name__}: {exc}"))
@@ -594,10 +600,12 @@ class RayWorker:
 
     def __init__(self, spec: WorkerSpec):
         from anomalyclaw.config import install_secret_redaction
-        from anomalyclaw.threads import set_compute_threads
+        from anomalyclaw.threads import set_compute_slots, set_compute_threads
 
         install_secret_redaction(spec.secrets)
         set_compute_threads(1)
+        if spec.compute_slots:
+            set_compute_slots(spec.compute_slots)
         self.runner = spec.build()
         self.judge_ = _BatchJudge(self.runner)
 
@@ -730,10 +738,14 @@ class ShardedRunner(Runner):
 
     def specs(self) -> list[WorkerSpec]:
         endpoint = getattr(self.vlm, "endpoint", None) if self.vlm.backend == "openai" else None
+        # Worker processes share this machine's cores; a Ray actor holds the one CPU it reserves.
+        ray = self.ray is not False and self.ray is not None
+        slots = default_compute_slots(1 if ray else (os.cpu_count() or 1) // self.workers)
         return [WorkerSpec(backend=self.vlm.backend, endpoint=endpoint, concurrency=share, config=self.config,
                            tools=self.registry.names(), prompts=self.prompts, out_dir=str(self.out_dir),
                            run_id=self.run_id, save_images=self.save_images, save_maps=self.save_maps,
-                           threshold=self.threshold, item_timeout_s=self.item_timeout_s, secrets=self.secrets)
+                           threshold=self.threshold, item_timeout_s=self.item_timeout_s, secrets=self.secrets,
+                           compute_slots=slots)
                 for share in self.shares]
 
     def make_pool(self) -> ProcessPool | RayPool:

@@ -43,6 +43,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from anomalyclaw.config import EndpointConfig, redact
 from anomalyclaw.errors import EndpointFatalError, EndpointUnreachableError
 from anomalyclaw.events import emit
+from anomalyclaw.threads import to_compute_thread
 
 from .replicas import Replica, ReplicaSet, public_url
 from .seam import (STAGE_HEADER, BadResponseError, ToolsUnsupportedError, VLMError, VLMReply, count_images,
@@ -272,7 +273,7 @@ class _EndpointVLM(ABC):
         """One request for ``stage``, retried as the class docstring says (``view`` is ignored:
         a real model sees only the messages)."""
         if self._prepare_off_loop:  # conversion and JSON of a request with images: keep them off the loop
-            request, nbytes, nimages = await asyncio.to_thread(self._prepare, messages, logprobs, tools or None)
+            request, nbytes, nimages = await to_compute_thread(self._prepare, messages, logprobs, tools or None)
         else:
             request, nbytes, nimages = self._prepare(messages, logprobs, tools or None)
         attempts = 0
@@ -609,7 +610,7 @@ class PreparedCompletions:
         if extra_body:
             body.update(extra_body)
         if _has_images(body.get("messages") or ()):
-            data = await asyncio.to_thread(_dump_body, body)
+            data = await to_compute_thread(_dump_body, body)
         else:
             data = _dump_body(body)
         sizes = _BODY_SIZES.get()

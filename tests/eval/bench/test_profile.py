@@ -6,8 +6,9 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
-from anomalyclaw.eval.bench.profile import CATEGORY_ORDER, CPUSampler, format_profile, profile_run
+from anomalyclaw.eval.bench.profile import CATEGORY_ORDER, CPUSampler, format_passes, format_profile, profile_run
 
 
 def _spin(seconds: float, work) -> None:
@@ -36,8 +37,12 @@ def test_cpu_goes_to_the_category_of_the_code_that_spends_it():
 
 
 def test_a_profiled_run_adds_up(tmp_path):
+    from anomalyclaw.threads import compute_slots
+
+    before = compute_slots()
     result = profile_run(n_items=6, concurrency=3, latency_s=0.0, image_size=64, n_test_per_domain=2,
-                         work_dir=tmp_path, interval_s=0.002)
+                         work_dir=tmp_path, interval_s=0.002, compute_slots=before + 5)
+    assert result["compute_slots"] == before + 5 and compute_slots() == before  # the pass's, then back
     assert result["items"] == 6 and result["errors"] == 0 and result["requests_per_item"] == 3.0
     parts = result["by_category"]
     # The big categories always show; a small one (LangGraph, ~1 ms per item) may miss every sample
@@ -48,6 +53,10 @@ def test_a_profiled_run_adds_up(tmp_path):
     # What no thread's clock accounts for is small, and never negative beyond rounding.
     assert -0.2 < parts["unattributed"] < 0.25 * result["cpu_ms_per_item"]
     assert "total (process CPU)" in format_profile(result)
+    again = dict(result, cpu_ms_per_item=result["cpu_ms_per_item"] + 2.0, compute_slots=before)
+    lines = format_passes([result, again, result]).splitlines()
+    assert lines[1].split(":")[0].split() == ["langchain", str(before + 5), "compute", "slots"]
+    assert f"(median {result['cpu_ms_per_item']:.1f})" in lines[1] and len(lines) == 3
 
 
 def test_library_frames_go_to_their_category():
@@ -60,3 +69,12 @@ def test_library_frames_go_to_their_category():
     assert rules(pregel.__file__, "astream") == "LangGraph"
     assert rules(patchknn.__file__, "nearest_distances") == "experts"
     assert rules(np.__file__, "mean") is None  # NumPy decides nothing: its caller does
+
+
+def test_the_command_line_takes_compute_slots_to_compare_and_rounds():
+    from anomalyclaw.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "profile", "--compute-slots", "3,64", "--rounds", "2"])
+    assert args.compute_slots == [3, 64] and args.rounds == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "profile", "--compute-slots", "3,0"])

@@ -1,0 +1,77 @@
+"""Compute slots: at most N threads compute at once in a process (re-entrant per thread), and the
+runner's CPU work goes through them."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from anomalyclaw import threads
+
+
+@pytest.fixture
+def slots():
+    before = threads.compute_slots()
+    yield threads.set_compute_slots
+    threads.set_compute_slots(before)
+
+
+def test_at_most_n_threads_compute_at_once_and_a_nested_slot_is_the_same_slot(slots):
+    slots(2)
+    inside = peak = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, peak
+        with threads.compute_slot():
+            with threads.compute_slot():  # a tool asking an expert: no second slot, no deadlock
+                with lock:
+                    inside += 1
+                    peak = max(peak, inside)
+                time.sleep(0.02)
+                with lock:
+                    inside -= 1
+
+    workers = [threading.Thread(target=work) for _ in range(8)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=10)
+    assert peak == 2 and inside == 0
+
+
+def test_a_coroutine_runs_cpu_work_in_a_slot_off_the_loop(slots):
+    slots(1)
+    loop_thread = threading.get_ident()
+    seen: list[tuple[int, int]] = []
+
+    def work(x: int) -> int:
+        seen.append((threading.get_ident(), threads._inside.depth))
+        return x * 2
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(threads.to_compute_thread(work, k) for k in range(4)))
+
+    assert asyncio.run(main()) == [0, 2, 4, 6]
+    assert all(ident != loop_thread and depth == 1 for ident, depth in seen)
+
+
+def test_slot_counts_are_checked_and_the_default_is_the_cores_plus_one(slots, monkeypatch):
+    with pytest.raises(ValueError, match="compute slots must be >= 1, got 0"):
+        slots(0)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    assert threads.default_compute_slots() == 3 and threads.default_compute_slots(1) == 2
+    assert threads.default_compute_slots(0) == 2  # a worker's share of a small machine: still one core
+
+
+def test_workers_get_their_share_of_the_cores_and_ray_actors_their_one_cpu(monkeypatch, tmp_path):
+    from anomalyclaw.eval.running.workers import ShardedRunner
+    from anomalyclaw.graph.vlm import make_vlm
+
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 8)
+    processes = ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path, progress=False)
+    assert [s.compute_slots for s in processes.specs()] == [5, 5]
+    actors = ShardedRunner(make_vlm("offline"), workers=2, ray="", out_dir=tmp_path, progress=False)
+    assert [s.compute_slots for s in actors.specs()] == [2, 2]
