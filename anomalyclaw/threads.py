@@ -20,9 +20,9 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
-T = TypeVar("T")
-
 from threadpoolctl import threadpool_limits
+
+T = TypeVar("T")
 
 
 def _torch():
@@ -85,6 +85,18 @@ def set_compute_slots(n: int) -> None:
     if int(n) < 1:
         raise ValueError(f"compute slots must be >= 1, got {n}")
     _slots, _gate = int(n), threading.BoundedSemaphore(int(n))
+
+
+@contextlib.contextmanager
+def limit_compute_slots(n: int | None) -> Iterator[None]:
+    """Within the block, at most ``n`` threads compute at once (None: as is); then as before."""
+    before = _slots
+    if n is not None:
+        set_compute_slots(n)
+    try:
+        yield
+    finally:
+        set_compute_slots(before)
 
 
 @contextlib.contextmanager

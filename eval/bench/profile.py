@@ -235,24 +235,7 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
     """Profile one runner pass; returns ``{"cpu_ms_per_item", "by_category": {name: ms per
     item}, ...}`` (see the module docstring). ``compute_slots``: threads that may compute at
     once during the run (:func:`~anomalyclaw.threads.set_compute_slots`; None: the default)."""
-    from anomalyclaw.threads import compute_slots as current_slots
-    from anomalyclaw.threads import set_compute_slots
-
-    before = current_slots()
-    if compute_slots is not None:
-        set_compute_slots(compute_slots)
-    try:
-        return _profile_run(n_items=n_items, concurrency=concurrency, latency_s=latency_s, client=client,
-                            image_size=image_size, n_test_per_domain=n_test_per_domain, new_sets=new_sets,
-                            interval_s=interval_s, work_dir=work_dir, config=config, top_functions=top_functions)
-    finally:
-        set_compute_slots(before)
-
-
-def _profile_run(*, n_items: int, concurrency: int, latency_s: float, client: str, image_size: int,
-                 n_test_per_domain: int, new_sets: bool, interval_s: float, work_dir: str | os.PathLike | None,
-                 config: AgentConfig | None, top_functions: int) -> dict[str, Any]:
-    from anomalyclaw.threads import compute_slots
+    from anomalyclaw import threads
     from anomalyclaw.eval.bench.reference_sets import new_set_items
     from anomalyclaw.eval.bench.throughput import _run, _vlm, copies, fake_endpoint_process
     from anomalyclaw.eval.data.manifests import load_manifest
@@ -260,7 +243,8 @@ def _profile_run(*, n_items: int, concurrency: int, latency_s: float, client: st
     from anomalyclaw.experts.pool import ExpertPool
 
     config = config or AgentConfig()
-    with tempfile.TemporaryDirectory(prefix="anomalyclaw-profile-") as tmp:
+    with (threads.limit_compute_slots(compute_slots),
+          tempfile.TemporaryDirectory(prefix="anomalyclaw-profile-") as tmp):
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         manifest = generate_benchmark(work / "synth", seed=0, n_test_per_domain=n_test_per_domain, n_calibration=0,
                                       n_dev=0, size=image_size)
@@ -286,7 +270,8 @@ def _profile_run(*, n_items: int, concurrency: int, latency_s: float, client: st
            for (name, where), sec in sampler.functions.most_common(top_functions)]
     return {"client": client, "items": row["items"], "errors": row["errors"], "concurrency": concurrency,
             "latency_s": latency_s, "image_size": image_size, "new_sets": new_sets,
-            "compute_slots": compute_slots(), "cpu_ms_per_item": cpu_ms, "profiler_ms_per_item": own,
+            "compute_slots": compute_slots or threads.compute_slots(), "cpu_ms_per_item": cpu_ms,
+            "profiler_ms_per_item": own,
             "loop_cpu_ms_per_item": row["loop_cpu_ms_per_item"], "items_per_s": row["items_per_s"],
             "requests_per_item": row["requests_per_item"], "samples": sampler.samples, "by_category": by,
             "top_functions": top,
