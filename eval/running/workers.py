@@ -42,7 +42,7 @@ from anomalyclaw.config import AgentConfig, EndpointConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
 from anomalyclaw.items import Item
 from anomalyclaw.prompts import PromptSet
-from anomalyclaw.threads import default_compute_slots
+from anomalyclaw.threads import default_compute_slots, set_compute_slots
 
 from anomalyclaw.eval.running.records import Record, RecordWriter, error_record
 from anomalyclaw.eval.running.runner import RunSummary, Runner, default_item_concurrency
@@ -89,8 +89,12 @@ class WorkerSpec:
     None: the default for a whole machine)."""
 
     def build(self) -> Runner:
+        """The worker's runner (in the worker: it also sets the process's compute slots)."""
         from anomalyclaw.graph.vlm import make_vlm
         from anomalyclaw.tools.registry import ToolRegistry
+
+        if self.compute_slots:
+            set_compute_slots(self.compute_slots)
 
         vlm = make_vlm(self.backend, self.endpoint, max_concurrency=self.concurrency)
         registry = ToolRegistry.default()
@@ -169,11 +173,9 @@ def _process_main(conn: Any, spec: WorkerSpec) -> None:
     threading.Thread(target=sender, name="anomalyclaw-worker-send", daemon=True).start()
     try:
         from anomalyclaw.config import install_secret_redaction
-        from anomalyclaw.threads import limit_compute_threads, set_compute_slots
+        from anomalyclaw.threads import limit_compute_threads
 
         install_secret_redaction(spec.secrets)
-        if spec.compute_slots:
-            set_compute_slots(spec.compute_slots)
         runner = spec.build()
     except BaseException as exc:  # noqa: BLE001 (reported to the parent, which stops the run)
         out.put(("fatal", f"worker {os.getpid()} could not start: {type(exc).__name__}: {exc}"))
@@ -600,12 +602,10 @@ class RayWorker:
 
     def __init__(self, spec: WorkerSpec):
         from anomalyclaw.config import install_secret_redaction
-        from anomalyclaw.threads import set_compute_slots, set_compute_threads
+        from anomalyclaw.threads import set_compute_threads
 
         install_secret_redaction(spec.secrets)
         set_compute_threads(1)
-        if spec.compute_slots:
-            set_compute_slots(spec.compute_slots)
         self.runner = spec.build()
         self.judge_ = _BatchJudge(self.runner)
 
@@ -739,8 +739,7 @@ class ShardedRunner(Runner):
     def specs(self) -> list[WorkerSpec]:
         endpoint = getattr(self.vlm, "endpoint", None) if self.vlm.backend == "openai" else None
         # Worker processes share this machine's cores; a Ray actor holds the one CPU it reserves.
-        ray = self.ray is not False and self.ray is not None
-        slots = default_compute_slots(1 if ray else (os.cpu_count() or 1) // self.workers)
+        slots = default_compute_slots(1 if self.uses_ray else (os.cpu_count() or 1) // self.workers)
         return [WorkerSpec(backend=self.vlm.backend, endpoint=endpoint, concurrency=share, config=self.config,
                            tools=self.registry.names(), prompts=self.prompts, out_dir=str(self.out_dir),
                            run_id=self.run_id, save_images=self.save_images, save_maps=self.save_maps,
@@ -748,8 +747,13 @@ class ShardedRunner(Runner):
                            compute_slots=slots)
                 for share in self.shares]
 
+    @property
+    def uses_ray(self) -> bool:
+        """Ray actors (``ray`` an address, or ``""`` for a local Ray), not worker processes."""
+        return self.ray is not False and self.ray is not None
+
     def make_pool(self) -> ProcessPool | RayPool:
-        if self.ray is not False and self.ray is not None:
+        if self.uses_ray:
             return RayPool(self.workers, self.specs(), address=self.ray or None)
         return ProcessPool(self.workers, self.specs())
 
