@@ -588,13 +588,6 @@ class RaySession:
             self.started = False
             self._release.set()
 
-    def __enter__(self) -> "RaySession":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 class RayWorker:
     """A Ray actor's class (made remote by :class:`RayPool`): one runner, batches judged on the
