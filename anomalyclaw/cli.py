@@ -779,7 +779,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench, scale_plan
 
-        plan = scale_plan() if args.bench_command == "scale" else quick_plan() if args.quick else full_plan()
+        if args.bench_command == "scale":
+            plan = scale_plan(args.concurrency, _names(args.modes), args.items)
+        else:
+            plan = quick_plan() if args.quick else full_plan()
         result = run_bench(plan)
         print(format_bench(result))
     if args.out:
@@ -1061,6 +1064,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bench_command("scale", help="only the throughput rows past one process: 1 s latency, concurrency 32, "
                                       "128, 256, with 1 process, --workers 2 and Ray with 2 workers (~8 min)")
+    b.add_argument("--concurrency", type=_positive_list, metavar="N[,N...]",
+                   help="the concurrencies (default 32,128,256)")
+    b.add_argument("--modes", metavar="MODE[,MODE...]",
+                   help="process, workers (--workers 2) and/or ray (Ray, 2 workers); default all three")
+    b.add_argument("--items", type=POSITIVE_INT, metavar="N",
+                   help="items per row (default 4 per slot of concurrency); 1418 is a whole CrossDomainVAD-12 "
+                        "test split, whose start and tail weigh what they weigh in a real run")
 
     b = bench_command("experts", out="the full report (with per-item scores) here",
                       help="image and pixel AUROC of the frozen experts per domain")

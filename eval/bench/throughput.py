@@ -72,6 +72,9 @@ class BenchPlan:
     skips them."""
     scale_modes: tuple[str, ...] = ("1 process", "workers 2", "ray 2")
     scale_items_per_slot: int = 4
+    scale_items: int | None = None
+    """Items per scale row (None: ``scale_items_per_slot x concurrency``): e.g. 1,418, a whole
+    CrossDomainVAD-12 test split, where the start and the tail weigh what they weigh in a real run."""
 
 
 def quick_plan() -> BenchPlan:
@@ -79,11 +82,24 @@ def quick_plan() -> BenchPlan:
     return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3, new_sets=12, scale_concurrencies=())
 
 
-def scale_plan() -> BenchPlan:
-    """Only the scale rows (``anomalyclaw bench scale``): 1 s latency, concurrency 32, 128 and
-    256, with one process, ``--workers 2`` and Ray with 2 workers; about eight minutes on a
-    2-core machine."""
-    return BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False)
+#: ``bench scale --modes`` names -> the scale rows' modes.
+SCALE_MODES = {"process": "1 process", "workers": "workers 2", "ray": "ray 2"}
+
+
+def scale_plan(concurrencies: Sequence[int] | None = None, modes: Sequence[str] | None = None,
+               items: int | None = None) -> BenchPlan:
+    """Only the scale rows (``anomalyclaw bench scale``): 1 s latency, by default concurrency
+    32, 128 and 256, with one process, ``--workers 2`` and Ray with 2 workers (about eight
+    minutes on a 2-core machine). ``modes``: names of :data:`SCALE_MODES`; ``items``: items per
+    row instead of 4 per slot of concurrency."""
+    base = BenchPlan()
+    unknown = sorted(set(modes or ()) - set(SCALE_MODES))
+    if unknown:
+        raise ValueError(f"bench scale --modes: unknown {', '.join(unknown)} (choose from {', '.join(SCALE_MODES)})")
+    return BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
+                     scale_concurrencies=tuple(concurrencies or base.scale_concurrencies),
+                     scale_modes=tuple(SCALE_MODES[m] for m in modes) if modes else base.scale_modes,
+                     scale_items=items)
 
 
 def full_plan() -> BenchPlan:
@@ -256,7 +272,7 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
     try:
         with fake_endpoint_process(latency) as url:
             for concurrency in plan.scale_concurrencies:
-                n = max(plan.min_items, plan.scale_items_per_slot * concurrency)
+                n = plan.scale_items or max(plan.min_items, plan.scale_items_per_slot * concurrency)
                 for mode in plan.scale_modes:
                     if mode.startswith("ray") and session is None:
                         rows.append({"mode": mode, "concurrency": concurrency, "latency_s": latency,

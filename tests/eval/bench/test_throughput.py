@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from anomalyclaw.cli import build_parser, cmd_bench
 from anomalyclaw.eval.bench.throughput import BenchPlan, copies, format_bench, reference_reuse, run_bench
 
@@ -19,7 +21,7 @@ def test_smallest_bench_measures_every_section(tmp_path):
     assert [(r["client"], r["concurrency"], r["items"]) for r in rows] == [("langchain", 2, 4), ("sdk", 2, 4)]
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0  # direct, propose, refute
-        assert row["ideal_items_per_s"] == round(2 / (3 * 0.02), 3) and row["ratio"] > 0
+        assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and row["ratio"] > 0
         assert row["cpu_ms_per_item"] > 0 and row["request_kb_per_item"] > 0
         assert 0 < row["loop_busy"] <= 1.0
 
@@ -86,15 +88,34 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
 
     plan = BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
                      n_test_per_domain=2, image_size=64, domains=("S1", "S3"), scale_latency_s=0.02,
-                     scale_concurrencies=(2,), scale_modes=("1 process", "workers 2"), scale_items_per_slot=3)
+                     scale_concurrencies=(2, 3), scale_modes=("1 process", "workers 2"), scale_items_per_slot=3,
+                     scale_items=7)
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)
     rows = result["scale"]
-    assert [(r["mode"], r["concurrency"], r["items"]) for r in rows] == [("1 process", 2, 6), ("workers 2", 2, 6)]
+    assert [(r["mode"], r["concurrency"], r["items"]) for r in rows] == [
+        ("1 process", 2, 7), ("workers 2", 2, 7), ("1 process", 3, 7), ("workers 2", 3, 7)]
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0
-        assert row["ideal_items_per_s"] == round(2 / (3 * 0.02), 3) and row["ratio"] > 0
+        assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and row["ratio"] > 0
         assert row["cpu_ms_per_item"] > 0
     assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
     args = build_parser().parse_args(["bench", "scale", "--json"])
     assert args.handler is cmd_bench and args.bench_command == "scale"
+
+
+def test_bench_scale_flags_choose_the_rows():
+    from anomalyclaw.eval.bench.throughput import scale_plan
+
+    args = build_parser().parse_args(["bench", "scale", "--concurrency", "32", "--modes", "process,ray",
+                                      "--items", "1418"])
+    plan = scale_plan(args.concurrency, args.modes.split(","), args.items)
+    assert (plan.scale_concurrencies, plan.scale_modes, plan.scale_items) == ((32,), ("1 process", "ray 2"), 1418)
+    default = scale_plan()
+    assert (default.scale_concurrencies, default.scale_modes, default.scale_items) == (
+        (32, 128, 256), ("1 process", "workers 2", "ray 2"), None)
+    assert default.latencies_s == () and default.tool_repeats == 0 and not default.demo
+    with pytest.raises(ValueError, match="--modes: unknown threads"):
+        scale_plan(modes=["threads"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "scale", "--items", "0"])
