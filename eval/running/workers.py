@@ -524,7 +524,10 @@ class RaySession:
         if self.address:
             kw["address"] = self.address
         else:
-            kw["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+            # "local": a new local Ray even where `ray start` left a cluster (or a stale
+            # /tmp/ray/ray_current_cluster) on this machine, which ray.init() with no address
+            # would join, refusing num_cpus; `--ray auto` is the way to that cluster.
+            kw.update(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1)
 
         def init() -> None:
             try:
