@@ -43,7 +43,7 @@ from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
 from anomalyclaw.paths import safe_file_name, writable_folder, write_atomic
 from anomalyclaw.threads import limit_compute_threads, to_compute_thread
-from anomalyclaw.version import __version__
+from anomalyclaw.version import __version__, library_versions
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
 from anomalyclaw.graph.messages import warm_images
@@ -538,7 +538,8 @@ class Runner:
                 n += 1
                 path = self.out_dir / f"run_{self.run_id}-{n}.json"
         info = {"run_id": self.run_id, "started_at": self.started_at, "source": self.source, "n_items": n_items,
-                "version": __version__, "command": self.command, "backend": self.vlm.backend,
+                "version": __version__, "libraries": library_versions(), "command": self.command,
+                "backend": self.vlm.backend,
                 "model": self.vlm.model, "config": asdict(self.config), "prompts": self.prompts.source,
                 "tools": self.registry.names(), "task": self.task, "fingerprint": self.fingerprint(),
                 "save_maps": self.save_maps, "threshold": self.threshold,

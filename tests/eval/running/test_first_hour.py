@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -195,7 +196,10 @@ def test_resume_with_other_settings_is_refused_naming_the_fields(small_items, tm
             "expert_weight"} <= set(fingerprint)
 
 
-def test_run_file_keeps_the_command_line_and_version(small_items, tmp_path):
+def test_run_file_keeps_the_command_line_version_and_libraries(small_items, tmp_path):
+    import cv2
+    import numpy
+
     from anomalyclaw import __version__
 
     manifest = _manifest(tmp_path, _broken_items(small_items, tmp_path, n=1))
@@ -205,6 +209,9 @@ def test_run_file_keeps_the_command_line_and_version(small_items, tmp_path):
     (info_path,) = out.glob("run_*.json")
     info = json.loads(info_path.read_text())
     assert info["version"] == __version__
+    libraries = info["libraries"]  # what can move the numbers, e.g. OpenCV's resize between 5.0 and 5.1
+    assert libraries["numpy"] == numpy.__version__ and libraries["python"] == platform.python_version()
+    assert cv2.__version__ in (libraries.get("opencv-python-headless", "") + libraries.get("opencv-python", ""))
     assert info["command"] == ["anomalyclaw", "run", "--manifest", str(manifest), "--out", str(out),
                                "--no-progress", "--max-turns", "2", "--backend", "offline"]
 
