@@ -1,9 +1,11 @@
-"""Shared fixtures: the reference data folder (skipped when absent), a small synthetic set and an
-MMAD-format question file over another one."""
+"""Shared fixtures: the reference data folder (skipped when absent), a small synthetic set, an
+MMAD-format question file over another one, and free local ports."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -17,6 +19,25 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip("../shared/reference is absent (released CrossDomainVAD-12 data)")
     return REFERENCE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[], int]:
+    """Call it for a 127.0.0.1 port that was free a moment ago (nothing listens there); also for
+    fixtures of a wider scope than a test's."""
+    return _free_port
+
+
+@pytest.fixture
+def free_port(free_ports: Callable[[], int]) -> int:
+    """A 127.0.0.1 port that was free a moment ago: nothing listens there."""
+    return free_ports()
 
 
 @pytest.fixture(autouse=True)

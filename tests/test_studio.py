@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -69,12 +68,6 @@ async def test_a_graph_without_context_says_how_to_run_it(small_items):
         await build_direct_graph().ainvoke({"item_id": small_items[0].item_id})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -82,12 +75,12 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_langgraph_dev_serves_the_graphs(small_synth, small_items, tmp_path):
+def test_langgraph_dev_serves_the_graphs(small_synth, small_items, tmp_path, free_port):
     """``langgraph dev`` (langgraph-cli[inmem], in the dev extras) starts offline on a free
     loopback port, lists the three graphs and runs one; bounded to 60 s of start-up."""
     pytest.importorskip("langgraph_api", reason="langgraph-cli[inmem] is not installed")
     cli = Path(sys.executable).with_name("langgraph")
-    port = _free_port()
+    port = free_port
     env = {**os.environ, "ANOMALYCLAW_MANIFEST": str(small_synth), "LANGGRAPH_CLI_NO_ANALYTICS": "1"}
     env.pop("ANOMALYCLAW_BASE_URL", None)
     log = (tmp_path / "dev.log").open("w")

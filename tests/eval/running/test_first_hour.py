@@ -44,16 +44,10 @@ def _run(manifest: Path, out: Path, *extra: str) -> int:
     return main(["run", "--manifest", str(manifest), "--out", str(out), "--no-progress", *extra])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------ the endpoint answers
-def test_refused_connection_stops_before_the_first_item(small_items, tmp_path, capsys):
+def test_refused_connection_stops_before_the_first_item(small_items, tmp_path, capsys, free_port):
     manifest = write_manifest(small_items[:4], tmp_path / "m.json")
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port}/v1"  # nothing listens there
     start = time.perf_counter()
     code = _run(manifest, tmp_path / "run", "--backend", "openai", "--base-url", url, "--model", "m")
     err = capsys.readouterr().err
@@ -357,9 +351,10 @@ def test_ctrl_c_stops_the_run_and_says_rerun_with_resume(small_items, tmp_path, 
     assert f"interrupted; finished items are kept in {out}: rerun with --resume" in capsys.readouterr().err
 
 
-def test_endpoint_flags_choose_the_openai_backend_and_are_refused_beside_offline(small_items, tmp_path, capsys):
+def test_endpoint_flags_choose_the_openai_backend_and_are_refused_beside_offline(small_items, tmp_path, capsys,
+                                                                                free_port):
     manifest = write_manifest(small_items[:2], tmp_path / "m.json")
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens: the preflight must be what answers
+    url = f"http://127.0.0.1:{free_port}/v1"  # nothing listens: the preflight must be what answers
     assert _run(manifest, tmp_path / "a", "--base-url", url, "--model", "m") == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert url in err and not (tmp_path / "a" / RECORDS_FILE).exists()  # asked the endpoint, not offline

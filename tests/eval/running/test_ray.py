@@ -17,16 +17,6 @@ from anomalyclaw.eval.running.workers import RaySession, ShardedRunner, WorkerSt
 from anomalyclaw.graph.vlm import make_vlm  # noqa: E402
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A port that was free a moment ago: nothing listens there."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module (it takes 10-20 s to start here), started as ``run --ray``

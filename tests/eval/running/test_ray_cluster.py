@@ -25,19 +25,13 @@ from anomalyclaw.eval.running.workers import RaySession  # noqa: E402
 CLUSTER_CPUS = 3  # not this machine's count, nor a local session's: tells the two apart
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(free_ports):
     """``ray start --head --block`` on a free port; yields ``127.0.0.1:PORT`` once it accepts
     connections and stops the cluster (SIGTERM to the blocking ``ray start``) afterwards."""
     if ray.is_initialized():
         ray.shutdown()
-    port = _free_port()
+    port = free_ports()
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():
         pytest.skip(f"no ray command beside {sys.executable}")
