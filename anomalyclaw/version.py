@@ -1,4 +1,6 @@
 """The package version (also in pyproject.toml; a test keeps the two equal)."""
+import functools
+
 __version__ = "0.1.0"
 
 
@@ -11,13 +13,20 @@ RECORDED_LIBRARIES = ("numpy", "opencv-python-headless", "opencv-python", "sciki
 
 def library_versions() -> dict[str, str]:
     """``{distribution: version}`` of the :data:`RECORDED_LIBRARIES` installed here, and Python's."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    # Looked up once per process (~10-60 ms of metadata reads): a run writes its run file at the
+    # start and again at the end, and the installed versions cannot change in between.
     import platform
     from importlib import metadata
 
-    out = {"python": platform.python_version()}
+    out = [("python", platform.python_version())]
     for name in RECORDED_LIBRARIES:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             continue
-    return out
+    return tuple(out)
