@@ -552,7 +552,11 @@ class RaySession:
             self._release.set()
             if isinstance(exc, WorkerStartError):
                 raise exc
-            raise WorkerStartError(f"--ray: cannot connect to {self.where}: {type(exc).__name__}: {exc}")
+            cause = exc  # Ray's "Failed to connect" hides why (e.g. an AuthenticationError) in its cause
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            why = "" if cause is exc else f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+            raise WorkerStartError(f"--ray: cannot connect to {self.where}: {type(exc).__name__}: {exc}{why}")
         self.started = True
 
     def start(self) -> None:

@@ -101,6 +101,20 @@ def test_a_driver_joins_the_cluster_at_its_address_and_through_auto(ray_cluster,
     _check_reachable(address)  # both drivers have left; the cluster they joined is still up
 
 
+def test_a_driver_without_the_clusters_token_is_told_why(ray_cluster, small_items, tmp_path):
+    address, env = ray_cluster
+    manifest = write_manifest(small_items[:2], tmp_path / "manifest.json")
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    cmd = [sys.executable, "-m", "anomalyclaw", "run", "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+           "--backend", "offline", "--no-progress", "--ray", address]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=no_token)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"cannot connect to the Ray cluster at {address}" in last and "AuthenticationError" in last, last
+    assert env["RAY_AUTH_TOKEN"] not in done.stderr
+
+
 def test_a_plain_ray_starts_its_own_local_cluster_beside_a_running_one(ray_cluster):
     session = RaySession(num_cpus=2)
     try:
