@@ -147,6 +147,22 @@ def test_tolerant_difference_ignores_small_shifts_but_not_missing_parts():
     assert tolerant_delta_e(base, missing, 3).max() > 40
 
 
+def test_to_lab_maps_every_code_as_the_affine_map_of_opencvs_8_bit_lab():
+    """The table lookup gives, for every 8-bit code, L = code * 100/255 and a, b = code - 128 in
+    float32, the numbers the affine map of the codes gave; crops (non-contiguous views) too."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    image[:16, :, :] = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(6, axis=1)  # every value
+    codes = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)
+    assert len(np.unique(codes[..., 0])) > 200  # many L codes are exercised
+    expected = codes.astype(np.float32) * np.array([100.0 / 255.0, 1, 1], np.float32) - np.array([0, 128, 128],
+                                                                                                   np.float32)
+    lab = to_lab(image)
+    assert lab.dtype == np.float32 and lab.shape == image.shape
+    np.testing.assert_array_equal(lab, expected)
+    np.testing.assert_array_equal(to_lab(image[5:40:2, 7:90:3]), expected[5:40:2, 7:90:3])
+
+
 def test_box_iou():
     assert box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
