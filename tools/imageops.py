@@ -13,7 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from anomalyclaw.imaging import resize_to
+from anomalyclaw.imaging import resize_to, shrink_for_view
 
 #: Registration works on a greyscale copy with at most this many pixels on the longer side.
 REGISTRATION_SIDE = 256
@@ -463,17 +463,7 @@ def captioned(image: np.ndarray, caption: str, *, height: int | None = None) -> 
     if height is not None and image.shape[0] != height:
         w = max(1, round(image.shape[1] * height / image.shape[0]))
         if height < image.shape[0]:
-            # OpenCV's area resize is fast for whole factors and ~15x slower otherwise: reduce by
-            # the whole factor first (an exact box average of the image cut to a multiple of it,
-            # fewer than k pixels off its bottom and right edges), then resize the rest (< 2x)
-            # bilinearly. Display only; a 512 px view to 150-384 px is 2-4x faster than with an
-            # area resize of the rest and no cut.
-            k = min(image.shape[0] // height, image.shape[1] // max(1, w))
-            if k >= 2:
-                hk, wk = image.shape[0] // k, image.shape[1] // k
-                image = cv2.resize(image[:hk * k, :wk * k], (wk, hk), interpolation=cv2.INTER_AREA)
-            if image.shape[:2] != (height, w):
-                image = cv2.resize(image, (w, height), interpolation=cv2.INTER_LINEAR)
+            image = shrink_for_view(image, (w, height))
         else:
             interp = cv2.INTER_NEAREST if height > 2 * image.shape[0] else cv2.INTER_LINEAR
             image = cv2.resize(image, (w, height), interpolation=interp)

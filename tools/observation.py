@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from anomalyclaw.imaging import encode_image
+from anomalyclaw.imaging import encode_image, view_longest
 
 #: Longest side of any image a tool returns, in pixels.
 MAX_IMAGE_SIDE = 768
@@ -187,8 +187,9 @@ def decode_mask(mask: EvidenceMask | dict[str, Any], shape: tuple[int, int] | No
 
 
 def image_payload(name: str, image: np.ndarray, caption: str, *, fmt: str = "JPEG") -> ObservationImage:
-    """Encode an RGB array for the VLM, longest side at most :data:`MAX_IMAGE_SIDE`."""
-    return ObservationImage(name, encode_image(image, fmt, max_side=MAX_IMAGE_SIDE), caption)
+    """Encode an RGB array for the VLM, longest side at most :data:`MAX_IMAGE_SIDE` (a panel of
+    views: shrunk as one, :func:`~anomalyclaw.imaging.view_longest`)."""
+    return ObservationImage(name, encode_image(view_longest(image, MAX_IMAGE_SIDE), fmt), caption)
 
 
 def with_notes(text: str, notes: Sequence[str]) -> str:

@@ -117,3 +117,34 @@ def test_portable_path(tmp_path):
     assert portable_path("{DATA_ROOT}/y.png", base=manifest_dir) == "{DATA_ROOT}/y.png"
     elsewhere = tmp_path / "other.png"
     assert portable_path(elsewhere, base=manifest_dir, data_root=data) == str(elsewhere)
+
+
+# ---------------------------------------------------------------------------- view downscaling
+
+@pytest.mark.parametrize("shape,size", [((512, 512, 3), (240, 240)), ((512, 512, 3), (150, 150)),
+                                        ((375, 500, 3), (384, 288)), ((512, 512), (170, 170)),
+                                        ((300, 200, 3), (199, 299))])
+def test_shrink_for_view_gives_the_size_asked_and_stays_close_to_an_area_resize(shape, size):
+    import cv2
+
+    from anomalyclaw.imaging import shrink_for_view
+
+    rng = np.random.default_rng(0)
+    # a smooth picture with an edge (what panels show), plus a little noise
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    base = (128 + 100 * np.sin(xx / 17.0) * np.cos(yy / 23.0) + 40 * (xx > shape[1] // 2)).clip(0, 255)
+    img = (base[..., None] if len(shape) == 3 else base).repeat(shape[2] if len(shape) == 3 else 1, axis=-1)
+    img = (img.reshape(shape) + rng.normal(0, 3, shape)).clip(0, 255).astype(np.uint8)
+    out = shrink_for_view(img, size)
+    assert out.shape[:2] == (size[1], size[0]) and out.dtype == np.uint8 and out.ndim == img.ndim
+    area = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(float) - area).mean() < 4.0
+
+
+def test_view_longest_shrinks_the_longer_side_and_never_upscales():
+    from anomalyclaw.imaging import view_longest
+
+    wide = np.zeros((400, 1000, 3), np.uint8)
+    assert view_longest(wide, 768).shape == (307, 768, 3)
+    small = np.zeros((100, 50, 3), np.uint8)
+    assert view_longest(small, 768) is small
