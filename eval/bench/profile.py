@@ -1,7 +1,8 @@
 """Where a run's CPU goes, per item: ``anomalyclaw bench profile``.
 
 The runner (``openai`` backend, default :class:`~anomalyclaw.config.AgentConfig`) judges copies
-of synthetic items against the fake endpoint (its own process, so its CPU is not counted). A
+of synthetic items against the fake endpoint (its own process, so its CPU is not counted), with
+the progress bar a command-line run draws (its output discarded). A
 warm-up pass first calibrates the reference sets, as in a long run; with ``new_sets`` the
 measured items instead bring reference sets never seen before (the real-data case: 61% of
 CrossDomainVAD-12's test items do).
@@ -28,7 +29,9 @@ running), so its shares could not be read as CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import os
 import sys
 import tempfile
@@ -258,8 +261,9 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
                 _run(items, _vlm(url, 8, client), work / "warmup", config, pool)  # every set calibrated once
                 measured = copies(items, n_items)
             sampler = CPUSampler(interval_s)
-            with sampler:
-                row = _run(measured, _vlm(url, concurrency, client), work / "measured", config, pool)
+            # With the progress bar, as `anomalyclaw run` draws it; what it draws is discarded.
+            with sampler, contextlib.redirect_stderr(io.StringIO()):
+                row = _run(measured, _vlm(url, concurrency, client), work / "measured", config, pool, progress=True)
     summary = row.pop("summary")
     done = max(1, row["items"])
     cpu_ms = round(1000 * sampler.process_seconds / done, 1)  # the sampled window: the pass, start to end

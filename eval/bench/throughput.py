@@ -142,11 +142,13 @@ def copies(items: Sequence[Item], n: int) -> list[Item]:
             for i in range(n)]
 
 
-def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any) -> dict[str, Any]:
-    """One runner pass; the summary plus the CPU it took (process and event-loop thread)."""
+def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any, *,
+         progress: bool = False) -> dict[str, Any]:
+    """One runner pass; the summary plus the CPU it took (process and event-loop thread).
+    ``progress``: with the progress bar a command-line run shows (drawn to standard error)."""
     from anomalyclaw.eval.running.runner import Runner, run_sync
 
-    runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=False)
+    runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=progress)
     cpu, loop_cpu, wall = time.process_time(), time.thread_time(), time.perf_counter()
     summary = run_sync(runner, items)  # asyncio.run's loop runs on this thread
     wall, cpu, loop_cpu = (time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - loop_cpu)

@@ -36,9 +36,19 @@ def test_cpu_goes_to_the_category_of_the_code_that_spends_it():
     assert set(spent) <= set(CATEGORY_ORDER)
 
 
-def test_a_profiled_run_adds_up(tmp_path):
+def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
+    import tqdm.auto
+
     from anomalyclaw.threads import compute_slots
 
+    bars = []
+
+    class Counted(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Counted)
     before = compute_slots()
     result = profile_run(n_items=6, concurrency=3, latency_s=0.0, image_size=64, n_test_per_domain=2,
                          work_dir=tmp_path, interval_s=0.002, compute_slots=before + 5)
@@ -53,6 +63,9 @@ def test_a_profiled_run_adds_up(tmp_path):
     # What no thread's clock accounts for is small, and never negative beyond rounding.
     assert -0.2 < parts["unattributed"] < 0.25 * result["cpu_ms_per_item"]
     assert "total (process CPU)" in format_profile(result)
+    # The measured pass draws the bar a command-line run draws (6 items), and none of it shows.
+    assert [bar.total for bar in bars] == [6] and bars[0].n == 6
+    assert "anomalyclaw" not in capsys.readouterr().err
     again = dict(result, cpu_ms_per_item=result["cpu_ms_per_item"] + 2.0, compute_slots=before)
     lines = format_passes([result, again, result]).splitlines()
     assert lines[1].split(":")[0].split() == ["langchain", str(before + 5), "compute", "slots"]
