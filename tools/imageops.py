@@ -329,17 +329,20 @@ def find_blobs(image: np.ndarray, min_area: int, lab: np.ndarray | None = None) 
     h, w = fg.shape
     comps, labels = components(fg, min_area)
     ring_px = max(2, round(0.01 * max(h, w)))
+    kernel = np.ones((2 * ring_px + 1,) * 2, np.uint8)
+    background = (~fg).astype(np.uint8)
     blobs = []
     for c in comps:
         x0, y0, x1, y1 = c["px"]
-        # The blob's box grown by the ring width: blob pixels vs the ring around them.
+        # The blob's box grown by the ring width: blob pixels vs the ring around them. Masked
+        # means in OpenCV (double sums; a boolean-indexed copy of a large blob cost ~0.1 ms each).
         gx0, gy0, gx1, gy1 = max(0, x0 - ring_px), max(0, y0 - ring_px), min(w, x1 + ring_px), min(h, y1 + ring_px)
-        inside = labels[gy0:gy1, gx0:gx1] == c["label"]
-        ring = cv2.dilate(inside.astype(np.uint8), np.ones((2 * ring_px + 1,) * 2, np.uint8)).astype(bool)
-        ring &= ~fg[gy0:gy1, gx0:gx1]
+        inside = (labels[gy0:gy1, gx0:gx1] == c["label"]).astype(np.uint8)
+        ring = cv2.dilate(inside, kernel) & background[gy0:gy1, gx0:gx1]
         patch = lab[gy0:gy1, gx0:gx1]
-        colour = patch[inside].mean(axis=0)
-        contrast = float(np.linalg.norm(colour - patch[ring].mean(axis=0))) if ring.any() else 0.0
+        colour = np.asarray(cv2.mean(patch, mask=inside)[:3], np.float32)
+        contrast = (float(np.linalg.norm(colour - np.asarray(cv2.mean(patch, mask=ring)[:3], np.float32)))
+                    if ring.any() else 0.0)
         blobs.append({"centre": (c["centroid"][0] / w, c["centroid"][1] / h), "area": c["area"] / (h * w),
                       "px": c["px"], "colour": colour.round(1).tolist(), "contrast": contrast})
     if blobs:
