@@ -163,6 +163,21 @@ def test_to_lab_maps_every_code_as_the_affine_map_of_opencvs_8_bit_lab():
     np.testing.assert_array_equal(to_lab(image[5:40:2, 7:90:3]), expected[5:40:2, 7:90:3])
 
 
+def test_delta_e_to_one_colour_is_the_difference_to_that_colour_everywhere():
+    from anomalyclaw.tools.imageops import delta_e
+
+    rng = np.random.default_rng(6)
+    lab = to_lab(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    colour = np.array([52.3, -7.25, 18.5], np.float32)
+    full = np.ascontiguousarray(np.broadcast_to(colour, lab.shape))
+    for one in (colour[None, None, :], colour):
+        np.testing.assert_array_equal(delta_e(lab, one), delta_e(lab, full))
+    np.testing.assert_allclose(delta_e(lab, colour[None, None, :]),
+                               np.sqrt(((lab.astype(np.float64) - colour) ** 2).sum(axis=2)), rtol=1e-5, atol=1e-4)
+    crop = lab[3:30:2, 5:50:3]  # a view, not contiguous
+    np.testing.assert_array_equal(delta_e(crop, colour[None, None, :]), delta_e(np.ascontiguousarray(crop), full[3:30:2, 5:50:3].copy()))
+
+
 def test_box_iou():
     assert box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
