@@ -54,11 +54,12 @@ def delta_e(lab_a: np.ndarray, lab_b: np.ndarray) -> np.ndarray:
     if lab_a.ndim == 3 and lab_a.shape[2] == 3 and lab_a.dtype == lab_b.dtype == np.float32:
         # OpenCV's element-wise ops: the same float32 sums, several times faster than einsum
         # (one colour: subtracted as a scalar, 512 px 0.9 against 2.8 ms, the same numbers).
+        d = None
         if lab_a.shape == lab_b.shape:
             d = cv2.subtract(lab_a, lab_b)
-            return cv2.sqrt(cv2.transform(cv2.multiply(d, d), _CHANNEL_SUM))
-        if lab_b.size == 3:
+        elif lab_b.size == 3:
             d = cv2.subtract(lab_a, (*(float(v) for v in lab_b.ravel()), 0.0))
+        if d is not None:
             return cv2.sqrt(cv2.transform(cv2.multiply(d, d), _CHANNEL_SUM))
     d = (lab_a - lab_b).astype(np.float32, copy=False)
     return np.sqrt(np.einsum("hwc,hwc->hw", d, d))
