@@ -270,14 +270,19 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> 
     return grey > 127
 
 
-def resize_longest(img: np.ndarray, max_side: int) -> np.ndarray:
-    """Downscale so the longer side is at most ``max_side``; never upscale."""
+def _longest_size(img: np.ndarray, max_side: int) -> tuple[int, int] | None:
+    """(W, H) with the longer side at ``max_side``, or None when ``img`` is no larger already."""
     h, w = img.shape[:2]
     if max(h, w) <= max_side:
-        return img
+        return None
     s = max_side / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def resize_longest(img: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale so the longer side is at most ``max_side``; never upscale."""
+    size = _longest_size(img, max_side)
+    return img if size is None else cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
 
 def shrink_for_view(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -298,11 +303,8 @@ def shrink_for_view(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def view_longest(img: np.ndarray, max_side: int) -> np.ndarray:
     """:func:`shrink_for_view` to a longer side of at most ``max_side``; never upscales."""
-    h, w = img.shape[:2]
-    if max(h, w) <= max_side:
-        return img
-    s = max_side / max(h, w)
-    return shrink_for_view(img, (max(1, round(w * s)), max(1, round(h * s))))
+    size = _longest_size(img, max_side)
+    return img if size is None else shrink_for_view(img, size)
 
 
 def resize_to(img: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
