@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 NOMINAL_REQUESTS_PER_ITEM = 3
 
 
+#: ``bench scale --modes`` names -> the scale rows' modes.
+SCALE_MODES = {"process": "1 process", "workers": "workers 2", "ray": "ray 2"}
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchPlan:
     """What to measure and how much. :func:`quick_plan` and :func:`full_plan` are the two the
@@ -70,7 +74,7 @@ class BenchPlan:
     scale_concurrencies: tuple[int, ...] = (32, 128, 256)
     """Concurrencies of the scale rows (one process, ``--workers 2``, Ray with 2 workers); ()
     skips them."""
-    scale_modes: tuple[str, ...] = ("1 process", "workers 2", "ray 2")
+    scale_modes: tuple[str, ...] = tuple(SCALE_MODES.values())
     scale_items_per_slot: int = 4
     scale_items: int | None = None
     """Items per scale row (None: ``scale_items_per_slot x concurrency``): e.g. 1,418, a whole
@@ -82,24 +86,18 @@ def quick_plan() -> BenchPlan:
     return BenchPlan(concurrencies=(1, 8, 32), tool_repeats=3, new_sets=12, scale_concurrencies=())
 
 
-#: ``bench scale --modes`` names -> the scale rows' modes.
-SCALE_MODES = {"process": "1 process", "workers": "workers 2", "ray": "ray 2"}
-
-
 def scale_plan(concurrencies: Sequence[int] | None = None, modes: Sequence[str] | None = None,
                items: int | None = None) -> BenchPlan:
     """Only the scale rows (``anomalyclaw bench scale``): 1 s latency, by default concurrency
     32, 128 and 256, with one process, ``--workers 2`` and Ray with 2 workers (about eight
     minutes on a 2-core machine). ``modes``: names of :data:`SCALE_MODES`; ``items``: items per
     row instead of 4 per slot of concurrency."""
-    base = BenchPlan()
     unknown = sorted(set(modes or ()) - set(SCALE_MODES))
     if unknown:
         raise ValueError(f"bench scale --modes: unknown {', '.join(unknown)} (choose from {', '.join(SCALE_MODES)})")
     return BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
-                     scale_concurrencies=tuple(concurrencies or base.scale_concurrencies),
-                     scale_modes=tuple(SCALE_MODES[m] for m in modes) if modes else base.scale_modes,
-                     scale_items=items)
+                     scale_concurrencies=tuple(concurrencies or BenchPlan.scale_concurrencies),
+                     scale_modes=tuple(SCALE_MODES[m] for m in modes or SCALE_MODES), scale_items=items)
 
 
 def full_plan() -> BenchPlan:
