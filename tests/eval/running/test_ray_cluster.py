@@ -73,11 +73,16 @@ def ray_cluster(free_ports, tmp_path_factory):
     log.close()
 
 
-def _run(manifest: Path, out: Path, ray_arg: str, env: dict[str, str]) -> dict:
+def _driver(manifest: Path, out: Path, ray_arg: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     """``anomalyclaw run --ray RAY_ARG`` as its own driver process, in ``env``."""
     cmd = [sys.executable, "-m", "anomalyclaw", "run", "--manifest", str(manifest), "--out", str(out),
-           "--backend", "offline", "--no-progress", "--ray", ray_arg, "--workers", "2", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+           "--backend", "offline", "--no-progress", "--ray", ray_arg, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _run(manifest: Path, out: Path, ray_arg: str, env: dict[str, str]) -> dict:
+    """:func:`_driver` with two workers, which must succeed; its ``--json`` summary."""
+    done = _driver(manifest, out, ray_arg, env, "--workers", "2", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -106,9 +111,7 @@ def test_a_driver_without_the_clusters_token_is_told_why(ray_cluster, small_item
     manifest = write_manifest(small_items[:2], tmp_path / "manifest.json")
     no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    cmd = [sys.executable, "-m", "anomalyclaw", "run", "--manifest", str(manifest), "--out", str(tmp_path / "run"),
-           "--backend", "offline", "--no-progress", "--ray", address]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=no_token)
+    done = _driver(manifest, tmp_path / "run", address, no_token)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert f"cannot connect to the Ray cluster at {address}" in last and "AuthenticationError" in last, last
