@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import httpx2
 import openai
+import orjson
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -409,7 +410,7 @@ class OpenAIVLM(_EndpointVLM):
             body.update(logprobs=True, top_logprobs=5)
         if tools:
             body["tools"] = list(tools)
-        data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        data = dump_body(body)
         return (data, bool(tools)), len(data), count_images(payload)
 
     async def _send(self, client: openai.AsyncOpenAI, request: tuple[bytes, bool], logprobs: bool,
@@ -578,7 +579,7 @@ _BODY_SIZES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("
                                                                                default=None)
 class PreparedCompletions:
     """``ChatOpenAI.async_client`` for OpenAI-compatible chat completions: the payload ChatOpenAI
-    built is serialised once (in a worker thread when it holds images) and posted with the SDK's
+    built is serialised once (:func:`dump_body`) and posted with the SDK's
     own client, its auth, errors and response parsing. Streamed requests go through the SDK's
     own ``create`` unchanged.
 
@@ -609,10 +610,7 @@ class PreparedCompletions:
                 **({"timeout": timeout} if timeout is not None else {}), **body)
         if extra_body:
             body.update(extra_body)
-        if _has_images(body.get("messages") or ()):
-            data = await to_compute_thread(_dump_body, body)
-        else:
-            data = _dump_body(body)
+        data = dump_body(body)  # tens of microseconds even with images: no thread hop
         sizes = _BODY_SIZES.get()
         if sizes is not None:
             sizes.append(len(data))
@@ -627,13 +625,26 @@ class PreparedCompletions:
         return await self._client.post("/chat/completions", content=data, cast_to=ChatCompletion, options=options)
 
 
-def _dump_body(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+def dump_body(body: dict[str, Any]) -> bytes:
+    """A request body as compact UTF-8 JSON, with orjson (the JSON ``json.dumps`` writes, ~100x
+    faster on a body with image data URLs: ``anomalyclaw bench profile``'s "request building").
+    A non-finite number is refused, naming where it is: orjson alone would write ``null``."""
+    _require_finite(body, "body")
+    return orjson.dumps(body)
 
 
-def _has_images(messages: Sequence[Any]) -> bool:
-    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
-               and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
+def _require_finite(value: Any, where: str) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"request {where} is {value!r}: JSON has no non-finite numbers")
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            if not isinstance(v, str):
+                _require_finite(v, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if not isinstance(v, str):
+                _require_finite(v, f"{where}[{i}]")
 
 
 def _count_message_images(messages: Sequence[BaseMessage]) -> int:
