@@ -19,7 +19,7 @@ from anomalyclaw.config import redact
 from anomalyclaw.errors import EndpointFatalError, ImageLoadError
 from anomalyclaw.items import Item, Question
 from anomalyclaw.paths import writable_folder
-from anomalyclaw.threads import limit_compute_threads, to_compute_thread
+from anomalyclaw.threads import frozen_heap, limit_compute_threads, to_compute_thread
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.messages import warm_images
 from anomalyclaw.graph.pipeline import build_pipeline
@@ -98,7 +98,7 @@ class McqRunner(Runner):
                                                      model=self.vlm.model))
                 summary.n_rejected += 1
                 summary.n_errors += 1
-            with limit_compute_threads(1):
+            with limit_compute_threads(1), frozen_heap():
                 await self._run_images(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0

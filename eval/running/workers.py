@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import math
 import multiprocessing
@@ -173,7 +174,7 @@ def _process_main(conn: Any, spec: WorkerSpec) -> None:
     threading.Thread(target=sender, name="anomalyclaw-worker-send", daemon=True).start()
     try:
         from anomalyclaw.config import install_secret_redaction
-        from anomalyclaw.threads import limit_compute_threads
+        from anomalyclaw.threads import frozen_heap, limit_compute_threads
 
         install_secret_redaction(spec.secrets)
         runner = spec.build()
@@ -182,7 +183,7 @@ def _process_main(conn: Any, spec: WorkerSpec) -> None:
         out.put(None)
         time.sleep(1.0)
         return
-    with limit_compute_threads(1):
+    with limit_compute_threads(1), frozen_heap():
         asyncio.run(_serve(conn, runner, out))
     out.put(None)
     time.sleep(0.2)
@@ -608,6 +609,7 @@ class RayWorker:
         set_compute_threads(1)
         self.runner = spec.build()
         self.judge_ = _BatchJudge(self.runner)
+        gc.freeze()  # the actor lives for one run: what it built stays out of full collections (frozen_heap)
 
     def pid(self) -> int:
         return os.getpid()

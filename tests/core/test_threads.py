@@ -75,3 +75,45 @@ def test_workers_get_their_share_of_the_cores_and_ray_actors_their_one_cpu(monke
     assert [s.compute_slots for s in processes.specs()] == [5, 5]
     actors = ShardedRunner(make_vlm("offline"), workers=2, ray="", out_dir=tmp_path, progress=False)
     assert [s.compute_slots for s in actors.specs()] == [2, 2]
+
+
+def test_frozen_heap_keeps_what_was_alive_out_of_full_collections_then_puts_it_back():
+    import gc
+
+    from anomalyclaw.threads import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    kept = [[] for _ in range(1000)]
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen >= len(kept)
+        with frozen_heap():  # nested (a run inside a run): frozen once, thawed by the outer block
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+        new = [[] for _ in range(1000)]  # objects of the run itself are collected as usual
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
+    del kept, new
+
+
+def test_a_run_freezes_the_heap_while_it_runs_and_thaws_it_after(tmp_path):
+    import gc
+
+    from anomalyclaw.config import AgentConfig
+    from anomalyclaw.eval.data.manifests import load_manifest
+    from anomalyclaw.eval.data.synth import generate_benchmark
+    from anomalyclaw.eval.running.runner import Runner, run_sync
+    from anomalyclaw.graph.vlm import make_vlm
+
+    items = load_manifest(generate_benchmark(tmp_path / "synth", seed=0, n_test_per_domain=2, n_calibration=0,
+                                             n_dev=0, size=64, domains=["S1"]), split="test")[:1]
+    seen = []
+
+    class Watching(Runner):
+        async def judge(self, item):
+            seen.append(gc.get_freeze_count())
+            return await super().judge(item)
+
+    summary = run_sync(Watching(make_vlm("offline"), out_dir=tmp_path / "out", config=AgentConfig()), items)
+    assert summary.n_done == 1 and seen and seen[0] > 0
+    assert gc.get_freeze_count() == 0

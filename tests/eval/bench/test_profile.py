@@ -91,3 +91,22 @@ def test_the_command_line_takes_compute_slots_to_compare_and_rounds():
     assert args.compute_slots == [3, 64] and args.rounds == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "profile", "--compute-slots", "3,0"])
+
+
+def test_the_gc_clock_times_each_generation_of_collection():
+    import gc
+
+    from anomalyclaw.eval.bench.profile import GCClock
+
+    with GCClock() as clock:
+        junk = []
+        for _ in range(2000):  # cycles: only the collector frees them
+            a = []
+            a.append(a)
+            junk.append(a)
+        del junk, a
+        gc.collect(0)
+        gc.collect(2)
+    assert clock.passes[0] >= 1 and clock.passes[2] >= 1
+    assert clock.seconds[2] > 0 and all(s >= 0 for s in clock.seconds)
+    assert clock._callback not in gc.callbacks
