@@ -9,41 +9,46 @@ import numpy as np
 from .backbones import Backbone
 from .base import Expert
 
-#: Query rows per distance block. 256 rows keep a block against a 10-image bank (10,240 patches)
-#: at 10 MB, in cache for the minimum that follows; 2048 rows ran 25-35% slower on the 2-core
-#: reference machine (``anomalyclaw bench`` section "nearest-neighbour search"). Rows are
-#: independent, so the block size changes no result.
+#: Query rows per distance block. Rows are independent, so the block size changes no result.
 _CHUNK = 256
+#: Bank rows per distance block: 256 x 2048 float32 is a 2 MB block, which stays in a core's L2
+#: cache for the minimum that follows; one block against a whole 10-image bank (10,240 patches,
+#: 10 MB) spilled to memory and took ~1.8x the CPU (``anomalyclaw bench``, "nearest-neighbour
+#: search"). The blocks' minima are merged exactly.
+BANK_TILE = 2048
 
 
 def _normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def nearest_distances(query: np.ndarray, bank: np.ndarray, k: int = 1, device: str = "cpu") -> np.ndarray:
+def nearest_distances(query: np.ndarray, bank: np.ndarray, k: int = 1, device: str = "cpu", *,
+                      bank_tile: int | None = BANK_TILE) -> np.ndarray:
     """float32 ``[M]``: mean Euclidean distance of each query row ``[M, D]`` to its ``k``
     nearest rows of ``bank`` ``[N, D]``.
 
-    One fused ``|b|^2 - 2 q.b`` matrix product per block of query rows (torch, on ``device``:
-    the backbone's GPU when it has one, else the CPU); ``|q|^2`` is added after the minimum.
+    One fused ``|b|^2 - 2 q.b`` matrix product per block of query rows and ``bank_tile`` bank
+    rows (None: the whole bank; torch, on ``device``: the backbone's GPU when it has one, else
+    the CPU); the blocks' ``k`` smallest are merged, and ``|q|^2`` is added after the minimum.
     Both sides are centred on the bank's mean first, which leaves distances unchanged but
     keeps float32 cancellation small.
     """
     import torch
 
     k = min(int(k), bank.shape[0])
+    tile = bank.shape[0] if bank_tile is None else max(int(bank_tile), k)
     with torch.inference_mode():
         bank_t = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device)
         centre = bank_t.mean(dim=0, keepdim=True)
         bank_t = bank_t - centre
         bank_sq = (bank_t * bank_t).sum(dim=1)[None, :]
+        tiles = [(bank_sq[:, c:c + tile], bank_t[c:c + tile].T) for c in range(0, bank_t.shape[0], tile)]
         out = []
         for start in range(0, query.shape[0], _CHUNK):
             block = torch.from_numpy(np.ascontiguousarray(query[start:start + _CHUNK], dtype=np.float32))
             block = block.to(device) - centre
-            partial = torch.addmm(bank_sq, block, bank_t.T, alpha=-2.0)
-            nearest = (torch.topk(partial, k, dim=1, largest=False).values if k > 1
-                       else partial.amin(dim=1, keepdim=True))
+            parts = [_smallest(torch.addmm(sq, block, bt, alpha=-2.0), min(k, bt.shape[1]), 1) for sq, bt in tiles]
+            nearest = parts[0] if len(parts) == 1 else _smallest(torch.cat(parts, dim=1), k, 1)
             squared = nearest + (block * block).sum(dim=1, keepdim=True)
             out.append(squared.clamp_min(0).sqrt().mean(dim=1).cpu().numpy())
     return np.concatenate(out).astype(np.float32)

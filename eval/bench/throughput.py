@@ -383,7 +383,37 @@ def bench_experts(items: Sequence[Item], work_side: int = 512) -> dict[str, Any]
             "fit_speedup_from_image_cache": round(base_ms / fit_ms, 2) if fit_ms else None,
             "score_ms_per_item": round(1000 * sum(scores) / max(1, len(scores)), 1),
             "reference_slots": slots, "unique_reference_images": len(unique_images),
-            "pool": pool.stats}
+            "pool": pool.stats, "knn": bench_knn(pool.backbone, contexts[0])}
+
+
+def bench_knn(backbone: Any, ctx: Any, repeats: int = 10) -> dict[str, Any]:
+    """The patch kNN search of one query against its references' bank (the classic backbone's
+    patches), with the bank in :data:`~anomalyclaw.experts.patchknn.BANK_TILE`-row blocks and in
+    one block, alternating, one thread: median CPU ms per search, and the largest difference
+    between the two's distances (0 here: each distance is the same dot product either way)."""
+    import statistics
+
+    import numpy as np
+
+    from anomalyclaw.experts.patchknn import BANK_TILE, nearest_distances
+    from anomalyclaw.threads import limit_compute_threads
+
+    query = backbone.patch_features([ctx.query])
+    dim = query.shape[-1]
+    query = query.reshape(-1, dim)
+    bank = backbone.patch_features(list(ctx.references)).reshape(-1, dim)
+    times: dict[Any, list[float]] = {BANK_TILE: [], None: []}
+    with limit_compute_threads(1):
+        diff = float(np.abs(nearest_distances(query, bank) - nearest_distances(query, bank, bank_tile=None)).max())
+        for _ in range(repeats):
+            for tile in times:
+                start = time.thread_time()
+                nearest_distances(query, bank, bank_tile=tile)
+                times[tile].append(time.thread_time() - start)
+    tiled, whole = (1000 * statistics.median(times[t]) for t in (BANK_TILE, None))
+    return {"query_patches": query.shape[0], "bank_patches": bank.shape[0], "dim": dim, "tile": BANK_TILE,
+            "tiled_ms": round(tiled, 2), "one_block_ms": round(whole, 2),
+            "speedup": round(whole / tiled, 2) if tiled else None, "max_difference": diff}
 
 
 def reference_reuse(manifest: Path, split: str = "test") -> dict[str, Any] | None:
@@ -521,6 +551,12 @@ def format_bench(result: dict[str, Any]) -> str:
               f"{e['fit_speedup_from_image_cache']}x), score {e['score_ms_per_item']:.0f} ms per item; "
               f"{e['unique_reference_images']} distinct reference images in {e['reference_slots']} slots, "
               f"{e['pool']['image_hits']} image features reused"]
+    knn = e.get("knn")
+    if knn:
+        lines.append(f"Nearest-neighbour search ({knn['query_patches']} query patches x {knn['bank_patches']} bank "
+                     f"patches, D {knn['dim']}, one thread): {knn['tiled_ms']:.1f} ms with the bank in "
+                     f"{knn['tile']}-row blocks against {knn['one_block_ms']:.1f} ms in one block "
+                     f"({knn['speedup']}x; distances differ by at most {knn['max_difference']:.1g})")
     if result.get("new_sets"):
         from anomalyclaw.eval.bench.reference_sets import format_new_sets
 

@@ -177,6 +177,10 @@ def test_nearest_distances_match_scikit_learn():
     for k in (1, 3):
         expected, _ = NearestNeighbors(n_neighbors=k).fit(bank).kneighbors(query)
         assert np.allclose(nearest_distances(query, bank, k), expected.mean(axis=1), atol=1e-4)
+        # The bank in blocks (uneven, smaller than k, one per row) gives the one-block distances.
+        whole = nearest_distances(query, bank, k, bank_tile=None)
+        for tile in (128, 77, 2, 1, 499, 5000):
+            assert np.allclose(nearest_distances(query, bank, k, bank_tile=tile), whole, rtol=0, atol=1e-6), tile
 
 
 def test_positional_search_with_a_wide_radius_is_the_free_search():

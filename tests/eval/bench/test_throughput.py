@@ -41,6 +41,9 @@ def test_smallest_bench_measures_every_section(tmp_path):
     # each distinct reference image encoded at most once over the pass
     assert 1 <= pool["image_misses"] <= experts["unique_reference_images"]
     assert pool["image_hits"] + pool["image_misses"] <= experts["reference_slots"]
+    knn = experts["knn"]  # tiled and one-block search of one query against its references' bank
+    assert knn["max_difference"] < 1e-4 and knn["tiled_ms"] > 0 and knn["one_block_ms"] > 0
+    assert knn["bank_patches"] % knn["query_patches"] == 0 and knn["bank_patches"] > knn["query_patches"]
     warm = result["warmup"]
     assert warm["items"] == 4 and warm["pool"]["misses"] >= 1
     assert {r["tool"] for r in result["tools"]} >= {"side_by_side_compare", "region_zoom"}
@@ -55,7 +58,7 @@ def test_smallest_bench_measures_every_section(tmp_path):
 
     text = format_bench(result)
     for heading in ("Runner throughput", "Request size per item", "Expert anomaly_vfm", "Tool latency",
-                    "New reference sets"):
+                    "New reference sets", "Nearest-neighbour search"):
         assert heading in text
 
 
