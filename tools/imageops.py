@@ -106,15 +106,17 @@ def tolerant_delta_e(lab_a: np.ndarray, lab_b: np.ndarray, radius: int) -> np.nd
     return np.sqrt(np.maximum(outside(lab_a, lab_b), outside(lab_b, lab_a)))
 
 
-def blur(image: np.ndarray, sigma: float) -> np.ndarray:
+def blur(image: np.ndarray, sigma: float, *, in_place: bool = False) -> np.ndarray:
     """Gaussian blur with standard deviation ``sigma`` px. Wide blurs (sigma > 8) run on a
     downscaled copy and are scaled back: the result is smooth either way, at a fraction of
-    the cost of a kernel hundreds of pixels wide."""
+    the cost of a kernel hundreds of pixels wide. ``in_place``: narrow blurs overwrite
+    ``image`` (a temporary of the caller's) instead of filling new pages, which the kernel
+    must fault in on first touch (the same numbers)."""
     if sigma <= 0:
         return image
     factor = int(sigma // 4)
     if factor < 2:
-        return cv2.GaussianBlur(image, (0, 0), sigma)
+        return cv2.GaussianBlur(image, (0, 0), sigma, dst=image if in_place else None)
     h, w = image.shape[:2]
     small = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small, (0, 0), sigma / factor)
@@ -297,7 +299,7 @@ def foreground_mask(image: np.ndarray, *, min_contrast: float = 12.0, lab: np.nd
     image has no foreground rather than half of its noise. ``lab``: the image's lightly blurred
     Lab when the caller has it (saves converting again).
     """
-    lab = blur(to_lab(image), 1.0) if lab is None else lab
+    lab = blur(to_lab(image), 1.0, in_place=True) if lab is None else lab
     border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
     first = _cut(delta_e(lab, np.median(border, axis=0).astype(np.float32)[None, None, :]), min_contrast)
     background = (~first).astype(np.float32)
@@ -329,7 +331,7 @@ def find_blobs(image: np.ndarray, min_area: int, lab: np.ndarray | None = None) 
     first. Kept: at least ``min_area`` px, 10% of the median blob's area and 40% of the median
     blob's contrast (fragments and faint lighting patches are not parts). ``lab``: the image's
     lightly blurred Lab when the caller has it."""
-    lab = blur(to_lab(image), 1.0) if lab is None else lab
+    lab = blur(to_lab(image), 1.0, in_place=True) if lab is None else lab
     fg = solid_objects(foreground_mask(image, lab=lab))
     h, w = fg.shape
     comps, labels = components(fg, min_area)

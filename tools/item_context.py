@@ -173,8 +173,9 @@ class ItemContext:
         """:meth:`image` in Lab, lightly blurred (sigma 1 px) against noise: float32 H x W x 3,
         L in [0, 100]. Cached (per item for the query, per reference set for references)."""
         if index is None:
-            return self.item_cached("lab", lambda: blur(to_lab(self.query), 1.0))
-        return self.reference_file_cached(index, "lab", lambda: blur(to_lab(self.reference_aligned(index)), 1.0))
+            return self.item_cached("lab", lambda: blur(to_lab(self.query), 1.0, in_place=True))
+        return self.reference_file_cached(index, "lab",
+                                          lambda: blur(to_lab(self.reference_aligned(index)), 1.0, in_place=True))
 
     def gray(self, index: int | None = None) -> np.ndarray:
         """:meth:`image` as float32 grey in [0, 1]. Cached like :meth:`lab`."""

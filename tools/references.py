@@ -383,7 +383,7 @@ def rotate_aligned_residual(moving: np.ndarray, fixed: np.ndarray, fixed_lab: np
     angle, the ECC correlation, the warped image and the mean residual."""
     init = rotation_candidates(moving_features, fixed_features)[0]
     reg = register(moving, fixed, motion="euclidean", init=init, max_side=128)
-    moving_lab = match_illumination(blur(to_lab(reg.warped), 1.0), fixed_lab, reg.valid)
+    moving_lab = match_illumination(blur(to_lab(reg.warped), 1.0, in_place=True), fixed_lab, reg.valid)
     residual = blur(delta_e(moving_lab, fixed_lab), max(1.0, max(fixed.shape[:2]) / 256))
     residual[~reg.valid] = 0.0
     mean = float(residual[reg.valid].mean()) if reg.valid.any() else float("inf")

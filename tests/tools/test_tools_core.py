@@ -500,3 +500,18 @@ def test_run_tool_on_item_writes_images_and_the_observation(tmp_path):
     assert record["image_files"] and all((out / p.split("/")[-1]).is_file() for p in record["image_files"])
     failed = run_tool_on_item("nope", item, {}, out_dir=out)
     assert not failed.ok
+
+
+def test_blur_in_place_overwrites_its_input_with_the_same_numbers():
+    from anomalyclaw.tools.imageops import blur
+
+    lab = to_lab(np.random.default_rng(7).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    expected = blur(lab, 1.0)
+    assert not np.shares_memory(expected, lab)
+    for sigma in (1.0, 3.0):
+        work = lab.copy()
+        out = blur(work, sigma, in_place=True)
+        assert out is work
+        np.testing.assert_array_equal(out, blur(lab, sigma))
+    wide = lab.copy()
+    np.testing.assert_array_equal(blur(wide, 12.0, in_place=True), blur(lab, 12.0))  # wide blurs: a new array
