@@ -19,6 +19,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator, TypeVar
 
 from threadpoolctl import threadpool_limits
@@ -100,10 +101,43 @@ def limit_compute_slots(n: int | None) -> Iterator[None]:
         set_compute_slots(before)
 
 
+class StageClock:
+    """CPU seconds of each stage of a run's compute-thread work: while one is installed
+    (:func:`clock_stages`), every outermost :func:`compute_slot` charges its thread's own CPU
+    clock, from entering the slot to leaving it, to the slot's label (the tool's name, the
+    function sent to a worker thread). Exact, unlike a sampler: what a C call did with the GIL
+    held is counted where it ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, label: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[label] = self.seconds.get(label, 0.0) + seconds
+            self.calls[label] = self.calls.get(label, 0) + 1
+
+
+_stage_clock: StageClock | None = None
+
+
 @contextlib.contextmanager
-def compute_slot() -> Iterator[None]:
+def clock_stages() -> Iterator[StageClock]:
+    """Within the block, compute slots report their CPU to the clock it yields."""
+    global _stage_clock
+    before, _stage_clock = _stage_clock, StageClock()
+    try:
+        yield _stage_clock
+    finally:
+        _stage_clock = before
+
+
+@contextlib.contextmanager
+def compute_slot(label: str = "other") -> Iterator[None]:
     """Within the block this thread holds one of the process's compute slots, waiting (without
-    spinning) for one to be free. Re-entrant: a tool that asks an expert holds one slot."""
+    spinning) for one to be free. Re-entrant: a tool that asks an expert holds one slot.
+    ``label``: the stage a :class:`StageClock` charges the block's CPU to."""
     if getattr(_inside, "depth", 0):
         _inside.depth += 1
         try:
@@ -114,15 +148,19 @@ def compute_slot() -> Iterator[None]:
     gate = _gate
     gate.acquire()
     _inside.depth = 1
+    clock = _stage_clock
+    started = time.thread_time() if clock is not None else 0.0
     try:
         yield
     finally:
+        if clock is not None:
+            clock.add(label, time.thread_time() - started)
         _inside.depth = 0
         gate.release()
 
 
 def _in_slot(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    with compute_slot():
+    with compute_slot((getattr(fn, "__qualname__", None) or type(fn).__name__).replace("<locals>.", "")):
         return fn(*args, **kwargs)
 
 

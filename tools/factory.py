@@ -44,7 +44,7 @@ def run_checked(impl: ToolImpl, ctx: ItemContext, call: CheckedCall) -> Observat
     start = time.perf_counter()
     args = call.args_dict()
     try:
-        with compute_slot():
+        with compute_slot(f"tool {call.tool}"):
             obs = impl(ctx, call.args)
         obs.tool = call.tool
         obs.args = {**args, **obs.args}

@@ -289,7 +289,7 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
                 measured = copies(items, n_items)
             sampler, collector = CPUSampler(interval_s), GCClock()
             # With the progress bar, as `anomalyclaw run` draws it; what it draws is discarded.
-            with sampler, collector, contextlib.redirect_stderr(io.StringIO()):
+            with sampler, collector, threads.clock_stages() as stages, contextlib.redirect_stderr(io.StringIO()):
                 row = _run(measured, _vlm(url, concurrency, client), work / "measured", config, pool, progress=True)
     summary = row.pop("summary")
     done = max(1, row["items"])
@@ -304,6 +304,8 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
             "compute_slots": compute_slots or threads.compute_slots(), "cpu_ms_per_item": cpu_ms,
             "profiler_ms_per_item": own,
             "gc_ms_per_item": [round(1000 * sec / done, 2) for sec in collector.seconds], "gc_passes": collector.passes,
+            "stages": {label: {"ms_per_item": round(1000 * sec / done, 2), "calls_per_item": round(stages.calls[label] / done, 2)}
+                       for label, sec in sorted(stages.seconds.items(), key=lambda kv: -kv[1])},
             "loop_cpu_ms_per_item": row["loop_cpu_ms_per_item"], "items_per_s": row["items_per_s"],
             "requests_per_item": row["requests_per_item"], "samples": sampler.samples, "by_category": by,
             "top_functions": top,
@@ -327,6 +329,11 @@ def format_profile(result: dict[str, Any]) -> str:
                      + "/".join(str(n) for n in result["gc_passes"]) + " passes)")
     lines.append(f"{'total (process CPU)':<24} {result['cpu_ms_per_item']:>8.1f}   (event-loop thread "
                  f"{result['loop_cpu_ms_per_item']:.1f} ms/item; {result['items_per_s']:.1f} items/s)")
+    if result.get("stages"):
+        lines += ["", "compute-thread stages, exact CPU (each compute slot's own thread clock; ms/item, calls/item)"]
+        lines += [f"{v['ms_per_item']:>8.2f}  {v['calls_per_item']:>5.2f}  {label}" for label, v in result["stages"].items()]
+        lines.append(f"{sum(v['ms_per_item'] for v in result['stages'].values()):>8.2f}         in all "
+                     f"(the event-loop thread: {result['loop_cpu_ms_per_item']:.1f})")
     if result.get("top_functions"):
         lines += ["", "functions that decided the most CPU (ms/item)"]
         lines += [f"{r['ms_per_item']:>8.2f}  {r['category']:<22} {r['function']}" for r in result["top_functions"]]

@@ -253,7 +253,11 @@ class Runner:
             ctx = run.item_context
             # Decoding, ranking and encoding the first messages' images is CPU work: do it in a
             # worker thread so that the nodes on the event loop find it done.
-            await to_compute_thread(lambda: (ctx.preload(), warm_images(run)))
+            def prepare() -> None:
+                ctx.preload()
+                warm_images(run)
+
+            await to_compute_thread(prepare)
         except ImageLoadError as exc:
             return failed(f"image: {exc}")
         except Exception as exc:  # one bad item must not stop the run

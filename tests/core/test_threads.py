@@ -117,3 +117,26 @@ def test_a_run_freezes_the_heap_while_it_runs_and_thaws_it_after(tmp_path):
     summary = run_sync(Watching(make_vlm("offline"), out_dir=tmp_path / "out", config=AgentConfig()), items)
     assert summary.n_done == 1 and seen and seen[0] > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_a_stage_clock_charges_each_outermost_slot_its_threads_cpu(slots):
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def both():
+        with threads.compute_slot("outer"):
+            spin(0.05)
+            with threads.compute_slot("inner"):  # inside a slot: charged to the outer one
+                spin(0.05)
+
+    spin(0.01)  # outside any slot: charged to nothing
+    with threads.clock_stages() as clock:
+        both()
+        asyncio.run(threads.to_compute_thread(spin, 0.03))
+    with threads.compute_slot("after"):  # no clock installed
+        spin(0.001)
+    label = "test_a_stage_clock_charges_each_outermost_slot_its_threads_cpu.spin"  # the qualname, "<locals>." left out
+    assert set(clock.seconds) == {"outer", label} and clock.calls == {"outer": 1, label: 1}
+    assert 0.1 <= clock.seconds["outer"] < 0.2 and 0.03 <= clock.seconds[label] < 0.1

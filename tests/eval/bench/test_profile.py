@@ -63,6 +63,14 @@ def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     # What no thread's clock accounts for is small, and never negative beyond rounding.
     assert -0.2 < parts["unattributed"] < 0.25 * result["cpu_ms_per_item"]
     assert "total (process CPU)" in format_profile(result)
+    # The compute threads' stages, each by its own thread clock: the item's preparation, its
+    # tool call, the experts and the maps, within the process's CPU.
+    stages = result["stages"]
+    assert {"Runner.judge.prepare", "tool side_by_side_compare", "ItemContext.expert_result",
+            "localize_state"} <= set(stages)
+    assert stages["Runner.judge.prepare"]["calls_per_item"] == 1.0
+    assert 0 < sum(v["ms_per_item"] for v in stages.values()) < result["cpu_ms_per_item"]
+    assert "compute-thread stages" in format_profile(result)
     # The measured pass draws the bar a command-line run draws (6 items), and none of it shows.
     assert [bar.total for bar in bars] == [6] and bars[0].n == 6
     assert "anomalyclaw" not in capsys.readouterr().err
