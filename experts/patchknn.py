@@ -13,8 +13,8 @@ from .base import Expert
 _CHUNK = 256
 #: Bank rows per distance block: 256 x 2048 float32 is a 2 MB block, which stays in a core's L2
 #: cache for the minimum that follows; one block against a whole 10-image bank (10,240 patches,
-#: 10 MB) spilled to memory and took 2x the CPU (``anomalyclaw bench``, "Nearest-neighbour
-#: search"; a 4-image bank's 4 MB block, 1.04x). The blocks' minima are merged exactly.
+#: 10 MB) spills to memory: 1.2-2x the CPU (``anomalyclaw bench``, "Nearest-neighbour search";
+#: the most where the block's pages are new to the process). The blocks' minima are merged exactly.
 BANK_TILE = 2048
 
 
