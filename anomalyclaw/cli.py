@@ -86,6 +86,17 @@ def _positive_list(text: str) -> list[int]:
     return [POSITIVE_INT(part.strip()) for part in text.split(",")]
 
 
+def _choices(allowed: Sequence[str]) -> Callable[[str], str]:
+    """A comma-separated list of names from ``allowed``, kept as the string it was given."""
+    def parse(text: str) -> str:
+        bad = [name for name in text.split(",") if name not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)}; got {bad[0]!r}")
+        return text
+
+    return parse
+
+
 def _print_json(obj: dict) -> None:
     from anomalyclaw.eval.scoring.tables import rounded
     print(json.dumps(rounded(obj), sort_keys=False))
@@ -381,7 +392,8 @@ def _make_vlm(args: argparse.Namespace):
     if args.backend == "offline":
         return make_vlm("offline", max_concurrency=args.concurrency), []
     endpoint = EndpointConfig.from_env(preset=args.preset, base_url=args.base_url, model=args.model,
-                                       timeout_s=args.timeout, client=args.client).require()
+                                       timeout_s=args.timeout, client=args.client,
+                                       transport=args.transport).require()
     install_secret_redaction(endpoint.secret_values())
     from anomalyclaw.graph.vlm.endpoint import check_endpoint
 
@@ -759,12 +771,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from anomalyclaw.eval.bench.profile import format_passes, format_profile, profile_run
 
         slots = [None] if args.compute_slots is None else args.compute_slots
+        clients, transports = args.client.split(","), args.transport.split(",")
         result = {"profiles": [profile_run(n_items=args.items, concurrency=args.concurrency, latency_s=args.latency,
-                                           client=client, image_size=args.size, new_sets=args.new_sets,
-                                           compute_slots=n)
-                               for _ in range(args.rounds) for client in args.client.split(",") for n in slots]}
+                                           client=client, transport=transport, image_size=args.size,
+                                           new_sets=args.new_sets, compute_slots=n)
+                               for _ in range(args.rounds) for client in clients for transport in transports
+                               for n in slots]}
         print("\n\n".join(format_profile(r) for r in result["profiles"]))
-        if len(result["profiles"]) > len(args.client.split(",")):
+        if len(result["profiles"]) > len(clients):
             print("\n" + format_passes(result["profiles"]))
     elif args.bench_command == "tools":
         from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
@@ -867,6 +881,7 @@ def _cmd_tools_run(args: argparse.Namespace, registry) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyclaw", description="AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.")
+    from .config import TRANSPORTS
     from .version import __version__
 
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -957,6 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--client", choices=["langchain", "sdk"],
                        help="openai backend's client: langchain (ChatOpenAI, default) or sdk (the openai SDK "
                             "directly, less CPU per request); else ANOMALYCLAW_CLIENT")
+        g.add_argument("--transport", choices=TRANSPORTS,
+                       help="HTTP stack under either client: aiohttp (default) or httpx; else ANOMALYCLAW_TRANSPORT")
         g.add_argument("--concurrency", type=POSITIVE_INT, default=8, help="VLM requests in flight, >= 1 (default 8)")
         a = p.add_argument_group("agent")
         a.add_argument("--max-turns", type=POSITIVE_INT, help="refutation turns before a forced commit, >= 1 (default 3)")
@@ -1105,6 +1122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench_command("profile", help="CPU per item of a run against the fake endpoint, by category (tools, "
                                         "experts, image decode and encode, request building, HTTP, LangGraph, ...)")
     b.add_argument("--client", default="langchain,sdk", help="comma-separated clients to profile (default both)")
+    b.add_argument("--transport", type=_choices(TRANSPORTS), default="aiohttp",
+                   help="comma-separated HTTP transports, one pass each (default aiohttp; aiohttp,httpx compares)")
     b.add_argument("--items", type=POSITIVE_INT, default=96, help="items in the measured pass (default 96)")
     b.add_argument("--concurrency", type=POSITIVE_INT, default=32, help="VLM requests in flight (default 32)")
     b.add_argument("--latency", type=_number(float, 0.0), default=0.05, help="the fake endpoint's seconds per request")

@@ -33,6 +33,8 @@ PRESETS: dict[str, tuple[str, str, str]] = {
 
 #: How the ``openai`` backend talks to its endpoint (see :attr:`EndpointConfig.client`).
 CLIENTS = ("langchain", "sdk")
+#: The HTTP stack under both clients (see :attr:`EndpointConfig.transport`).
+TRANSPORTS = ("aiohttp", "httpx")
 #: How the refutation branch's model calls its tools (see :attr:`AgentConfig.tool_calling`).
 TOOL_CALLING = ("json", "native", "auto")
 
@@ -65,6 +67,11 @@ class EndpointConfig:
     """``langchain``: ``ChatOpenAI`` (langchain-openai); ``sdk``: the openai SDK's async client
     posting the serialised request directly, ~3x less event-loop CPU per request (see the README's
     performance section); ANOMALYCLAW_CLIENT."""
+    transport: str = "aiohttp"
+    """The HTTP stack under either client: ``aiohttp`` (the openai SDK's ``DefaultAioHttpClient``,
+    a C parser and a connection pool that checks no idle sockets per request: a quarter less
+    event-loop CPU per item, README "Performance") or ``httpx`` (the SDK's default);
+    ANOMALYCLAW_TRANSPORT."""
     preset: str | None = None
     """The preset whose variables were read (``--preset``), so that errors name them."""
     rest_after: int = 3
@@ -107,8 +114,9 @@ class EndpointConfig:
         key = pick(1)
         values["api_key"] = SecretStr(key) if key else None
         key_source = next((PRESETS[n][1] for n in order if env.get(PRESETS[n][1])), "the API key")
-        if env.get("ANOMALYCLAW_CLIENT"):
-            values["client"] = env["ANOMALYCLAW_CLIENT"]
+        for name in ("client", "transport"):
+            if env.get(f"ANOMALYCLAW_{name.upper()}"):
+                values[name] = env[f"ANOMALYCLAW_{name.upper()}"]
         for name in ("timeout_s", "max_retries", "backoff_max_s", "max_reply_bytes", "rest_after", "down_after_s"):
             raw = env.get(f"ANOMALYCLAW_{name.upper()}")
             if raw:
@@ -141,6 +149,9 @@ class EndpointConfig:
             raise ConfigError(f"max_reply_bytes must be at least 1024, got {self.max_reply_bytes}")
         if self.client not in CLIENTS:
             raise ConfigError(f"unknown client {self.client!r}: choose one of {', '.join(CLIENTS)}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {self.transport!r} (ANOMALYCLAW_TRANSPORT): choose one of "
+                              f"{', '.join(TRANSPORTS)}")
         if self.rest_after < 1:
             raise ConfigError(f"rest_after must be >= 1, got {self.rest_after}")
         if not self.down_after_s > 0:

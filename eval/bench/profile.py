@@ -258,7 +258,7 @@ class GCClock:
 
 
 def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 0.05, client: str = "langchain",
-                image_size: int = 512, n_test_per_domain: int = 4, new_sets: bool = False,
+                transport: str = "aiohttp", image_size: int = 512, n_test_per_domain: int = 4, new_sets: bool = False,
                 interval_s: float = 0.005, work_dir: str | os.PathLike | None = None,
                 config: AgentConfig | None = None, top_functions: int = 25,
                 compute_slots: int | None = None) -> dict[str, Any]:
@@ -281,16 +281,17 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
         items = load_manifest(manifest, split="test")
         pool = ExpertPool("classic")
         with fake_endpoint_process(latency_s) as url:
-            _run(items[:2], _vlm(url, 2, client), work / "imports", config, ExpertPool("classic"))  # imports, JIT
+            _run(items[:2], _vlm(url, 2, client, transport), work / "imports", config, ExpertPool("classic"))  # imports
             if new_sets:
                 measured = new_set_items(work / "new_sets", n_items, size=image_size)
             else:
-                _run(items, _vlm(url, 8, client), work / "warmup", config, pool)  # every set calibrated once
+                _run(items, _vlm(url, 8, client, transport), work / "warmup", config, pool)  # every set calibrated once
                 measured = copies(items, n_items)
             sampler, collector = CPUSampler(interval_s), GCClock()
             # With the progress bar, as `anomalyclaw run` draws it; what it draws is discarded.
             with sampler, collector, threads.clock_stages() as stages, contextlib.redirect_stderr(io.StringIO()):
-                row = _run(measured, _vlm(url, concurrency, client), work / "measured", config, pool, progress=True)
+                row = _run(measured, _vlm(url, concurrency, client, transport), work / "measured", config, pool,
+                           progress=True)
     summary = row.pop("summary")
     done = max(1, row["items"])
     cpu_ms = round(1000 * sampler.process_seconds / done, 1)  # the sampled window: the pass, start to end
@@ -299,8 +300,8 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
     by["unattributed"] = round(cpu_ms - sum(by.values()) - own, 1)
     top = [{"category": name, "function": where, "ms_per_item": round(1000 * sec / done, 2)}
            for (name, where), sec in sampler.functions.most_common(top_functions)]
-    return {"client": client, "items": row["items"], "errors": row["errors"], "concurrency": concurrency,
-            "latency_s": latency_s, "image_size": image_size, "new_sets": new_sets,
+    return {"client": client, "transport": transport, "items": row["items"], "errors": row["errors"],
+            "concurrency": concurrency, "latency_s": latency_s, "image_size": image_size, "new_sets": new_sets,
             "compute_slots": compute_slots or threads.compute_slots(), "cpu_ms_per_item": cpu_ms,
             "profiler_ms_per_item": own,
             "gc_ms_per_item": [round(1000 * sec / done, 2) for sec in collector.seconds], "gc_passes": collector.passes,
@@ -314,7 +315,8 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
 
 def format_profile(result: dict[str, Any]) -> str:
     head = (f"CPU per item by category: {result['items']} items at {result['image_size']} px, client "
-            f"{result['client']}, concurrency {result['concurrency']}, latency {result['latency_s']:g} s, "
+            f"{result['client']} on {result.get('transport', 'aiohttp')}, concurrency {result['concurrency']}, "
+            f"latency {result['latency_s']:g} s, "
             + ("new reference sets" if result["new_sets"] else "reference sets warm")
             + f", {result['compute_slots']} compute slots; {result['samples']} samples")
     lines = [head, f"{'category':<24} {'ms/item':>8} {'share':>6}"]
@@ -341,18 +343,21 @@ def format_profile(result: dict[str, Any]) -> str:
 
 
 def format_passes(results: list[dict[str, Any]]) -> str:
-    """One line per (client, compute slots): each pass's CPU per item and items/s, in run order,
-    and their medians (repeated, alternating passes are the A/B on a noisy machine)."""
+    """One line per (client, transport, compute slots): each pass's CPU per item, event-loop CPU
+    per item and items/s, in run order, and their medians (repeated, alternating passes are the
+    A/B on a noisy machine)."""
     import statistics
 
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["client"], r["compute_slots"]), []).append(r)
-    lines = ["passes (CPU ms per item, items/s; median)"]
-    for (client, slots), rows in groups.items():
-        cpu = [r["cpu_ms_per_item"] for r in rows]
-        rate = [r["items_per_s"] for r in rows]
-        lines.append(f"  {client:<10} {slots:>3} compute slots: " + ", ".join(f"{c:.1f}" for c in cpu)
-                     + f" ms (median {statistics.median(cpu):.1f}); " + ", ".join(f"{x:.1f}" for x in rate)
-                     + f" items/s (median {statistics.median(rate):.1f})")
+        groups.setdefault((r["client"], r.get("transport", "aiohttp"), r["compute_slots"]), []).append(r)
+    lines = ["passes (CPU ms per item, event-loop ms per item, items/s; median)"]
+
+    def series(rows: list[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in rows]
+        return ", ".join(f"{v:.1f}" for v in values) + f" (median {statistics.median(values):.1f})"
+
+    for (client, transport, slots), rows in groups.items():
+        lines.append(f"  {client:<10} {transport:<8} {slots:>3} compute slots: {series(rows, 'cpu_ms_per_item')} ms; "
+                     f"loop {series(rows, 'loop_cpu_ms_per_item')} ms; {series(rows, 'items_per_s')} items/s")
     return "\n".join(lines)

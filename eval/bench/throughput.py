@@ -127,10 +127,11 @@ def fake_endpoint_process(latency_s: float) -> Iterator[str]:
             proc.wait()
 
 
-def _vlm(url: str, concurrency: int, client: str = "langchain"):
+def _vlm(url: str, concurrency: int, client: str = "langchain", transport: str = "aiohttp"):
     from anomalyclaw.graph.vlm import make_vlm
 
-    endpoint = EndpointConfig(base_url=url, model="fake-vlm", timeout_s=120.0, max_retries=2, client=client)
+    endpoint = EndpointConfig(base_url=url, model="fake-vlm", timeout_s=120.0, max_retries=2, client=client,
+                              transport=transport)
     return make_vlm("openai", endpoint, max_concurrency=concurrency)
 
 

@@ -8,7 +8,8 @@ nested too deeply, a corrupt compressed body, an event stream where JSON was ask
 with exponential backoff and jitter (honouring Retry-After); 401/403/404 stop the run at once;
 and every call is measured (latency, tokens, request bytes, images, retries). Each request names
 its protocol stage in the :data:`~anomalyclaw.graph.vlm.seam.STAGE_HEADER` header. Both clients
-read replies through :class:`BoundedAsyncClient`, so both refuse the same replies.
+read replies through :class:`_BoundedReplies` (on aiohttp by default, ``EndpointConfig.transport``),
+so both refuse the same replies.
 With ``tools`` (native tool calling) both clients send the function schemas and read the
 reply's tool calls; an endpoint that answers such a request with a 4xx about tools raises
 :class:`ToolsUnsupportedError`. Inside a LangGraph run, each retry is a ``stream_mode="custom"``
@@ -100,11 +101,12 @@ class RequestDeadlineError(VLMError):
     """A request that did not complete (connect, send, whole reply) within its deadline."""
 
 
-class BoundedAsyncClient(openai.DefaultAsyncHttpxClient):
-    """The HTTP client of both endpoint clients: it reads each reply itself, decoded, and refuses
-    (:class:`BadResponseError`, retried like a 5xx) one whose body is above ``max_reply_bytes``
-    (declared or read), whose compressed body is corrupt, or that is an event stream where a
-    JSON completion was asked. Streaming requests are passed through as they are."""
+class _BoundedReplies:
+    """What the HTTP client of both endpoint clients adds to its base (one of the openai SDK's
+    async clients): it reads each reply itself, decoded, and refuses (:class:`BadResponseError`,
+    retried like a 5xx) one whose body is above ``max_reply_bytes`` (declared or read), whose
+    compressed body is corrupt, or that is an event stream where a JSON completion was asked.
+    Streaming requests are passed through as they are."""
 
     def __init__(self, *, max_reply_bytes: int, **kwargs: Any):
         super().__init__(**kwargs)
@@ -135,6 +137,17 @@ class BoundedAsyncClient(openai.DefaultAsyncHttpxClient):
             await response.aclose()
         response._content = b"".join(parts)  # what Response.aread() returns from now on
         return response
+
+
+class BoundedAsyncClient(_BoundedReplies, openai.DefaultAioHttpClient):
+    """:class:`_BoundedReplies` on aiohttp (``EndpointConfig.transport = "aiohttp"``, the default):
+    the SDK's ``DefaultAioHttpClient``, whose pool keeps no per-request scan of its idle sockets
+    (httpcore checks every idle connection for a server's close on each request and each reply,
+    a ``getpeername`` and a ``poll`` apiece: ~100 system calls per item at concurrency 32)."""
+
+
+class BoundedHttpxClient(_BoundedReplies, openai.DefaultAsyncHttpxClient):
+    """:class:`_BoundedReplies` on httpx's own transport (``transport = "httpx"``)."""
 
 
 def _count(value: Any) -> int | None:
@@ -200,7 +213,7 @@ class _EndpointVLM(ABC):
     """Replicas of the endpoint (empty: the one the client was built for)."""
     rest_after: int = 3
     down_after_s: float = 60.0
-    _bound: tuple[Any, asyncio.Semaphore, dict[int, Any]] | None = field(default=None, init=False, repr=False)
+    _bound: tuple[Any, asyncio.Semaphore, dict[int, Any], Any] | None = field(default=None, init=False, repr=False)
     _replica_set: ReplicaSet | None = field(default=None, init=False, repr=False)
 
     @property
@@ -222,8 +235,27 @@ class _EndpointVLM(ABC):
         ``run_items`` twice)."""
         loop = asyncio.get_running_loop()
         if self._bound is None or self._bound[0] is not loop:
-            self._bound = (loop, asyncio.Semaphore(max(1, self.max_concurrency)), {})
+            clients: dict[int, Any] = {}
+            self._bound = (loop, asyncio.Semaphore(max(1, self.max_concurrency)), clients, self._closer(clients))
+            try:  # run it to its yield: the loop now holds it, and finalises it when it shuts down
+                self._bound[3].__anext__().send(None)
+            except StopIteration:
+                pass
         return self._bound[1], self._bound[2]
+
+    async def _closer(self, clients: dict[int, Any]) -> Any:
+        """Closes this loop's clients when the loop shuts down (``asyncio.run`` finalises the
+        async generators it started) if nobody called :meth:`aclose`: aiohttp's sessions warn
+        when collected open, and their sockets would wait for the collector."""
+        try:
+            yield
+        finally:
+            for client in list(clients.values()):
+                try:
+                    await self._disconnect(client)
+                except Exception:  # a connection the server dropped: nothing is left to close
+                    pass
+            clients.clear()
 
     def _client(self, clients: dict[int, Any], replica: Replica) -> Any:
         if replica.index not in clients:
@@ -240,9 +272,8 @@ class _EndpointVLM(ABC):
     async def aclose(self) -> None:
         """Close the running loop's connections (a later call in any loop opens new ones)."""
         if self._bound is not None and self._bound[0] is asyncio.get_running_loop():
-            clients, self._bound = self._bound[2], None
-            for client in clients.values():
-                await self._disconnect(client)
+            closer, self._bound = self._bound[3], None
+            await closer.aclose()
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -669,8 +700,9 @@ def _cache_langchain_block_types() -> None:
         lc_content._get_data_content_block_types = functools.cache(fn)
 
 
-def _http_client(endpoint: EndpointConfig) -> BoundedAsyncClient:
-    return BoundedAsyncClient(timeout=endpoint.timeout_s, max_reply_bytes=endpoint.max_reply_bytes)
+def _http_client(endpoint: EndpointConfig) -> _BoundedReplies:
+    kind = BoundedAsyncClient if endpoint.transport == "aiohttp" else BoundedHttpxClient
+    return kind(timeout=endpoint.timeout_s, max_reply_bytes=endpoint.max_reply_bytes)
 
 
 def make_openai_client(endpoint: EndpointConfig) -> openai.AsyncOpenAI:

@@ -168,6 +168,44 @@ def test_the_default_client_is_chatopenai(item):
         EndpointConfig(client="curl")
 
 
+def test_both_clients_ride_aiohttp_unless_told_httpx():
+    from anomalyclaw.graph.vlm.endpoint import BoundedAsyncClient, BoundedHttpxClient, make_openai_client
+
+    def http_client(**kw):
+        endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", **kw)
+        vlm = make_vlm("openai", endpoint)
+        return vlm.chat_model.http_async_client if kw.get("client", "langchain") == "langchain" \
+            else make_openai_client(endpoint)._client
+
+    assert type(http_client()) is BoundedAsyncClient and type(http_client(client="sdk")) is BoundedAsyncClient
+    assert type(http_client(transport="httpx")) is BoundedHttpxClient
+    assert type(http_client(client="sdk", transport="httpx")) is BoundedHttpxClient
+    assert EndpointConfig.from_env(env={"ANOMALYCLAW_TRANSPORT": "httpx"}).transport == "httpx"
+    with pytest.raises(Exception, match="unknown transport 'curl' \\(ANOMALYCLAW_TRANSPORT\\)"):
+        EndpointConfig.from_env(env={"ANOMALYCLAW_TRANSPORT": "curl"})
+
+
+def test_a_loop_that_ends_closes_the_clients_nobody_closed(client):
+    """``asyncio.run(vlm.acall(...))`` with no ``aclose``: the loop's shutdown closes its
+    sessions, so none is collected open (aiohttp warns of each such one, and its sockets stay
+    open until then)."""
+    import asyncio
+    import gc
+    import warnings
+
+    from langchain_core.messages import HumanMessage
+
+    with FakeVLMServer(api_key=KEY, script=["one", "two"]) as server:
+        vlm = _vlm(server, client)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            texts = [asyncio.run(vlm.acall([HumanMessage("hi")], stage="direct")).text for _ in range(2)]
+            del vlm
+            gc.collect()
+    assert texts == ["one", "two"]
+    assert not [w for w in caught if "Unclosed" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_one_vlm_serves_one_event_loop_after_another(client):
     """A notebook or a script may call ``asyncio.run`` (``run_items``) more than once with the
     same VLM: pooled connections of a closed loop must not be reused."""

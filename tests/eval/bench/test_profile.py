@@ -74,10 +74,14 @@ def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     # The measured pass draws the bar a command-line run draws (6 items), and none of it shows.
     assert [bar.total for bar in bars] == [6] and bars[0].n == 6
     assert "anomalyclaw" not in capsys.readouterr().err
+    assert result["transport"] == "aiohttp" and "langchain on aiohttp" in format_profile(result)
     again = dict(result, cpu_ms_per_item=result["cpu_ms_per_item"] + 2.0, compute_slots=before)
-    lines = format_passes([result, again, result]).splitlines()
-    assert lines[1].split(":")[0].split() == ["langchain", str(before + 5), "compute", "slots"]
-    assert f"(median {result['cpu_ms_per_item']:.1f})" in lines[1] and len(lines) == 3
+    httpx = dict(result, transport="httpx")
+    lines = format_passes([result, again, result, httpx]).splitlines()
+    assert lines[1].split(":")[0].split() == ["langchain", "aiohttp", str(before + 5), "compute", "slots"]
+    assert f"(median {result['cpu_ms_per_item']:.1f})" in lines[1] and len(lines) == 4
+    assert f"loop {result['loop_cpu_ms_per_item']:.1f}, {result['loop_cpu_ms_per_item']:.1f} (median" in lines[1]
+    assert lines[3].split(":")[0].split() == ["langchain", "httpx", str(before + 5), "compute", "slots"]
 
 
 def test_library_frames_go_to_their_category():
@@ -99,6 +103,10 @@ def test_the_command_line_takes_compute_slots_to_compare_and_rounds():
     assert args.compute_slots == [3, 64] and args.rounds == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "profile", "--compute-slots", "3,0"])
+    assert build_parser().parse_args(["bench", "profile"]).transport == "aiohttp"
+    assert build_parser().parse_args(["bench", "profile", "--transport", "aiohttp,httpx"]).transport == "aiohttp,httpx"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "profile", "--transport", "aiohttp,curl"])
 
 
 def test_the_gc_clock_times_each_generation_of_collection():

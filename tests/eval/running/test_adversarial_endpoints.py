@@ -1,5 +1,6 @@
 """The standing adversarial suite, endpoints (issue 16): one test per kind of hostile reply,
-through both clients (ChatOpenAI and the openai SDK) against the loopback fake server. Each
+through both clients (ChatOpenAI and the openai SDK), and the default client on both HTTP
+transports (aiohttp, httpx), against the loopback fake server. Each
 asserts what the user sees (a retry, a repair note, a branch error naming the cause) and that
 nothing finished is lost (the other item, and the other branch, keep their scores)."""
 from __future__ import annotations
@@ -47,9 +48,10 @@ def test_every_hostile_fault_of_the_server_is_covered():
     assert {fault for fault, _, _ in KINDS.values()} | {"string_tokens"} == set(HOSTILE) | {"timeout"}
 
 
-def _vlm(server: FakeVLMServer, client: str, *, timeout_s: float = 2.0, max_retries: int = 2):
+def _vlm(server: FakeVLMServer, client: str, *, timeout_s: float = 2.0, max_retries: int = 2,
+         transport: str = "aiohttp"):
     endpoint = EndpointConfig(base_url=server.base_url, model="fake-vlm", timeout_s=timeout_s,
-                              max_retries=max_retries, backoff_max_s=0.02, client=client)
+                              max_retries=max_retries, backoff_max_s=0.02, client=client, transport=transport)
     return make_vlm("openai", endpoint)
 
 
@@ -71,12 +73,12 @@ def clean_replies() -> dict[str, str]:
     return {client: asyncio.run(ask(client)) for client in ("langchain", "sdk")}
 
 
-@pytest.mark.parametrize("client", ["langchain", "sdk"])
+@pytest.mark.parametrize("client,transport", [("langchain", "aiohttp"), ("sdk", "aiohttp"), ("langchain", "httpx")])
 @pytest.mark.parametrize("kind", list(KINDS))
-async def test_one_hostile_reply(kind, client, clean_replies):
+async def test_one_hostile_reply(kind, client, transport, clean_replies):
     fault, how, phrase = KINDS[kind]
     with _server([f"!{fault}", "fine"] if how == "retried" else [f"!{fault}"]) as server:
-        reply = await _vlm(server, client).acall([HumanMessage(PROMPT)], stage="direct")
+        reply = await _vlm(server, client, transport=transport).acall([HumanMessage(PROMPT)], stage="direct")
     assert server.stats.faults[fault] == 1
     if how == "retried":
         assert reply.text == "fine" and reply.retries == 1
