@@ -59,11 +59,16 @@ def _package_dir(module: str) -> str:
     return str(Path(where).resolve().parent) + os.sep
 
 
+#: The HTTP stacks under the endpoint clients (both transports), whose frames are "HTTP".
+_HTTP_LIBRARIES = ("httpx", "httpx2", "httpcore", "httpcore2", "h11", "anyio", "sniffio", "aiohttp", "yarl",
+                   "multidict", "aiohappyeyeballs")
+
+
 def _site_dirs() -> dict[str, str]:
     """Top-level library name -> its folder, for the libraries the rules name."""
     out = {}
-    for name in ("tqdm", "langgraph", "langchain_core", "langchain_openai", "openai", "httpx", "httpx2", "httpcore",
-                 "httpcore2", "h11", "anyio", "sniffio", "asyncio", "PIL", "tenacity", "langsmith"):
+    for name in ("tqdm", "langgraph", "langchain_core", "langchain_openai", "openai", *_HTTP_LIBRARIES, "asyncio",
+                 "PIL", "tenacity", "langsmith"):
         try:
             out[name] = _package_dir(name)
         except ImportError:
@@ -114,6 +119,8 @@ class _Rules:
             return "image encode + base64"
         if filename.startswith(d["graph"]) or filename.startswith(d["prompts"]):
             return "agent logic"
+        if self._lib(filename, "openai") and "/_vendor/httpx_aiohttp/" in filename:
+            return "HTTP"  # the SDK's bridge from httpx requests to aiohttp (the aiohttp transport)
         if self._lib(filename, "langchain_openai", "openai"):
             return "request building"
         if self._lib(filename, "langchain_core"):
@@ -125,7 +132,7 @@ class _Rules:
             return "LangChain runtime"
         if self._lib(filename, "langsmith"):
             return "LangChain runtime"
-        if self._lib(filename, "httpx", "httpx2", "httpcore", "httpcore2", "h11", "anyio", "sniffio"):
+        if self._lib(filename, *_HTTP_LIBRARIES):
             return "HTTP"
         if self._lib(filename, "langgraph"):
             return "LangGraph"

@@ -94,6 +94,13 @@ def test_library_frames_go_to_their_category():
     assert rules(pregel.__file__, "astream") == "LangGraph"
     assert rules(patchknn.__file__, "nearest_distances") == "experts"
     assert rules(np.__file__, "mean") is None  # NumPy decides nothing: its caller does
+    import aiohttp.client
+    import httpcore2
+    from openai._vendor.httpx_aiohttp import transport
+
+    # Both transports' frames are HTTP, the SDK's bridge to aiohttp included.
+    assert rules(aiohttp.client.__file__, "_request") == rules(httpcore2.__file__, "x") == "HTTP"
+    assert rules(transport.__file__, "handle_async_request") == "HTTP"
 
 
 def test_the_command_line_takes_compute_slots_to_compare_and_rounds():
