@@ -794,7 +794,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench, scale_plan
 
         if args.bench_command == "scale":
-            plan = scale_plan(args.concurrency, _names(args.modes), args.items)
+            plan = scale_plan(args.concurrency, _names(args.modes), args.items, _names(args.transport))
         else:
             plan = quick_plan() if args.quick else full_plan()
         result = run_bench(plan)
@@ -1088,6 +1088,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--items", type=POSITIVE_INT, metavar="N",
                    help="items per row (default 4 per slot of concurrency); 1418 is a whole CrossDomainVAD-12 "
                         "test split, whose start and tail weigh what they weigh in a real run")
+    b.add_argument("--transport", type=_choices(TRANSPORTS), default="aiohttp",
+                   help="comma-separated HTTP transports, a row each (default aiohttp; aiohttp,httpx compares)")
 
     b = bench_command("experts", out="the full report (with per-item scores) here",
                       help="image and pixel AUROC of the frozen experts per domain")

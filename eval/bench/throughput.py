@@ -19,6 +19,7 @@ or a baseline measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -77,6 +78,9 @@ class BenchPlan:
     scale_modes: tuple[str, ...] = tuple(SCALE_MODES.values())
     scale_items_per_slot: int = 4
     scale_items: int | None = None
+    scale_transports: tuple[str, ...] = ("aiohttp",)
+    """The endpoint clients' HTTP stacks of the scale rows (:attr:`EndpointConfig.transport`), a
+    row each."""
     """Items per scale row (None: ``scale_items_per_slot x concurrency``): e.g. 1,418, a whole
     CrossDomainVAD-12 test split, where the start and the tail weigh what they weigh in a real run."""
 
@@ -87,17 +91,19 @@ def quick_plan() -> BenchPlan:
 
 
 def scale_plan(concurrencies: Sequence[int] | None = None, modes: Sequence[str] | None = None,
-               items: int | None = None) -> BenchPlan:
+               items: int | None = None, transports: Sequence[str] | None = None) -> BenchPlan:
     """Only the scale rows (``anomalyclaw bench scale``): 1 s latency, by default concurrency
     32, 128 and 256, with one process, ``--workers 2`` and Ray with 2 workers (about eight
     minutes on a 2-core machine). ``modes``: names of :data:`SCALE_MODES`; ``items``: items per
-    row instead of 4 per slot of concurrency."""
+    row instead of 4 per slot of concurrency; ``transports``: HTTP stacks, each mode's row once
+    per stack (default aiohttp alone)."""
     unknown = sorted(set(modes or ()) - set(SCALE_MODES))
     if unknown:
         raise ValueError(f"bench scale --modes: unknown {', '.join(unknown)} (choose from {', '.join(SCALE_MODES)})")
     return BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
                      scale_concurrencies=tuple(concurrencies or BenchPlan.scale_concurrencies),
-                     scale_modes=tuple(SCALE_MODES[m] for m in modes or SCALE_MODES), scale_items=items)
+                     scale_modes=tuple(SCALE_MODES[m] for m in modes or SCALE_MODES), scale_items=items,
+                     scale_transports=tuple(transports or BenchPlan.scale_transports))
 
 
 def full_plan() -> BenchPlan:
@@ -274,16 +280,18 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
         with fake_endpoint_process(latency) as url:
             for concurrency in plan.scale_concurrencies:
                 n = plan.scale_items or max(plan.min_items, plan.scale_items_per_slot * concurrency)
-                for mode in plan.scale_modes:
+                for mode, transport in itertools.product(plan.scale_modes, plan.scale_transports):
                     if mode.startswith("ray") and session is None:
                         rows.append({"mode": mode, "concurrency": concurrency, "latency_s": latency,
+                                     "transport": transport,
                                      "skipped": "Ray is not installed (pip install anomalyclaw[ray])"})
                         continue
-                    out = work / f"scale_{latency:g}s_c{concurrency}_{mode.replace(' ', '')}"
-                    row = _run_scaled(copies(items, n), _vlm(url, concurrency), out, AgentConfig(), pool, mode)
+                    out = work / f"scale_{latency:g}s_c{concurrency}_{mode.replace(' ', '')}_{transport}"
+                    row = _run_scaled(copies(items, n), _vlm(url, concurrency, transport=transport), out,
+                                      AgentConfig(), pool, mode)
                     ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
                     steady = row["steady_items_per_s"]
-                    rows.append({"latency_s": latency, "concurrency": concurrency,
+                    rows.append({"latency_s": latency, "concurrency": concurrency, "transport": transport,
                                  "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
                                  "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
                     log.info("scale %s", rows[-1])
@@ -295,15 +303,16 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
 
 def format_scale(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["Past one process (openai backend, langchain client, default AgentConfig; worker rows start cold)",
-             f"{'latency':>8} {'conc':>5} {'mode':>10} {'items':>6} {'items/s':>8} {'ideal':>8} {'ratio':>6} "
-             f"{'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'machine busy':>12} {'errors':>6}"]
+             f"{'latency':>8} {'conc':>5} {'mode':>10} {'http':>8} {'items':>6} {'items/s':>8} {'ideal':>8} "
+             f"{'ratio':>6} {'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'machine busy':>12} {'errors':>6}"]
     for r in rows:
+        where = f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r.get('transport', 'aiohttp'):>8}"
         if r.get("skipped"):
-            lines.append(f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10}  skipped: {r['skipped']}")
+            lines.append(f"{where}  skipped: {r['skipped']}")
             continue
         steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
         busy = f"{r['machine_busy']:>12.2f}" if r.get("machine_busy") is not None else f"{'-':>12}"
-        lines.append(f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r['items']:>6} "
+        lines.append(f"{where} {r['items']:>6} "
                      f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
                      f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {r['errors']:>6}")
     lines.append("cpu ms/item = this process + the workers after their start-up; machine busy = every "

@@ -92,17 +92,19 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
     plan = BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
                      n_test_per_domain=2, image_size=64, domains=("S1", "S3"), scale_latency_s=0.02,
                      scale_concurrencies=(2, 3), scale_modes=("1 process", "workers 2"), scale_items_per_slot=3,
-                     scale_items=7)
+                     scale_items=7, scale_transports=("aiohttp", "httpx"))
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)
     rows = result["scale"]
-    assert [(r["mode"], r["concurrency"], r["items"]) for r in rows] == [
-        ("1 process", 2, 7), ("workers 2", 2, 7), ("1 process", 3, 7), ("workers 2", 3, 7)]
+    assert [(r["mode"], r["concurrency"], r["transport"], r["items"]) for r in rows] == [
+        (mode, conc, transport, 7) for conc in (2, 3) for mode in ("1 process", "workers 2")
+        for transport in ("aiohttp", "httpx")]
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0
         assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and row["ratio"] > 0
         assert row["cpu_ms_per_item"] > 0
     assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
+    assert [line.split()[-10] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
     args = build_parser().parse_args(["bench", "scale", "--json"])
     assert args.handler is cmd_bench and args.bench_command == "scale"
 
@@ -114,6 +116,11 @@ def test_bench_scale_flags_choose_the_rows():
                                       "--items", "1418"])
     plan = scale_plan(args.concurrency, args.modes.split(","), args.items)
     assert (plan.scale_concurrencies, plan.scale_modes, plan.scale_items) == ((32,), ("1 process", "ray 2"), 1418)
+    assert plan.scale_transports == ("aiohttp",) and args.transport == "aiohttp"
+    args = build_parser().parse_args(["bench", "scale", "--transport", "aiohttp,httpx"])
+    assert scale_plan(transports=args.transport.split(",")).scale_transports == ("aiohttp", "httpx")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "scale", "--transport", "h2"])
     default = scale_plan()
     assert (default.scale_concurrencies, default.scale_modes, default.scale_items) == (
         (32, 128, 256), ("1 process", "workers 2", "ray 2"), None)
