@@ -143,7 +143,7 @@ class BoundedAsyncClient(_BoundedReplies, openai.DefaultAioHttpClient):
     """:class:`_BoundedReplies` on aiohttp (``EndpointConfig.transport = "aiohttp"``, the default):
     the SDK's ``DefaultAioHttpClient``, whose pool keeps no per-request scan of its idle sockets
     (httpcore checks every idle connection for a server's close on each request and each reply,
-    a ``getpeername`` and a ``poll`` apiece: ~100 system calls per item at concurrency 32)."""
+    a ``getpeername`` and a ``poll`` apiece, so its cost grows with the concurrency)."""
 
 
 class BoundedHttpxClient(_BoundedReplies, openai.DefaultAsyncHttpxClient):
