@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -68,6 +69,18 @@ def _replica_fault(exc: BaseException) -> bool:
         return True
     status = getattr(exc, "status_code", None)
     return isinstance(status, int) and status >= 500
+
+
+def _dropped_connection(exc: BaseException) -> BaseException | None:
+    """The aiohttp error under ``exc`` when it is a reset, dropped or closed connection, not a
+    timeout: the SDK's aiohttp bridge raises httpx's ``ConnectTimeout`` for every aiohttp
+    connection error (so the SDK says "Request timed out."), where httpx says "Connection error"."""
+    cause, depth = exc.__cause__, 0
+    while cause is not None and depth < 8:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, asyncio.TimeoutError):
+            return cause
+        cause, depth = cause.__cause__, depth + 1
+    return None
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -387,6 +400,8 @@ class _EndpointVLM(ABC):
         status = getattr(exc, "status_code", None)
         if status:
             return f"HTTP {status}"
+        if isinstance(exc, openai.APITimeoutError) and _dropped_connection(exc) is not None:
+            return "connection failed"
         if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, RequestDeadlineError)):
             return "request timed out"
         if isinstance(exc, openai.APIConnectionError):
@@ -401,7 +416,8 @@ class _EndpointVLM(ABC):
         where = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str) and n.startswith("replica ")]
         if where:
             what += " at " + where[-1].removeprefix("replica ")
-        detail = redact(str(exc), self.secrets)[:300]
+        dropped = _dropped_connection(exc) if isinstance(exc, openai.APITimeoutError) else None
+        detail = redact(str(dropped or exc) or type(dropped).__name__, self.secrets)[:300]
         if fatal:
             hint = {401: "the API key is wrong or missing (ANOMALYCLAW_API_KEY)",
                     403: "the API key may not use this model",

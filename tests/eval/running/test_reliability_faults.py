@@ -22,10 +22,10 @@ CONTENT_FAULTS = tuple(f for f in FAULTS if f not in TRANSPORT_FAULTS)
 
 
 def _vlm(server: FakeVLMServer, *, timeout_s: float = 0.5, max_retries: int = 2, concurrency: int = 8,
-         client: str = "langchain"):
+         client: str = "langchain", transport: str = "aiohttp"):
     endpoint = EndpointConfig.from_env(base_url=server.base_url, model="fake-vlm", api_key="sk-unused",
                                        timeout_s=timeout_s, max_retries=max_retries, backoff_max_s=0.02,
-                                       client=client)
+                                       client=client, transport=transport)
     return make_vlm("openai", endpoint, max_concurrency=concurrency)
 
 
@@ -55,6 +55,22 @@ async def test_transport_fault_is_retried(fault, client):
         reply = await _vlm(server, timeout_s=1.0, client=client).acall([HumanMessage("hello")], stage="direct")
     assert reply.text == "fine" and reply.retries == 1
     assert server.stats.faults == {fault: 1}
+
+
+@pytest.mark.parametrize("client", ["langchain", "sdk"])
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_dropped_connection_is_named_one_on_either_transport(client, transport):
+    """The SDK's aiohttp bridge raises a "timeout" for a reset connection; the user reads what
+    happened, with the system's words for it, as on httpx."""
+    from anomalyclaw.graph.vlm.seam import VLMError
+
+    with FakeVLMServer(script=["!reset"] * 2) as server:
+        vlm = _vlm(server, timeout_s=2.0, max_retries=1, client=client, transport=transport)
+        with pytest.raises(VLMError, match=r"after 2 attempt\(s\) \(connection failed\)") as err:
+            await vlm.acall([HumanMessage("hello")], stage="direct")
+    assert "timed out" not in str(err.value)
+    if transport == "aiohttp":
+        assert "Connection reset by peer" in str(err.value)
 
 
 @pytest.mark.parametrize("fault", CONTENT_FAULTS)
