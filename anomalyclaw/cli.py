@@ -753,6 +753,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             items = load_manifest(args.manifest, split=args.split)[: args.limit]
         result = run_tool_calling_bench(items, client=args.client)
         print(format_tool_calling(result))
+    elif args.bench_command == "requests":
+        from anomalyclaw.eval.bench.requests import format_requests, request_cpu
+
+        result = {"requests": request_cpu(clients=args.client.split(","), transports=args.transport.split(","),
+                                          requests=args.requests, concurrency=args.concurrency, rounds=args.rounds)}
+        print(format_requests(result["requests"]))
     elif args.bench_command == "memory":
         from anomalyclaw.eval.bench.memory import format_memory, run_memory_bench
 
@@ -881,7 +887,7 @@ def _cmd_tools_run(args: argparse.Namespace, registry) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyclaw", description="AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.")
-    from .config import TRANSPORTS
+    from .config import CLIENTS, TRANSPORTS
     from .version import __version__
 
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -1070,7 +1076,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="also write the results to this JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
-    bsub = p.add_subparsers(dest="bench_command", metavar="experts|tools|tool-calling|fusion|memory|profile|scale")
+    bsub = p.add_subparsers(dest="bench_command",
+                            metavar="experts|tools|tool-calling|fusion|memory|profile|requests|scale")
     bench_outputs: list[tuple[argparse.ArgumentParser, str]] = []
 
     def bench_command(name: str, *, out: str = "the results to this JSON file", **kw: Any) -> argparse.ArgumentParser:
@@ -1154,6 +1161,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--split", default="test", help="manifest split (default: test)")
     b.add_argument("--limit", type=POSITIVE_INT, default=7, help="items from the manifest (default 7)")
     b.add_argument("--client", choices=["langchain", "sdk"], default="langchain", help="endpoint client")
+    b = bench_command("requests", help="event-loop CPU per request of each endpoint client on each HTTP transport "
+                                         "(fake endpoint without latency, one image per request)")
+    b.add_argument("--client", type=_choices(CLIENTS), default="langchain,sdk",
+                   help="comma-separated clients (default langchain,sdk)")
+    b.add_argument("--transport", type=_choices(TRANSPORTS), default="aiohttp,httpx",
+                   help="comma-separated HTTP transports (default aiohttp,httpx)")
+    b.add_argument("--requests", type=POSITIVE_INT, default=600, help="requests measured per pair (default 600)")
+    b.add_argument("--concurrency", type=POSITIVE_INT, default=32, help="requests in flight (default 32)")
+    b.add_argument("--rounds", type=POSITIVE_INT, default=3,
+                   help="repeat the pairs, alternating, this many times (default 3)")
     for b, out in bench_outputs:
         b.add_argument("--out", metavar="FILE", help=f"also write {out}")
         b.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -1,8 +1,8 @@
 """The benchmarks behind ``anomalyclaw bench``: runner throughput against a local endpoint
 (``throughput``), the frozen experts' AUROC (``experts``), the tools' evidence and latency
 (``tools``), requests and bytes per item with JSON actions against native tool calling
-(``toolcalling``), the fusion with and without the expert term (``fusion``) and the memory of a long run
-(``memory``)."""
+(``toolcalling``), the fusion with and without the expert term (``fusion``), the memory of a long run
+(``memory``) and the event-loop CPU per request of each client and transport (``requests``)."""
 import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
@@ -12,4 +12,5 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, submod_attrs={
     "toolcalling": ["format_tool_calling", "run_tool_calling_bench"],
     "fusion": ["format_fusion", "run_fusion_benchmark"],
     "memory": ["format_memory", "run_memory_bench"],
+    "requests": ["format_requests", "request_cpu"],
 })
