@@ -72,9 +72,11 @@ def _replica_fault(exc: BaseException) -> bool:
 
 
 def _dropped_connection(exc: BaseException) -> BaseException | None:
-    """The aiohttp error under ``exc`` when it is a reset, dropped or closed connection, not a
-    timeout: the SDK's aiohttp bridge raises httpx's ``ConnectTimeout`` for every aiohttp
+    """The aiohttp error under a timeout ``exc`` when it is a reset, dropped or closed connection
+    instead: the SDK's aiohttp bridge raises httpx's ``ConnectTimeout`` for every aiohttp
     connection error (so the SDK says "Request timed out."), where httpx says "Connection error"."""
+    if not isinstance(exc, openai.APITimeoutError):
+        return None
     cause, depth = exc.__cause__, 0
     while cause is not None and depth < 8:
         if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause, asyncio.TimeoutError):
@@ -400,7 +402,7 @@ class _EndpointVLM(ABC):
         status = getattr(exc, "status_code", None)
         if status:
             return f"HTTP {status}"
-        if isinstance(exc, openai.APITimeoutError) and _dropped_connection(exc) is not None:
+        if _dropped_connection(exc) is not None:
             return "connection failed"
         if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, RequestDeadlineError)):
             return "request timed out"
@@ -416,8 +418,8 @@ class _EndpointVLM(ABC):
         where = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str) and n.startswith("replica ")]
         if where:
             what += " at " + where[-1].removeprefix("replica ")
-        dropped = _dropped_connection(exc) if isinstance(exc, openai.APITimeoutError) else None
-        detail = redact(str(dropped or exc) or type(dropped).__name__, self.secrets)[:300]
+        dropped = _dropped_connection(exc)
+        detail = redact((str(dropped) or type(dropped).__name__) if dropped else str(exc), self.secrets)[:300]
         if fatal:
             hint = {401: "the API key is wrong or missing (ANOMALYCLAW_API_KEY)",
                     403: "the API key may not use this model",
