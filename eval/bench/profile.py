@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from anomalyclaw.config import AgentConfig
 
@@ -349,20 +349,24 @@ def format_profile(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def median_series(values: Sequence[float], digits: int = 1) -> str:
+    """Repeated measurements in run order and their median: ``"1.2, 1.5, 1.3 (median 1.3)"``."""
+    import statistics
+
+    return ", ".join(f"{v:.{digits}f}" for v in values) + f" (median {statistics.median(values):.{digits}f})"
+
+
 def format_passes(results: list[dict[str, Any]]) -> str:
     """One line per (client, transport, compute slots): each pass's CPU per item, event-loop CPU
     per item and items/s, in run order, and their medians (repeated, alternating passes are the
     A/B on a noisy machine)."""
-    import statistics
-
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["client"], r.get("transport", "aiohttp"), r["compute_slots"]), []).append(r)
     lines = ["passes (CPU ms per item, event-loop ms per item, items/s; median)"]
 
     def series(rows: list[dict[str, Any]], key: str) -> str:
-        values = [r[key] for r in rows]
-        return ", ".join(f"{v:.1f}" for v in values) + f" (median {statistics.median(values):.1f})"
+        return median_series([r[key] for r in rows])
 
     for (client, transport, slots), rows in groups.items():
         lines.append(f"  {client:<10} {transport:<8} {slots:>3} compute slots: {series(rows, 'cpu_ms_per_item')} ms; "

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import statistics
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from anomalyclaw.config import CLIENTS, TRANSPORTS
+from anomalyclaw.eval.bench.profile import median_series
 
 __all__ = ["format_requests", "request_cpu"]
 
@@ -70,17 +70,13 @@ def format_requests(rows: Sequence[dict[str, Any]]) -> str:
         return "no requests measured"
     first = rows[0]
     lines = [f"CPU per request: {first['requests']} requests, {first['concurrency']} in flight, one image each, "
-             "fake endpoint without latency (ms per request; median of the rounds)",
-             f"{'client':<10} {'transport':<9} {'event loop':>28} {'process':>28}"]
+             "fake endpoint without latency (ms per request, by round)",
+             f"{'client':<10} {'transport':<9} {'event loop':>36} {'process':>36}"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["client"], r["transport"]), []).append(r)
-
-    def series(group: list[dict[str, Any]], key: str) -> str:
-        values = [r[key] for r in group]
-        return ", ".join(f"{v:.2f}" for v in values) + f" ({statistics.median(values):.2f})"
-
     for (client, transport), group in groups.items():
-        lines.append(f"{client:<10} {transport:<9} {series(group, 'loop_ms_per_request'):>28} "
-                     f"{series(group, 'process_ms_per_request'):>28}")
+        loop = median_series([r["loop_ms_per_request"] for r in group], digits=2)
+        process = median_series([r["process_ms_per_request"] for r in group], digits=2)
+        lines.append(f"{client:<10} {transport:<9} {loop:>36} {process:>36}")
     return "\n".join(lines)
