@@ -86,6 +86,12 @@ def _positive_list(text: str) -> list[int]:
     return [POSITIVE_INT(part.strip()) for part in text.split(",")]
 
 
+def _thread_counts(text: str) -> list[int | None]:
+    """``1,libs`` -> [1, None]: comma-separated thread counts >= 1, ``libs`` for the libraries'
+    own defaults."""
+    return [None if part.strip() == "libs" else POSITIVE_INT(part.strip()) for part in text.split(",")]
+
+
 def _choices(allowed: Sequence[str]) -> Callable[[str], str]:
     """A comma-separated list of names from ``allowed``, kept as the string it was given."""
     def parse(text: str) -> str:
@@ -777,12 +783,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from anomalyclaw.eval.bench.profile import format_passes, format_profile, profile_run
 
         slots = [None] if args.compute_slots is None else args.compute_slots
+        intra = args.intra_op_threads
         clients, transports = args.client.split(","), args.transport.split(",")
         result = {"profiles": [profile_run(n_items=args.items, concurrency=args.concurrency, latency_s=args.latency,
                                            client=client, transport=transport, image_size=args.size,
-                                           new_sets=args.new_sets, compute_slots=n)
+                                           new_sets=args.new_sets, compute_slots=n, intra_op_threads=t)
                                for _ in range(args.rounds) for client in clients for transport in transports
-                               for n in slots]}
+                               for n in slots for t in intra]}
         print("\n\n".join(format_profile(r) for r in result["profiles"]))
         if len(result["profiles"]) > len(clients):
             print("\n" + format_passes(result["profiles"]))
@@ -1142,6 +1149,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compute-slots", type=_positive_list, metavar="N[,N...]",
                    help="threads that may compute at once, one pass each (default: the cores plus one); "
                         "e.g. 3,64 compares the default on 2 cores with no limit")
+    b.add_argument("--intra-op-threads", type=_thread_counts, default=[1], metavar="N|libs[,...]",
+                   help="BLAS, torch and OpenCV threads inside the run, one pass each (default 1, as a run "
+                        "sets them; libs: the libraries' own, e.g. 1,libs compares)")
     b.add_argument("--rounds", type=POSITIVE_INT, default=1,
                    help="repeat the passes, alternating, this many times (A/B on a noisy machine)")
 

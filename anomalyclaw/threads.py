@@ -1,9 +1,11 @@
 """How many threads compute at once while items run in parallel.
 
-Two knobs. Intra-operation threads (BLAS, OpenMP, torch): the runner parallelises across
-items, and letting every small matrix product also fan out over all cores oversubscribes the
-machine (under load a small PCA fit becomes several times slower with the default BLAS threads
-than with one). Compute slots: the CPU work of items (tools, experts, maps, image decoding and
+Two knobs. Intra-operation threads (BLAS, OpenMP, torch, OpenCV): the runner parallelises
+across items, and letting every small matrix product also fan out over all cores oversubscribes
+the machine (under load a small PCA fit becomes several times slower with the default BLAS
+threads than with one). OpenCV's own pool is worse than idle when items already fill the cores:
+its workers wait for the next call by spinning on ``sched_yield``, which ``perf`` showed taking
+5% of a run's CPU samples on two cores (its thread alone), for no speed-up. Compute slots: the CPU work of items (tools, experts, maps, image decoding and
 encoding) runs in worker threads, and the event loop's default pool has ``cpu_count + 4`` of
 them; more threads computing at once than there are cores only contend for the GIL and the
 caches. :func:`compute_slot` lets at most :func:`compute_slots` threads in (by default the
@@ -38,31 +40,72 @@ def _torch():
     return torch
 
 
+def _cv2():
+    """OpenCV, imported if it is installed."""
+    try:
+        import cv2  # noqa: PLC0415
+    except ImportError:
+        return None
+    return cv2
+
+
 def set_compute_threads(n: int) -> None:
-    """For the rest of the process (a worker's lifetime): BLAS/OpenMP pools and torch use at most
-    ``n`` threads."""
+    """For the rest of the process (a worker's lifetime): BLAS/OpenMP pools, torch and OpenCV use
+    at most ``n`` threads."""
     threadpool_limits(limits=n)
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(n)
+    cv2 = _cv2()
+    if cv2 is not None:
+        cv2.setNumThreads(n)
 
 
 @contextlib.contextmanager
 def limit_compute_threads(n: int | None = 1) -> Iterator[None]:
-    """Within the block, BLAS/OpenMP pools and torch use at most ``n`` threads (None: as is)."""
+    """Within the block, BLAS/OpenMP pools, torch and OpenCV use at most ``n`` threads (None: as
+    is); then as before."""
     if n is None:
         yield
         return
-    torch = _torch()
+    torch, cv2 = _torch(), _cv2()
     before = torch.get_num_threads() if torch is not None else None
+    cv2_before = cv2.getNumThreads() if cv2 is not None else None
     with threadpool_limits(limits=n):
         if torch is not None:
             torch.set_num_threads(n)
+        if cv2 is not None:
+            cv2.setNumThreads(n)
         try:
             yield
         finally:
             if torch is not None and before is not None:
                 torch.set_num_threads(before)
+            if cv2 is not None and cv2_before is not None:
+                cv2.setNumThreads(cv2_before)
+
+
+#: Intra-op threads of the libraries while a run judges items (None: as the libraries set them).
+_intra_op: int | None = 1
+
+
+def intra_op_threads() -> int | None:
+    """The intra-op threads a run in this process gives BLAS, torch and OpenCV (None: theirs)."""
+    return _intra_op
+
+
+@contextlib.contextmanager
+def limit_intra_op_threads(n: int | None) -> Iterator[None]:
+    """Within the block, runs give the libraries ``n`` intra-op threads (None: their own
+    defaults; ``anomalyclaw bench profile --intra-op-threads`` compares); then as before."""
+    global _intra_op
+    if n is not None and int(n) < 1:
+        raise ValueError(f"intra-op threads must be >= 1 or None, got {n}")
+    before, _intra_op = _intra_op, None if n is None else int(n)
+    try:
+        yield
+    finally:
+        _intra_op = before
 
 
 def default_compute_slots(cores: int | None = None) -> int:

@@ -268,10 +268,12 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
                 transport: str = "aiohttp", image_size: int = 512, n_test_per_domain: int = 4, new_sets: bool = False,
                 interval_s: float = 0.005, work_dir: str | os.PathLike | None = None,
                 config: AgentConfig | None = None, top_functions: int = 25,
-                compute_slots: int | None = None) -> dict[str, Any]:
+                compute_slots: int | None = None, intra_op_threads: int | None = 1) -> dict[str, Any]:
     """Profile one runner pass; returns ``{"cpu_ms_per_item", "by_category": {name: ms per
     item}, ...}`` (see the module docstring). ``compute_slots``: threads that may compute at
-    once during the run (:func:`~anomalyclaw.threads.set_compute_slots`; None: the default)."""
+    once during the run (:func:`~anomalyclaw.threads.set_compute_slots`; None: the default).
+    ``intra_op_threads``: the BLAS, torch and OpenCV threads inside the run (a run's default,
+    1; None: as the libraries set them)."""
     from anomalyclaw import threads
     from anomalyclaw.eval.bench.reference_sets import new_set_items
     from anomalyclaw.eval.bench.throughput import _run, _vlm, copies, fake_endpoint_process
@@ -280,7 +282,7 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
     from anomalyclaw.experts.pool import ExpertPool
 
     config = config or AgentConfig()
-    with (threads.limit_compute_slots(compute_slots),
+    with (threads.limit_compute_slots(compute_slots), threads.limit_intra_op_threads(intra_op_threads),
           tempfile.TemporaryDirectory(prefix="anomalyclaw-profile-") as tmp):
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         manifest = generate_benchmark(work / "synth", seed=0, n_test_per_domain=n_test_per_domain, n_calibration=0,
@@ -309,7 +311,8 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
            for (name, where), sec in sampler.functions.most_common(top_functions)]
     return {"client": client, "transport": transport, "items": row["items"], "errors": row["errors"],
             "concurrency": concurrency, "latency_s": latency_s, "image_size": image_size, "new_sets": new_sets,
-            "compute_slots": compute_slots or threads.compute_slots(), "cpu_ms_per_item": cpu_ms,
+            "compute_slots": compute_slots or threads.compute_slots(), "intra_op_threads": intra_op_threads,
+            "cpu_ms_per_item": cpu_ms,
             "profiler_ms_per_item": own,
             "gc_ms_per_item": [round(1000 * sec / done, 2) for sec in collector.seconds], "gc_passes": collector.passes,
             "stages": {label: {"ms_per_item": round(1000 * sec / done, 2), "calls_per_item": round(stages.calls[label] / done, 2)}
@@ -325,7 +328,7 @@ def format_profile(result: dict[str, Any]) -> str:
             f"{result['client']} on {result.get('transport', 'aiohttp')}, concurrency {result['concurrency']}, "
             f"latency {result['latency_s']:g} s, "
             + ("new reference sets" if result["new_sets"] else "reference sets warm")
-            + f", {result['compute_slots']} compute slots; {result['samples']} samples")
+            + f", {result['compute_slots']} compute slots, {_intra_op(result)}; {result['samples']} samples")
     lines = [head, f"{'category':<24} {'ms/item':>8} {'share':>6}"]
     total = result["cpu_ms_per_item"] or 1.0
     for name, ms in result["by_category"].items():
@@ -356,19 +359,26 @@ def median_series(values: Sequence[float], digits: int = 1) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values) + f" (median {statistics.median(values):.{digits}f})"
 
 
+def _intra_op(result: dict[str, Any]) -> str:
+    n = result.get("intra_op_threads", 1)
+    return "the libraries' own intra-op threads" if n is None else f"{n} intra-op thread{'s' if n != 1 else ''}"
+
+
 def format_passes(results: list[dict[str, Any]]) -> str:
-    """One line per (client, transport, compute slots): each pass's CPU per item, event-loop CPU
-    per item and items/s, in run order, and their medians (repeated, alternating passes are the
-    A/B on a noisy machine)."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    """One line per (client, transport, compute slots, intra-op threads): each pass's CPU per
+    item, event-loop CPU per item and items/s, in run order, and their medians (repeated,
+    alternating passes are the A/B on a noisy machine)."""
+    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["client"], r.get("transport", "aiohttp"), r["compute_slots"]), []).append(r)
+        key = (r["client"], r.get("transport", "aiohttp"), r["compute_slots"], _intra_op(r))
+        groups.setdefault(key, []).append(r)
     lines = ["passes (CPU ms per item, event-loop ms per item, items/s; median)"]
 
     def series(rows: list[dict[str, Any]], key: str) -> str:
         return median_series([r[key] for r in rows])
 
-    for (client, transport, slots), rows in groups.items():
-        lines.append(f"  {client:<10} {transport:<8} {slots:>3} compute slots: {series(rows, 'cpu_ms_per_item')} ms; "
+    for (client, transport, slots, intra), rows in groups.items():
+        lines.append(f"  {client:<10} {transport:<8} {slots:>3} compute slots, {intra}: "
+                     f"{series(rows, 'cpu_ms_per_item')} ms; "
                      f"loop {series(rows, 'loop_cpu_ms_per_item')} ms; {series(rows, 'items_per_s')} items/s")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadE
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
 from anomalyclaw.paths import safe_file_name, writable_folder, write_atomic
-from anomalyclaw.threads import frozen_heap, limit_compute_threads, to_compute_thread
+from anomalyclaw.threads import frozen_heap, intra_op_threads, limit_compute_threads, to_compute_thread
 from anomalyclaw.version import __version__, library_versions
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
@@ -405,7 +405,7 @@ class Runner:
                 summary.fatal = redact(str(exc), self.secrets)
             if summary.fatal is None:
                 # Parallelism is across items; one intra-op thread each avoids oversubscription.
-                with limit_compute_threads(1), frozen_heap():
+                with limit_compute_threads(intra_op_threads()), frozen_heap():
                     await self._run_queue(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0

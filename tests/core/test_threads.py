@@ -140,3 +140,41 @@ def test_a_stage_clock_charges_each_outermost_slot_its_threads_cpu(slots):
     label = "test_a_stage_clock_charges_each_outermost_slot_its_threads_cpu.spin"  # the qualname, "<locals>." left out
     assert set(clock.seconds) == {"outer", label} and clock.calls == {"outer": 1, label: 1}
     assert 0.1 <= clock.seconds["outer"] < 0.2 and 0.03 <= clock.seconds[label] < 0.1
+
+
+def test_a_run_computes_with_one_intra_op_thread_in_opencv_and_torch_then_restores_them(tmp_path):
+    import cv2
+    import torch
+
+    from anomalyclaw.config import AgentConfig
+    from anomalyclaw.eval.data.manifests import load_manifest
+    from anomalyclaw.eval.data.synth import generate_benchmark
+    from anomalyclaw.eval.running.runner import Runner, run_sync
+    from anomalyclaw.graph.vlm import make_vlm
+
+    items = load_manifest(generate_benchmark(tmp_path / "synth", seed=0, n_test_per_domain=2, n_calibration=0,
+                                             n_dev=0, size=64, domains=["S1"]), split="test")[:1]
+    seen = []
+
+    class Watching(Runner):
+        async def judge(self, item):
+            seen.append((cv2.getNumThreads(), torch.get_num_threads()))
+            return await super().judge(item)
+
+    cv2_before, torch_before = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(2)
+    torch.set_num_threads(2)
+    try:
+        summary = run_sync(Watching(make_vlm("offline"), out_dir=tmp_path / "out", config=AgentConfig()), items)
+        assert summary.n_done == 1 and seen == [(1, 1)]
+        assert (cv2.getNumThreads(), torch.get_num_threads()) == (2, 2)
+        # None: the libraries keep their own (what `bench profile --intra-op-threads libs` compares).
+        with threads.limit_intra_op_threads(None):
+            run_sync(Watching(make_vlm("offline"), out_dir=tmp_path / "own", config=AgentConfig()), items)
+        assert seen[-1] == (2, 2) and threads.intra_op_threads() == 1
+        with pytest.raises(ValueError, match="intra-op threads"):
+            with threads.limit_intra_op_threads(0):
+                pass
+    finally:
+        cv2.setNumThreads(cv2_before)
+        torch.set_num_threads(torch_before)

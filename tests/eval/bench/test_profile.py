@@ -39,7 +39,7 @@ def test_cpu_goes_to_the_category_of_the_code_that_spends_it():
 def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     import tqdm.auto
 
-    from anomalyclaw.threads import compute_slots
+    from anomalyclaw.threads import compute_slots, intra_op_threads
 
     bars = []
 
@@ -53,6 +53,9 @@ def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     result = profile_run(n_items=6, concurrency=3, latency_s=0.0, image_size=64, n_test_per_domain=2,
                          work_dir=tmp_path, interval_s=0.002, compute_slots=before + 5)
     assert result["compute_slots"] == before + 5 and compute_slots() == before  # the pass's, then back
+    # One intra-op thread, as a run sets them (with the libraries' own, their pools' threads are
+    # CPU no Python thread's clock holds: "unattributed").
+    assert result["intra_op_threads"] == intra_op_threads() == 1 and "1 intra-op thread;" in format_profile(result)
     assert result["items"] == 6 and result["errors"] == 0 and result["requests_per_item"] == 3.0
     parts = result["by_category"]
     # The big categories always show; a small one (LangGraph, ~1 ms per item) may miss every sample
@@ -77,11 +80,14 @@ def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     assert result["transport"] == "aiohttp" and "langchain on aiohttp" in format_profile(result)
     again = dict(result, cpu_ms_per_item=result["cpu_ms_per_item"] + 2.0, compute_slots=before)
     httpx = dict(result, transport="httpx")
-    lines = format_passes([result, again, result, httpx]).splitlines()
-    assert lines[1].split(":")[0].split() == ["langchain", "aiohttp", str(before + 5), "compute", "slots"]
-    assert f"(median {result['cpu_ms_per_item']:.1f})" in lines[1] and len(lines) == 4
+    own = dict(result, intra_op_threads=None)
+    lines = format_passes([result, again, result, httpx, own]).splitlines()
+    assert lines[1].split(":")[0].split() == ["langchain", "aiohttp", str(before + 5), "compute", "slots,", "1",
+                                              "intra-op", "thread"]
+    assert f"(median {result['cpu_ms_per_item']:.1f})" in lines[1] and len(lines) == 5
     assert f"loop {result['loop_cpu_ms_per_item']:.1f}, {result['loop_cpu_ms_per_item']:.1f} (median" in lines[1]
-    assert lines[3].split(":")[0].split() == ["langchain", "httpx", str(before + 5), "compute", "slots"]
+    assert lines[3].split(":")[0].split()[:2] == ["langchain", "httpx"]
+    assert "the libraries' own intra-op threads:" in lines[4]
 
 
 def test_library_frames_go_to_their_category():
@@ -108,6 +114,10 @@ def test_the_command_line_takes_compute_slots_to_compare_and_rounds():
 
     args = build_parser().parse_args(["bench", "profile", "--compute-slots", "3,64", "--rounds", "2"])
     assert args.compute_slots == [3, 64] and args.rounds == 2
+    assert args.intra_op_threads == [1]  # as a run sets them
+    assert build_parser().parse_args(["bench", "profile", "--intra-op-threads", "1,libs"]).intra_op_threads == [1, None]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "profile", "--intra-op-threads", "0"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "profile", "--compute-slots", "3,0"])
     assert build_parser().parse_args(["bench", "profile"]).transport == "aiohttp"
