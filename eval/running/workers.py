@@ -603,13 +603,14 @@ class RayWorker:
 
     def __init__(self, spec: WorkerSpec):
         from anomalyclaw.config import install_secret_redaction
-        from anomalyclaw.threads import set_compute_threads
+        from anomalyclaw.threads import raise_young_threshold, set_compute_threads
 
         install_secret_redaction(spec.secrets)
         set_compute_threads(1)
         self.runner = spec.build()
         self.judge_ = _BatchJudge(self.runner)
         gc.freeze()  # the actor lives for one run: what it built stays out of full collections (frozen_heap)
+        raise_young_threshold()
 
     def pid(self) -> int:
         return os.getpid()

@@ -111,12 +111,19 @@ def test_a_run_freezes_the_heap_while_it_runs_and_thaws_it_after(tmp_path):
 
     class Watching(Runner):
         async def judge(self, item):
-            seen.append(gc.get_freeze_count())
+            seen.append((gc.get_freeze_count(), gc.get_threshold()))
             return await super().judge(item)
 
-    summary = run_sync(Watching(make_vlm("offline"), out_dir=tmp_path / "out", config=AgentConfig()), items)
-    assert summary.n_done == 1 and seen and seen[0] > 0
-    assert gc.get_freeze_count() == 0
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        summary = run_sync(Watching(make_vlm("offline"), out_dir=tmp_path / "out", config=AgentConfig()), items)
+        assert summary.n_done == 1 and seen and seen[0][0] > 0
+        # The young generation waits for more allocations inside the run, and is as it was after.
+        assert seen[0][1] == (threads.RUN_YOUNG_THRESHOLD, 10, 10)
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_a_stage_clock_charges_each_outermost_slot_its_threads_cpu(slots):
