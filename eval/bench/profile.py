@@ -8,21 +8,28 @@ measured items instead bring reference sets never seen before (the real-data cas
 CrossDomainVAD-12's test items do).
 
 The profiler is a CPU-time-weighted stack sampler in this process (:class:`CPUSampler`): every
-few milliseconds it reads each thread's own CPU clock and its Python stack, and charges the CPU
-the thread used since the last sample to that stack's category (:func:`categorize`: the
-innermost frame that belongs to a category; NumPy, OpenCV, pydantic and other generic
-libraries decide nothing, so their time goes to the code that called them). So the table's
-milliseconds are CPU time, they add up to the process's CPU per item, and what no thread's clock
-accounts for (threads that ended between two samples) is shown as such.
+few milliseconds it reads each thread's own CPU clock and its Python stack, and spreads each
+thread's CPU over the categories of the stacks it was found running in (the innermost frame that
+belongs to a category; NumPy, OpenCV, pydantic and other generic libraries decide nothing, so
+their time goes to the code that called them). So the table's milliseconds are CPU time, they add
+up to the process's CPU per item, and what no thread's clock accounts for (threads that ended
+between two samples) is shown as such.
 
-What the split cannot do: the sampler needs the GIL to read the stacks, so it finds every other
-thread either where the GIL was taken from it or blocked in a call that released it (a socket
-wait, a poll, an OpenCV or torch kernel), and a thread's CPU since its last sample is charged
-to that one place. Calls that release the GIL therefore also absorb some of the Python work
-their thread did just before them: the event loop's ``select`` and the connection pool's
-socket checks (``HTTP``) take part of the loop thread's other work, OpenCV calls part of the
-tools' Python. The total and the event-loop thread's CPU are exact; an A/B of the process's
-CPU (two runs, one change) is the way to price one function. A sampling profiler
+How the CPU is spread: a thread found waiting (its innermost frame is a known wait: the event
+loop's ``select``, a condition, lock or queue wait, an idle executor worker, a compute slot's
+gate) spent the CPU since its last sample somewhere before it blocked, so that sample says
+nothing about where. Each thread's CPU (exact, from its clock) is therefore divided among the
+places it was found running, in proportion to how often it was found there (a sampler's unbiased
+estimate of on-CPU time); only a thread never found running keeps its CPU where it waited. And
+while sampling, a thread that wants the GIL asks its holder for it after a tenth of the sampling
+interval instead of CPython's 5 ms, so the sampler also finds pure Python that runs for a few
+milliseconds between two releases of the GIL (at 5 ms it got the GIL only where a thread gave it
+up). Charging each sample's CPU to the frame it was found in, as the first version did, put most
+of the event-loop thread's CPU into ``select`` (12 of its 20 ms/item; "HTTP" read 28% of the
+process) and LangGraph at 0.3 ms/item. What it still cannot do: a thread that wants the GIL back
+(after a socket write, an OpenCV or torch kernel) is found where it waits for it, and that wait
+counts as running there. The total and the event-loop thread's CPU are exact; an A/B of the
+process's CPU (two runs, one change) is the way to price one function. A sampling profiler
 from outside (py-spy) was tried first: on this 2-core machine its "active thread" heuristic
 charged several times the process's CPU time (threads waiting on a queue or the GIL counted as
 running), so its shares could not be read as CPU.
@@ -163,6 +170,41 @@ def _current_frames() -> dict[int, FrameType]:
             gc.enable()
 
 
+def _wait_frames() -> frozenset[tuple[str, str]]:
+    """(filename, function) of the innermost frames of a thread blocked in a wait: the selector's
+    ``select``, ``threading``'s waits, ``queue.Queue.get``, an idle ``concurrent.futures``
+    worker (blocked in its work queue's C ``get``) and :func:`~anomalyclaw.threads.compute_slot`
+    (waiting at the gate)."""
+    import concurrent.futures.thread
+    import queue
+    import selectors
+
+    from anomalyclaw import threads
+
+    def where(fn: Any) -> tuple[str, str]:
+        fn = getattr(fn, "__wrapped__", fn)
+        return fn.__code__.co_filename, fn.__code__.co_name
+
+    selects = {where(cls.select) for cls in vars(selectors).values()
+               if isinstance(cls, type) and issubclass(cls, selectors.BaseSelector) and "select" in vars(cls)}
+    return frozenset(selects | {where(threading.Condition.wait), where(threading.Event.wait),
+                                where(threading.Semaphore.acquire), where(threading.Thread._wait_for_tstate_lock),
+                                where(queue.Queue.get), where(concurrent.futures.thread._worker),
+                                where(threads.compute_slot)})
+
+
+class _ThreadTally:
+    """One thread's samples: its CPU, where it was found running (sample counts) and the CPU
+    found at waits (charged there only if it is never found running)."""
+
+    __slots__ = ("cpu", "running", "waited")
+
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.running: Counter = Counter()
+        self.waited: Counter = Counter()
+
+
 class CPUSampler:
     """Charges each thread's CPU time to its stack's category, sampling every ``interval_s``.
 
@@ -181,6 +223,8 @@ class CPUSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="anomalyclaw-cpu-sampler", daemon=True)
         self._last: dict[int, float] = {}
+        self._threads: dict[int, _ThreadTally] = {}
+        self._waits = _wait_frames()
 
     def category(self, frame: FrameType | None) -> tuple[str, str]:
         """The category of the stack ending in ``frame`` (innermost first), and the function
@@ -201,6 +245,13 @@ class CPUSampler:
         except (OSError, ValueError, OverflowError):  # the thread ended meanwhile
             return None
 
+    def waiting(self, frame: FrameType | None) -> bool:
+        """Whether a thread whose innermost frame is ``frame`` is blocked in a known wait."""
+        if frame is None:
+            return True
+        code = frame.f_code
+        return (code.co_filename, code.co_name) in self._waits
+
     def _loop(self) -> None:
         me = threading.get_ident()
         for ident in list(_current_frames()):
@@ -218,14 +269,35 @@ class CPUSampler:
                     continue
                 spent = now - self._last.get(ident, now)
                 self._last[ident] = now
-                if spent > 0:
-                    name, where = self.category(frame)
-                    self.seconds[name] += spent
-                    self.functions[(name, where)] += spent
+                thread = self._threads.setdefault(ident, _ThreadTally())
+                thread.cpu += max(spent, 0.0)
+                if self.waiting(frame):
+                    if spent > 0:
+                        thread.waited[self.category(frame)] += spent
+                else:
+                    thread.running[self.category(frame)] += 1
             del frames
         self.own_seconds = time.thread_time()
+        self._charge()
+
+    def _charge(self) -> None:
+        """Each thread's CPU over the places it was found running (see the module docstring)."""
+        for thread in self._threads.values():
+            found = sum(thread.running.values())
+            shares = ({key: thread.cpu * n / found for key, n in thread.running.items()} if found
+                      else thread.waited)
+            for (name, where), seconds in shares.items():
+                self.seconds[name] += seconds
+                self.functions[(name, where)] += seconds
 
     def __enter__(self) -> "CPUSampler":
+        # A thread that wants the GIL waits a switch interval (5 ms) before it asks the holder to
+        # drop it: with that, the sampler would get the GIL only where a thread releases it (a
+        # wait, a C call) and never see pure Python that runs for less. Asking after a tenth of
+        # its interval, it samples where the CPU goes (the run's threads switch sooner too; the
+        # README gives the totals of profiled runs before and after this, alternating).
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, self.interval_s / 10))
         self._started_cpu = time.process_time()
         self._thread.start()
         return self
@@ -233,6 +305,7 @@ class CPUSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        sys.setswitchinterval(self._switch_interval)
         self.process_seconds = time.process_time() - self._started_cpu
         """The process's CPU time over the sampled window (what the categories add up to)."""
 

@@ -36,6 +36,36 @@ def test_cpu_goes_to_the_category_of_the_code_that_spends_it():
     assert set(spent) <= set(CATEGORY_ORDER)
 
 
+def _burn_then_wait(rounds: int, burn_s: float, wait_s: float) -> None:
+    idle = threading.Event()
+    for _ in range(rounds):
+        end = time.thread_time() + burn_s
+        while time.thread_time() < end:
+            pass
+        idle.wait(wait_s)  # blocked: the sampler mostly finds the thread here
+
+
+def test_cpu_spent_before_a_wait_goes_to_the_code_that_spent_it_not_to_the_wait():
+    # A thread that computes 2 ms, then blocks 6 ms in threading.Event.wait, which these rules
+    # call "event loop" (as the real ones call the selector's select "HTTP"): most samples find
+    # it blocked there, with the CPU it spent since the last sample. Charged where the sampler
+    # found it, most of its CPU went to the wait; it belongs to _burn_then_wait.
+    def rules(filename: str, function: str) -> str | None:
+        if function == "_burn_then_wait":
+            return "tools"
+        return "event loop" if filename == threading.__file__ else None
+
+    worker = threading.Thread(target=_burn_then_wait, args=(60, 0.002, 0.006))
+    with CPUSampler(interval_s=0.003, rules=rules) as sampler:
+        worker.start()
+        worker.join()
+    spent = sampler.seconds
+    total = sum(spent.values())
+    assert total > 0.08, dict(spent)  # ~0.12 s of CPU, seen
+    # What stays at a wait: the CPU of a thread never found running (here the joining one's).
+    assert spent["tools"] > 0.95 * total and spent["event loop"] < 0.02 * total, dict(sampler.functions)
+
+
 def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     import tqdm.auto
 
