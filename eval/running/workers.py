@@ -56,6 +56,13 @@ CLOSE_WAIT_S = 10.0
 SLOTS_PER_WORKER = 3
 #: Replacements for dead workers in one run before the run gives up (``workers x`` this).
 RESPAWNS_PER_WORKER = 4
+#: What the fork server imports once, so that each worker forks with it imported: the runner, and
+#: what its first item would import on its own (the project imports these lazily, for the
+#: commands that never need them): torch for the experts, and the endpoint clients with their
+#: HTTP stack. Without the last four, each worker spent ~2.6 s of CPU importing them after its
+#: fork, every worker at once on the same cores (``tests/eval/running/test_workers.py`` checks
+#: that a first item imports none of them).
+WORKER_PRELOAD = ("anomalyclaw.eval.running.workers", "torch", "langchain_openai", "openai", "aiohttp")
 
 
 class WorkerLost(Exception):
@@ -307,8 +314,8 @@ class ProcessPool(_SlotPool):
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self.ctx = multiprocessing.get_context(method)
         if method == "forkserver":
-            # The fork server imports the runner once; each worker forks from it warm.
-            self.ctx.set_forkserver_preload(["anomalyclaw.eval.running.workers"])
+            # The fork server imports once what every worker needs; each worker forks from it warm.
+            self.ctx.set_forkserver_preload(list(WORKER_PRELOAD))
         self.procs: list[_Proc] = []
         self._bid = 0
         self._fatal: str | None = None

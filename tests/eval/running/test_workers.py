@@ -259,6 +259,41 @@ def test_openai_backend_with_two_workers_and_two_replicas(small_items, tmp_path,
     assert key not in printed.out and key not in printed.err
 
 
+_FIRST_ITEM = """
+import importlib, json, sys
+from pathlib import Path
+from anomalyclaw.eval.running.workers import WORKER_PRELOAD
+for name in WORKER_PRELOAD:
+    importlib.import_module(name)
+from anomalyclaw.eval.data.manifests import load_manifest
+from anomalyclaw.eval.running.runner import Runner, run_sync
+from anomalyclaw.graph.vlm import make_vlm
+from anomalyclaw.graph.vlm.fake_server import FakeVLMServer
+from anomalyclaw.config import EndpointConfig
+items = load_manifest(Path(sys.argv[1]), split="test")[:1]
+before = {name.split(".")[0] for name in sys.modules}
+with FakeVLMServer() as server:
+    for k, client in enumerate(("langchain", "sdk")):
+        endpoint = EndpointConfig(base_url=server.base_url, model="fake-vlm", client=client)
+        summary = run_sync(Runner(make_vlm("openai", endpoint), out_dir=Path(sys.argv[2]) / client), items)
+        assert summary.n_done == 1 and summary.n_errors == 0, summary
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} - before)))
+"""
+
+
+def test_a_worker_forks_with_what_its_first_item_would_import(small_synth, tmp_path):
+    # The fork server imports WORKER_PRELOAD once; a first item (both endpoint clients) in a
+    # process that imported only that must import nothing heavy itself, or every worker pays it
+    # after its fork (torch, the clients and their HTTP stack: ~2.6 s of CPU each).
+    proc = subprocess.run([sys.executable, "-c", _FIRST_ITEM, str(small_synth), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    heavy = {"torch", "langchain_openai", "langchain_core", "openai", "aiohttp", "httpx", "tiktoken", "transformers",
+             "langgraph", "cv2", "numpy", "PIL", "scipy", "sklearn"}
+    assert not new & heavy, sorted(new)
+
+
 def test_the_summary_says_when_the_workers_fell_back_to_json_actions(small_items, tmp_path, capsys):
     """Under --tool-calling auto the fallback happens in the workers' conversations: the run's
     summary reports it as a one-process run does."""
