@@ -207,7 +207,10 @@ def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentCon
             "requests_per_item": round(summary.requests / done, 3),
             "cpu_ms_per_item": round((cpu + workers_cpu) / done * 1000, 1),
             "machine_busy": round(busy, 3) if busy is not None else None,
-            "respawns": summary.workers.get("respawns", 0)}
+            "respawns": summary.workers.get("respawns", 0),
+            # Reference sets the workers' expert pools fitted (each worker fits those it meets;
+            # the one-process rows share the warm-up's pool, which fits none).
+            "sets_fitted": (summary.cache.get("experts") or {}).get("sets") if mode != "1 process" else 0}
 
 
 def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
@@ -304,7 +307,8 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
 def format_scale(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["Past one process (openai backend, langchain client, default AgentConfig; worker rows start cold)",
              f"{'latency':>8} {'conc':>5} {'mode':>10} {'http':>8} {'items':>6} {'items/s':>8} {'ideal':>8} "
-             f"{'ratio':>6} {'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'machine busy':>12} {'errors':>6}"]
+             f"{'ratio':>6} {'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'machine busy':>12} {'sets fit':>8} "
+             f"{'errors':>6}"]
     for r in rows:
         where = f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r.get('transport', 'aiohttp'):>8}"
         if r.get("skipped"):
@@ -312,11 +316,13 @@ def format_scale(rows: Sequence[dict[str, Any]]) -> str:
             continue
         steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
         busy = f"{r['machine_busy']:>12.2f}" if r.get("machine_busy") is not None else f"{'-':>12}"
+        fits = f"{r['sets_fitted']:>8}" if r.get("sets_fitted") is not None else f"{'-':>8}"
         lines.append(f"{where} {r['items']:>6} "
                      f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
-                     f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {r['errors']:>6}")
+                     f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {fits} {r['errors']:>6}")
     lines.append("cpu ms/item = this process + the workers after their start-up; machine busy = every "
-                 "process's CPU (the fake endpoint's and Ray's own too) / (wall time x cores)")
+                 "process's CPU (the fake endpoint's and Ray's own too) / (wall time x cores); sets fit = "
+                 "reference sets the workers' expert pools fitted (the one-process rows use the warm-up's)")
     return "\n".join(lines)
 
 

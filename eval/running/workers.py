@@ -3,8 +3,11 @@ Ray actors (``run --ray [ADDRESS]``), the parent the one writer of ``OUT/records
 
 One event loop is one GIL: past ~10 items/s the runner's CPU, not the endpoint, is the ceiling.
 :class:`ShardedRunner` keeps everything a run folder promises (the lock, the fingerprint, resume,
-the summary) in the parent and hands the items out in small batches, a batch at a time to
-whichever worker has a free slot (work stealing: a fast worker takes more). Each worker is a whole
+the summary) in the parent and hands the items out in small batches: each category's items
+together, the batches in one contiguous shard per worker, each worker taking its own shard's
+front as it has a free slot and, once it is done, the back of the fullest other one (work
+stealing: a fast worker takes more; :class:`Shards`), so that each worker warms the caches of
+its share of the reference sets, not of all of them. Each worker is a whole
 :class:`~anomalyclaw.eval.running.runner.Runner` of its own (its event loop, VLM client with its
 share of ``--concurrency``, tools, experts, caches) built from a picklable :class:`WorkerSpec`; it
 sends each finished record back, and only the parent writes it, so a record is on disk once or
@@ -25,6 +28,7 @@ Ray is imported only for ``--ray`` (``pip install anomalyclaw[ray]``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import gc
 import logging
@@ -709,6 +713,47 @@ def merge_caches(groups: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
+def grouped(items: Sequence[Item]) -> list[Item]:
+    """``items`` with each (domain, category) together, the groups in the order they first
+    appear and the items of a group in theirs: a category's items share reference images, so
+    a shard of contiguous items needs few of them."""
+    first: dict[tuple[str, str | None], int] = {}
+    for it in items:
+        first.setdefault((it.domain, it.category), len(first))
+    return sorted(items, key=lambda it: first[(it.domain, it.category)])
+
+
+class Shards:
+    """A run's batches in ``n`` contiguous shards, one per worker: worker ``k`` takes shard ``k``
+    front to back, and a worker whose shard is done takes from the back of the fullest other
+    one (work stealing, so nobody idles while batches wait), where its owner would arrive last.
+    Each worker thus warms the caches (decoded references, their features, the experts' fits)
+    of the reference sets of about its own share of the run, not of all of them, as when every
+    batch went to whichever worker was free.
+
+    Every batch has ``size`` items but the last (``rest``); :meth:`take` is asked for a batch of
+    a given length so that the driver's count of what each job owes is exact."""
+
+    def __init__(self, batches: Sequence[list[Item]], n: int):
+        self.size = len(batches[0]) if batches else 0
+        full = [b for b in batches if len(b) == self.size]
+        self.rest = [b for b in batches if len(b) != self.size]
+        n = max(1, min(n, len(full))) if full else 1
+        bounds = [round(k * len(full) / n) for k in range(n + 1)]
+        self.shards = [collections.deque(full[bounds[k]:bounds[k + 1]]) for k in range(n)]
+        self.steals = 0
+
+    def take(self, worker: int, length: int) -> list[Item]:
+        """The next batch of ``length`` items for ``worker``."""
+        if length != self.size:
+            return self.rest.pop()
+        own = self.shards[worker % len(self.shards)]
+        if own:
+            return own.popleft()
+        self.steals += 1
+        return max(self.shards, key=len).pop()
+
+
 class ShardedRunner(Runner):
     """A :class:`Runner` whose items are judged by ``workers`` worker processes, or by Ray
     actors when ``ray`` is set (``""`` or None for a local cluster, else the cluster's
@@ -727,6 +772,7 @@ class ShardedRunner(Runner):
         self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self.worker_cpu_s = 0.0
         """CPU seconds the workers spent in this run (what their last reports say)."""
+        self.shards: Shards | None = None
         backend = getattr(vlm, "backend", None)
         if backend not in ("offline", "openai"):
             raise AnomalyClawError(f"--workers/--ray need the offline or openai backend (workers build their own "
@@ -779,7 +825,9 @@ class ShardedRunner(Runner):
         if not todo:
             return
         size = self._batch_size(len(todo))
+        todo = grouped(todo)
         batches = [todo[k:k + size] for k in range(0, len(todo), size)]
+        shards = self.shards = Shards(batches, self.workers)
         pool = self.pool = self.make_pool()
         clean = False
         try:
@@ -798,8 +846,15 @@ class ShardedRunner(Runner):
             finally:
                 self._starting = None
 
-            async def handle(batch: list[Item], emit: Callable[[Record], Awaitable[None]]) -> None:
-                await self._judge_on_pool(pool, batch, emit, singles=False)
+            async def handle(job: list[Item], emit: Callable[[Record], Awaitable[None]]) -> None:
+                # The driver's job is a batch of the right length; which batch is the worker's.
+                index = await pool.acquire()
+                try:
+                    batch = shards.take(index, len(job))
+                except BaseException:
+                    pool.release(index)
+                    raise
+                await self._judge_on_pool(pool, batch, emit, singles=False, index=index)
 
             await self._drive(batches, handle, writer, summary, size=len, unit="item",
                               concurrency=self.workers * SLOTS_PER_WORKER)
@@ -811,12 +866,14 @@ class ShardedRunner(Runner):
             self.worker_cpu_s = sum(s.get("cpu_s", 0.0) for s in pool.worker_snapshots())
 
     async def _judge_on_pool(self, pool: Any, items: list[Item], emit: Callable[[Record], Awaitable[None]], *,
-                             singles: bool, tries: int = 1) -> None:
+                             singles: bool, tries: int = 1, index: int | None = None) -> None:
         """Judge ``items`` on one worker. If it dies, the items it did not finish are judged
         again one per batch (so one item that kills its worker cannot take others with it); one
-        whose worker died twice judging it alone gets an error record."""
+        whose worker died twice judging it alone gets an error record. ``index``: the worker's
+        slot when the caller has acquired it already (released here all the same)."""
         pending = {it.item_id: it for it in items}
-        index = await pool.acquire()
+        if index is None:
+            index = await pool.acquire()
         try:
             async for record in pool.judge(index, list(pending.values())):
                 if pending.pop(record.item_id, None) is not None:
@@ -850,4 +907,5 @@ class ShardedRunner(Runner):
         summary.tool_calling = self.tool_calling.describe()
         summary.workers = {"kind": self.pool.kind if self.pool is not None else None, "n": self.workers,
                            "concurrency": self.shares, "respawns": getattr(self.pool, "respawns", 0),
+                           "steals": self.shards.steals if self.shards is not None else 0,
                            "cpu_s": round(self.worker_cpu_s, 3)}

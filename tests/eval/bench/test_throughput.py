@@ -103,8 +103,11 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0
         assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and row["ratio"] > 0
         assert row["cpu_ms_per_item"] > 0
+        # The workers fit the sets they meet (S1 and S3, 2 test items each: 4 sets); one process
+        # uses the warm-up's pool.
+        assert (1 <= row["sets_fitted"] <= 8) if row["mode"] == "workers 2" else row["sets_fitted"] == 0
     assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
-    assert [line.split()[-10] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
+    assert [line.split()[-11] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
     args = build_parser().parse_args(["bench", "scale", "--json"])
     assert args.handler is cmd_bench and args.bench_command == "scale"
 

@@ -53,6 +53,50 @@ def test_two_workers_judge_every_item_once_as_one_process_does(small_items, tmp_
     assert {r.run_id for r in records} == {runner.run_id}
 
 
+def test_each_worker_warms_about_its_own_share_of_the_reference_sets(small_items, tmp_path):
+    # 14 items, each with its own reference set, 4 copies each in manifest order (as bench scale
+    # runs them): handing every batch to whichever worker was free, both workers fitted all 14
+    # sets (28 fits); a shard per worker, each category's items together, fits each set about
+    # once (a category cut by the shards' boundary, or a steal at the end, in both).
+    items = copies(small_items, 4 * len(small_items))
+    summary = run_sync(ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path / "run", progress=False), items)
+    assert summary.n_done == len(items) and summary.n_errors == 0
+    assert len({r.item_id for r in load_records(tmp_path / "run" / RECORDS_FILE)}) == len(items)
+    n_sets = len({tuple(it.ref_paths) for it in small_items})
+    assert n_sets == len(small_items)
+    assert summary.cache["experts"]["sets"] <= n_sets + 4, (summary.cache["experts"], summary.workers)
+
+
+def test_shards_hand_out_every_batch_once_a_worker_its_own_first_then_the_fullest_back():
+    from anomalyclaw.eval.running.workers import Shards
+
+    batches = [[f"b{k}-{j}" for j in range(3)] for k in range(7)] + [["rest-0"]]
+    shards = Shards(batches, 2)
+    assert [len(s) for s in shards.shards] == [4, 3] and shards.rest == [["rest-0"]]
+    # Worker 1 takes its shard (b4..b6) front to back, then steals from the back of worker 0's.
+    assert [shards.take(1, 3)[0] for _ in range(3)] == ["b4-0", "b5-0", "b6-0"]
+    assert shards.take(1, 3)[0] == "b3-0" and shards.steals == 1
+    assert shards.take(0, 1) == ["rest-0"]  # the one shorter batch, for the job of its length
+    assert [shards.take(0, 3)[0] for _ in range(3)] == ["b0-0", "b1-0", "b2-0"]
+    assert not any(shards.shards) and shards.steals == 1
+    # More workers than full batches: one shard per batch; a worker without one steals.
+    few = Shards([["a"], ["b"]], 4)
+    assert len(few.shards) == 2 and few.take(3, 1) in (["a"], ["b"])
+
+
+def test_worker_batches_keep_each_category_together_in_first_seen_order(small_items):
+    from anomalyclaw.eval.running.workers import grouped
+
+    mixed = copies(small_items, 3 * len(small_items))
+    order = grouped(mixed)
+    assert sorted(it.item_id for it in order) == sorted(it.item_id for it in mixed)
+    keys = [(it.domain, it.category) for it in order]
+    changes = sum(1 for a, b in zip(keys, keys[1:]) if a != b)
+    assert changes == len(set(keys)) - 1  # each group contiguous
+    firsts = list(dict.fromkeys((it.domain, it.category) for it in mixed))
+    assert list(dict.fromkeys(keys)) == firsts
+
+
 def test_sigkill_of_a_worker_mid_run_redoes_its_items(small_items, tmp_path, caplog, kill_mid_run):
     items = copies(small_items, 24)
     runner = ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path, progress=False, batch_size=2)
