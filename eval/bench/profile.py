@@ -15,20 +15,25 @@ their time goes to the code that called them). So the table's milliseconds are C
 up to the process's CPU per item, and what no thread's clock accounts for (threads that ended
 between two samples) is shown as such.
 
-How the CPU is spread: a thread found waiting (its innermost frame is a known wait: the event
-loop's ``select``, a condition, lock or queue wait, an idle executor worker, a compute slot's
-gate) spent the CPU since its last sample somewhere before it blocked, so that sample says
-nothing about where. Each thread's CPU (exact, from its clock) is therefore divided among the
-places it was found running, in proportion to how often it was found there (a sampler's unbiased
-estimate of on-CPU time); only a thread never found running keeps its CPU where it waited. And
-while sampling, a thread that wants the GIL asks its holder for it after a tenth of the sampling
-interval instead of CPython's 5 ms, so the sampler also finds pure Python that runs for a few
-milliseconds between two releases of the GIL (at 5 ms it got the GIL only where a thread gave it
-up). Charging each sample's CPU to the frame it was found in, as the first version did, put most
-of the event-loop thread's CPU into ``select`` (12 of its 20 ms/item; "HTTP" read 28% of the
-process) and LangGraph at 0.3 ms/item. What it still cannot do: a thread that wants the GIL back
-(after a socket write, an OpenCV or torch kernel) is found where it waits for it, and that wait
-counts as running there. The total and the event-loop thread's CPU are exact; an A/B of the
+How the CPU is spread: each sample charges the CPU a thread's clock moved since the previous
+sample (not the sample itself: a thread found in the same place while its clock stands still,
+such as the records' writer in ``fsync``, spent nothing there). A thread found waiting (its
+innermost frame is a known wait: the event loop's ``select``, a condition, lock or queue wait, an
+idle executor worker, a compute slot's gate) spent that CPU before it blocked, so it goes to
+where the thread last ran; one found blocked elsewhere (its clock next to still) likewise. A
+thread found somewhere else than the last sample found it running moved in between, so that
+CPU is split between the two places, or goes all to the first if the thread turns out to have
+gone to the second to block. The first version charged each sample's CPU to the frame it was
+found in, which put most of the event-loop thread's CPU into ``select`` (12 of its 20 ms/item)
+and LangGraph at 0.3 ms/item; the second spread each thread's CPU in proportion to how often it
+was found running somewhere, which charged the compute threads' CPU to the records' ``fsync``
+they also sit in (records read 27-39 ms/item; now 1.1, and the compute categories agree with the
+exact compute-stage clocks: tools 20.2 against ``side_by_side_compare``'s 17.5, experts 14.4
+against 14.2). While sampling, a thread that wants the GIL asks its holder for it after a tenth
+of the sampling interval instead of CPython's 5 ms, so the sampler also finds pure Python that
+runs for a few milliseconds between two releases of the GIL (at 5 ms it got the GIL only where a
+thread gave it up). What it cannot know is where a thread that moved between two samples spent
+that interval's CPU (it splits it), so the finest split is a guide. The total and the event-loop thread's CPU are exact; an A/B of the
 process's CPU (two runs, one change) is the way to price one function. A sampling profiler
 from outside (py-spy) was tried first: on this 2-core machine its "active thread" heuristic
 charged several times the process's CPU time (threads waiting on a queue or the GIL counted as
@@ -193,16 +198,65 @@ def _wait_frames() -> frozenset[tuple[str, str]]:
                                 where(threads.compute_slot)})
 
 
-class _ThreadTally:
-    """One thread's samples: its CPU, where it was found running (sample counts) and the CPU
-    found at waits (charged there only if it is never found running)."""
+#: A thread whose clock moved less than this fraction of the time between two samples was
+#: blocked (in a system call such as ``fsync``, a sleep, a wait for the GIL) wherever it is found.
+IDLE_FRACTION = 0.1
 
-    __slots__ = ("cpu", "running", "waited")
+
+class _ThreadTally:
+    """One thread's CPU: ``cpu`` in all, ``running`` charged to the places it ran, ``waited``
+    found at waits before it was ever found running. ``last``: where it last ran; ``before``:
+    how the previous sample found it (``"wait"``, ``"idle"`` or ``"busy"``, and where);
+    ``pending``: the CPU of an interval in which it moved from one place to another, until the
+    next sample says whether it went there to block."""
+
+    __slots__ = ("cpu", "running", "waited", "last", "before", "pending")
 
     def __init__(self) -> None:
         self.cpu = 0.0
         self.running: Counter = Counter()
         self.waited: Counter = Counter()
+        self.last: tuple[str, str] | None = None
+        self.before: tuple[str, tuple[str, str] | None] = ("wait", None)
+        self.pending: tuple[tuple[str, str], tuple[str, str], float] | None = None
+
+    def charge(self, key: tuple[str, str], spent: float, how: str) -> None:
+        """The CPU ``spent`` since the previous sample, which finds the thread at ``key``:
+        ``how`` is ``"wait"`` (a known wait), ``"idle"`` (its clock next to still: blocked in a
+        system call such as ``fsync``, a sleep or a wait for the GIL) or ``"busy"``."""
+        self.cpu += spent
+        if self.pending is not None:
+            came_from, went_to, moved = self.pending
+            self.pending = None
+            if how == "idle" and key == went_to:  # it went there to block: it ran where it came from
+                self.running[came_from] += moved
+                self.last = came_from
+            else:
+                self.running[came_from] += moved / 2
+                self.running[went_to] += moved / 2
+        was, where = self.before
+        self.before = (how, key)
+        if how == "wait":  # spent before it blocked: where it last ran
+            (self.running if self.last is not None else self.waited)[self.last or key] += spent
+        elif how == "idle":
+            self.running[key] += spent
+        elif was == "idle" and where == key and self.last not in (None, key):
+            # Blocked here at the last sample and here again: it ran where it last ran, in between.
+            self.running[self.last] += spent
+        elif was == "wait" or self.last in (None, key) or was == "idle":
+            self.running[key] += spent
+            self.last = key
+        else:
+            self.pending = (self.last, key, spent)
+            self.last = key
+
+    def settle(self) -> None:
+        """The last sample's move, if any, half to each side."""
+        if self.pending is not None:
+            came_from, went_to, moved = self.pending
+            self.running[came_from] += moved / 2
+            self.running[went_to] += moved / 2
+            self.pending = None
 
 
 class CPUSampler:
@@ -258,7 +312,9 @@ class CPUSampler:
             value = self._clock(ident)
             if value is not None:
                 self._last[ident] = value
+        at = time.monotonic()
         while not self._stop.wait(self.interval_s):
+            before, at = at, time.monotonic()
             frames = _current_frames()
             self.samples += 1
             for ident, frame in frames.items():
@@ -270,22 +326,25 @@ class CPUSampler:
                 spent = now - self._last.get(ident, now)
                 self._last[ident] = now
                 thread = self._threads.setdefault(ident, _ThreadTally())
-                thread.cpu += max(spent, 0.0)
-                if self.waiting(frame):
-                    if spent > 0:
-                        thread.waited[self.category(frame)] += spent
-                else:
-                    thread.running[self.category(frame)] += 1
+                spent = max(spent, 0.0)
+                how = ("wait" if self.waiting(frame) else
+                       "idle" if spent < IDLE_FRACTION * (at - before) else "busy")
+                thread.charge(self.category(frame), spent, how)
             del frames
         self.own_seconds = time.thread_time()
         self._charge()
 
     def _charge(self) -> None:
-        """Each thread's CPU over the places it was found running (see the module docstring)."""
+        """Each thread's CPU where it ran (see the module docstring); what it spent before it was
+        first found running goes with the rest of its CPU."""
         for thread in self._threads.values():
+            thread.settle()
             found = sum(thread.running.values())
-            shares = ({key: thread.cpu * n / found for key, n in thread.running.items()} if found
-                      else thread.waited)
+            if found > 0:
+                scale = thread.cpu / found
+                shares = {key: seconds * scale for key, seconds in thread.running.items()}
+            else:
+                shares = dict(thread.waited)
             for (name, where), seconds in shares.items():
                 self.seconds[name] += seconds
                 self.functions[(name, where)] += seconds

@@ -66,6 +66,35 @@ def test_cpu_spent_before_a_wait_goes_to_the_code_that_spent_it_not_to_the_wait(
     assert spent["tools"] > 0.95 * total and spent["event loop"] < 0.02 * total, dict(sampler.functions)
 
 
+def _burn_then_block_in_a_call(rounds: int, burn_s: float, block_s: float) -> None:
+    for _ in range(rounds):
+        end = time.thread_time() + burn_s
+        while time.thread_time() < end:
+            pass
+        _write_durably(block_s)
+
+
+def _write_durably(block_s: float) -> None:
+    time.sleep(block_s)  # a blocking system call that is no known wait, as os.fsync in a write
+
+
+def test_a_thread_blocked_in_a_system_call_is_not_charged_the_cpu_it_spent_elsewhere():
+    # 3 ms of CPU, then 12 ms asleep inside _write_durably (as the records' writer sits in fsync):
+    # most samples find the thread there, "running" as far as its frame says, but its clock has
+    # not moved. Spread in proportion to where it was found, ~80% of the CPU went to the write.
+    def rules(filename: str, function: str) -> str | None:
+        return {"_burn_then_block_in_a_call": "tools", "_write_durably": "records"}.get(function)
+
+    worker = threading.Thread(target=_burn_then_block_in_a_call, args=(30, 0.003, 0.012))
+    with CPUSampler(interval_s=0.003, rules=rules) as sampler:
+        worker.start()
+        worker.join()
+    spent = sampler.seconds
+    total = spent["tools"] + spent["records"]
+    assert total > 0.06, dict(spent)  # ~0.09 s of CPU, seen
+    assert spent["tools"] > 0.85 * total, dict(sampler.functions)
+
+
 def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     import tqdm.auto
 
