@@ -33,8 +33,9 @@ against 14.2). While sampling, a thread that wants the GIL asks its holder for i
 of the sampling interval instead of CPython's 5 ms, so the sampler also finds pure Python that
 runs for a few milliseconds between two releases of the GIL (at 5 ms it got the GIL only where a
 thread gave it up). What it cannot know is where a thread that moved between two samples spent
-that interval's CPU (it splits it), so the finest split is a guide. The total and the event-loop thread's CPU are exact; an A/B of the
-process's CPU (two runs, one change) is the way to price one function. A sampling profiler
+that interval's CPU (it splits it), so the finest split is a guide. The total and the
+event-loop thread's CPU are exact; an A/B of the process's CPU (two runs, one change) is the way
+to price one function. A sampling profiler
 from outside (py-spy) was tried first: on this 2-core machine its "active thread" heuristic
 charged several times the process's CPU time (threads waiting on a queue or the GIL counted as
 running), so its shares could not be read as CPU.
