@@ -20,10 +20,12 @@ sample (not the sample itself: a thread found in the same place while its clock 
 such as the records' writer in ``fsync``, spent nothing there). A thread found waiting (its
 innermost frame is a known wait: the event loop's ``select``, a condition, lock or queue wait, an
 idle executor worker, a compute slot's gate) spent that CPU before it blocked, so it goes to
-where the thread last ran; one found blocked elsewhere (its clock next to still) likewise. A
-thread found somewhere else than the last sample found it running moved in between, so that
-CPU is split between the two places, or goes all to the first if the thread turns out to have
-gone to the second to block. The first version charged each sample's CPU to the frame it was
+where the thread last ran. One found with its clock next to still (blocked in a system call,
+a sleep, a wait for the GIL) keeps the little it spent where it is found, and if the next sample
+finds it there again with CPU spent, that CPU goes to where it last ran (it ran there and came
+back to block). A thread found somewhere else than the last sample found it running moved in
+between, so that CPU is split between the two places, or goes all to the first if the thread
+turns out to have gone to the second to block. The first version charged each sample's CPU to the frame it was
 found in, which put most of the event-loop thread's CPU into ``select`` (12 of its 20 ms/item)
 and LangGraph at 0.3 ms/item; the second spread each thread's CPU in proportion to how often it
 was found running somewhere, which charged the compute threads' CPU to the records' ``fsync``
