@@ -400,10 +400,13 @@ class RegionSearch:
     def template(self, gray: np.ndarray) -> tuple[np.ndarray, int] | None:
         """The box of ``gray`` at the match's scale and the matching method it needs (None when
         the box is not searched)."""
+        x0, y0, x1, y1 = self.box
+        return self.template_of_box(gray[y0:y1, x0:x1])
+
+    def template_of_box(self, tpl: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """:meth:`template` from the box's pixels alone (``gray[y0:y1, x0:x1]``)."""
         if not self.searched:
             return None
-        x0, y0, x1, y1 = self.box
-        tpl = gray[y0:y1, x0:x1]
         if self.scale < 1.0:
             tpl = cv2.resize(tpl, (max(2, round(self.bw * self.scale)), max(2, round(self.bh * self.scale))),
                              interpolation=cv2.INTER_AREA)

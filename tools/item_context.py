@@ -24,6 +24,10 @@ from anomalyclaw.items import Item
 
 from .imageops import blur, to_gray, to_lab
 
+#: Pixels around a box that :meth:`ItemContext.lab_box` converts with it: more than the reach of
+#: the sigma-1 blur of :meth:`ItemContext.lab` (OpenCV's float kernel: 4 px each side).
+LAB_BLUR_REACH = 6
+
 if TYPE_CHECKING:
     from anomalyclaw.experts.base import ExpertResult
     from anomalyclaw.experts.released import ReleasedScoreCache
@@ -182,6 +186,29 @@ class ItemContext:
         if index is None:
             return self.item_cached("gray", lambda: to_gray(self.query))
         return self.reference_file_cached(index, "gray", lambda: to_gray(self.reference_aligned(index)))
+
+    def lab_box(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        """``lab()[y0:y1, x0:x1]`` of the query for a pixel ``box`` (exclusive ends): the same
+        numbers (the blur's vector and scalar loops may round a last bit apart), converted from the box and the blur's reach around it unless the whole image's
+        Lab is cached already (a tool that reads one box of the query need not convert it all)."""
+        return self._query_box("lab", box, LAB_BLUR_REACH, lambda crop: blur(to_lab(crop), 1.0, in_place=True))
+
+    def gray_box(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        """``gray()[y0:y1, x0:x1]`` of the query, converted from the box alone unless cached."""
+        return self._query_box("gray", box, 0, to_gray)
+
+    def _query_box(self, name: str, box: tuple[int, int, int, int], reach: int,
+                   convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        with self._lock:
+            whole = self._memo.get(name)
+        if whole is not None:
+            return whole[y0:y1, x0:x1]
+        # A per-pixel conversion and a blur of radius < reach: inside the box, the crop's result
+        # is the whole image's (where the crop's edge is the image's, both reflect the same way).
+        h, w = self.query.shape[:2]
+        a0, b0, a1, b1 = max(0, x0 - reach), max(0, y0 - reach), min(w, x1 + reach), min(h, y1 + reach)
+        return convert(self.query[b0:b1, a0:a1])[y0 - b0:y1 - b0, x0 - a0:x1 - a0]
 
     def reference_full(self, index: int) -> np.ndarray:
         """Reference ``index`` resized to the shape of :attr:`query_full` (for zoom crops)."""

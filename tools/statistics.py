@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .imageops import RegionSearch, box_delta_e, to_gray, to_lab
+from .imageops import RegionSearch, box_delta_e, mean_delta_e, to_gray, to_lab
 from .item_context import ItemContext
 from .observation import ramp
 
@@ -38,12 +38,15 @@ def region_distances(ctx: ItemContext, box: tuple[int, int, int, int]) -> dict:
     search = RegionSearch(ctx.query.shape, box, search_margin=margin)
     # Each image's template and search window, resized once for every pair it is in.
     windows = {i: search.window_of(ctx.gray(i)) for i in candidates}
-    query_template = search.template(ctx.gray())
+    # The query's box alone is converted (the references' whole images are cached for the run).
+    query_template = search.template_of_box(ctx.gray_box(box))
+    query_lab = ctx.lab_box(box)
     matches = []
     for i in candidates:
         matched = search.match(query_template, windows[i])
+        u0, v0, u1, v1 = matched
         matches.append({"reference": i, "matched_px": matched,
-                        "distance": box_delta_e(ctx.lab(), box, ctx.lab(i), matched)})
+                        "distance": mean_delta_e(query_lab, ctx.lab(i)[v0:v1, u0:u1])})
     matches.sort(key=lambda m: m["distance"])
     loo = []
     if len(candidates) >= 2:

@@ -231,3 +231,28 @@ def test_sampled_region_distances_keep_the_excess_of_averaging_every_pixel(tmp_p
                 full = region_distances(ctx, box)["excess"]
             errors.append(abs(sampled - full) / full)
     assert len(errors) == 18 and float(np.median(errors)) < 0.01 and max(errors) < 0.05
+
+
+def test_box_conversions_of_the_query_are_the_whole_images_crops(items_by_domain):
+    """lab_box / gray_box convert only the box and the blur's reach, to the numbers of cropping
+    lab() / gray() (the blur's vector and scalar loops may round a last bit differently), at the
+    image's edges too; region_distances then leaves the whole query unconverted."""
+    from anomalyclaw.tools.statistics import region_distances
+
+    rng = np.random.default_rng(1)
+    for code in ("S1", "S2", "S7"):
+        item = items_by_domain[code][1]
+        whole = ItemContext(item).preload()
+        h, w = whole.query.shape[:2]
+        boxes = [(0, 0, w, h), (0, 0, 9, 9), (w - 9, h - 9, w, h), (0, 40, 20, h)]
+        for _ in range(6):
+            x0, y0 = (int(v) for v in rng.integers(0, 100, 2))
+            boxes.append((x0, y0, int(rng.integers(x0 + 4, w + 1)), int(rng.integers(y0 + 4, h + 1))))
+        for x0, y0, x1, y1 in boxes:
+            ctx = ItemContext(item).preload()
+            np.testing.assert_allclose(ctx.lab_box((x0, y0, x1, y1)), whole.lab()[y0:y1, x0:x1], rtol=0, atol=1e-4)
+            assert np.array_equal(ctx.gray_box((x0, y0, x1, y1)), whole.gray()[y0:y1, x0:x1])
+            distances = region_distances(ctx, (x0, y0, x1, y1))
+            assert "lab" not in ctx._memo and "gray" not in ctx._memo
+            assert distances["query_distance"] == pytest.approx(region_distances(whole, (x0, y0, x1, y1))["query_distance"],
+                                                                rel=1e-5)
