@@ -15,6 +15,7 @@ the same grid whatever their own sizes; experts map patch scores back to each im
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,15 +108,23 @@ def _cell_mean(image: np.ndarray, grid: int) -> np.ndarray:
     return cv2.resize(image, (grid, grid), interpolation=cv2.INTER_AREA)
 
 
+@functools.lru_cache(maxsize=16)
+def _cell_index(side: int, grid: int, n_bins: int) -> np.ndarray:
+    """``[side, side]`` intp: each pixel's cell times ``n_bins`` (the first bin of its cell in
+    :func:`_cell_histogram`'s counts); built once per geometry, read-only."""
+    cell_row = np.arange(side) // (side // grid)
+    index = ((cell_row[:, None] * grid + cell_row[None, :]) * n_bins).astype(np.intp)
+    index.flags.writeable = False
+    return index
+
+
 def _cell_histogram(bins_of_pixel: np.ndarray, weights: np.ndarray | None, grid: int,
                     n_bins: int) -> np.ndarray:
     """``[grid, grid, n_bins]``: per cell, the mean over its pixels of ``weights`` (1 when
     None) falling in each bin; one ``bincount`` instead of a per-pixel one-hot array."""
     side = bins_of_pixel.shape[0]
     cell = side // grid
-    cell_row = np.arange(side) // cell
-    cell_index = (cell_row[:, None] * grid + cell_row[None, :]) * n_bins
-    counts = np.bincount((cell_index + bins_of_pixel).ravel(),
+    counts = np.bincount((_cell_index(side, grid, n_bins) + bins_of_pixel).ravel(),
                          weights=None if weights is None else weights.ravel(),
                          minlength=grid * grid * n_bins)
     return (counts / (cell * cell)).reshape(grid, grid, n_bins).astype(np.float32)
@@ -146,7 +155,7 @@ def _orientation_histograms(magnitude: np.ndarray, angle: np.ndarray, grid: int,
 
 def _lbp_histograms(lightness: np.ndarray, grid: int) -> np.ndarray:
     """Per cell: the frequency of each of the 10 rotation-invariant uniform LBP labels."""
-    return _cell_histogram(_lbp_riu2(lightness).astype(np.int64), None, grid, 10)
+    return _cell_histogram(_lbp_riu2(lightness), None, grid, 10)
 
 
 @dataclass

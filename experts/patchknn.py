@@ -22,10 +22,30 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def nearest_distances(query: np.ndarray, bank: np.ndarray, k: int = 1, device: str = "cpu", *,
+class Bank:
+    """A patch bank ``[N, D]`` made ready for :func:`nearest_distances`: centred on its mean, cut
+    into tiles of ``bank_tile`` rows (None: one tile) with their squared norms, on ``device``.
+    An expert builds it once per fit, so an item's search allocates only its own blocks."""
+
+    def __init__(self, bank: np.ndarray, device: str = "cpu", bank_tile: int | None = BANK_TILE, k: int = 1):
+        import torch
+
+        self.rows = int(bank.shape[0])
+        tile = self.rows if bank_tile is None else max(int(bank_tile), int(k))
+        with torch.inference_mode():
+            bank_t = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device)
+            self.centre = bank_t.mean(dim=0, keepdim=True)
+            bank_t = bank_t - self.centre
+            bank_sq = (bank_t * bank_t).sum(dim=1)[None, :]
+            self.tiles = [(bank_sq[:, c:c + tile], bank_t[c:c + tile].T) for c in range(0, self.rows, tile)]
+        self.device, self.tile = device, tile
+
+
+def nearest_distances(query: np.ndarray, bank: np.ndarray | Bank, k: int = 1, device: str = "cpu", *,
                       bank_tile: int | None = BANK_TILE) -> np.ndarray:
     """float32 ``[M]``: mean Euclidean distance of each query row ``[M, D]`` to its ``k``
-    nearest rows of ``bank`` ``[N, D]``.
+    nearest rows of ``bank`` ``[N, D]`` (or a :class:`Bank` of them, whose device and tiles
+    then stand for ``device`` and ``bank_tile``).
 
     One fused ``|b|^2 - 2 q.b`` matrix product per block of query rows and ``bank_tile`` bank
     rows (None: the whole bank; torch, on ``device``: the backbone's GPU when it has one, else
@@ -35,19 +55,15 @@ def nearest_distances(query: np.ndarray, bank: np.ndarray, k: int = 1, device: s
     """
     import torch
 
-    k = min(int(k), bank.shape[0])
-    tile = bank.shape[0] if bank_tile is None else max(int(bank_tile), k)
+    if not isinstance(bank, Bank):
+        bank = Bank(bank, device, bank_tile, k)
+    k = min(int(k), bank.rows)
     with torch.inference_mode():
-        bank_t = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device)
-        centre = bank_t.mean(dim=0, keepdim=True)
-        bank_t = bank_t - centre
-        bank_sq = (bank_t * bank_t).sum(dim=1)[None, :]
-        tiles = [(bank_sq[:, c:c + tile], bank_t[c:c + tile].T) for c in range(0, bank_t.shape[0], tile)]
         out = []
         for start in range(0, query.shape[0], _CHUNK):
             block = torch.from_numpy(np.ascontiguousarray(query[start:start + _CHUNK], dtype=np.float32))
-            block = block.to(device) - centre
-            parts = [_smallest(torch.addmm(sq, block, bt, alpha=-2.0), min(k, bt.shape[1]), 1) for sq, bt in tiles]
+            block = block.to(bank.device) - bank.centre
+            parts = [_smallest(torch.addmm(sq, block, bt, alpha=-2.0), min(k, bt.shape[1]), 1) for sq, bt in bank.tiles]
             nearest = parts[0] if len(parts) == 1 else _smallest(torch.cat(parts, dim=1), k, 1)
             squared = nearest + (block * block).sum(dim=1, keepdim=True)
             out.append(squared.clamp_min(0).sqrt().mean(dim=1).cpu().numpy())
@@ -203,14 +219,23 @@ class PatchKNNExpert(Expert):
             "euclidean" if getattr(self.backbone_, "name", "") == "classic" else "cosine")
         self.reference_grids_ = self._prepare(reference_features)
         self.bank_ = self.reference_grids_.reshape(-1, self.reference_grids_.shape[-1])
+        self.search_bank_: Bank | None = None
+
+    def _search_bank(self) -> Bank:
+        """The fitted bank as a :class:`Bank`, built at the first query (two threads may both
+        build it; either result is the same)."""
+        prepared = self.search_bank_
+        if prepared is None:
+            prepared = self.search_bank_ = Bank(self.bank_, self.backbone_.device, BANK_TILE, int(self.k))
+        return prepared
 
     def _patch_scores(self, query_features: np.ndarray) -> np.ndarray:
         query = self._prepare(query_features)
         if self.positional_radius is not None:
             distances = positional_distances(query, self.reference_grids_, int(self.positional_radius), int(self.k))
         else:
-            distances = nearest_distances(query.reshape(-1, query.shape[-1]), self.bank_, int(self.k),
-                                          self.backbone_.device).reshape(self.grid_)
+            distances = nearest_distances(query.reshape(-1, query.shape[-1]), self._search_bank(), int(self.k)
+                                          ).reshape(self.grid_)
         return self._to_score(distances)
 
     def _held_out_patch_scores(self, reference_features: np.ndarray, groups: np.ndarray,

@@ -16,7 +16,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from anomalyclaw.experts import (ClassicBackbone, ExpertPool, PatchKNNExpert, SubspaceExpert, normalize_map,
                                  overlay_heatmap, suggest_bbox, top_regions)
-from anomalyclaw.experts.patchknn import nearest_distances, positional_distances
+from anomalyclaw.experts.patchknn import Bank, nearest_distances, positional_distances
 
 EXPERT_CLASSES = (PatchKNNExpert, SubspaceExpert)
 
@@ -181,6 +181,22 @@ def test_nearest_distances_match_scikit_learn():
         whole = nearest_distances(query, bank, k, bank_tile=None)
         for tile in (128, 77, 2, 1, 499, 5000):
             assert np.allclose(nearest_distances(query, bank, k, bank_tile=tile), whole, rtol=0, atol=1e-6), tile
+        # A prepared Bank, as a fitted expert keeps it across queries, gives the same numbers.
+        for tile in (None, 128):
+            prepared = Bank(bank, bank_tile=tile, k=k)
+            assert np.array_equal(nearest_distances(query, prepared, k), nearest_distances(query, bank, k, bank_tile=tile))
+
+
+def test_a_fitted_patch_knn_builds_its_search_bank_once_and_a_refit_replaces_it():
+    rng = np.random.default_rng(2)
+    references = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    expert = PatchKNNExpert(ClassicBackbone(work_size=64)).fit(references)
+    query = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    first = expert.score(query)
+    bank = expert.search_bank_
+    assert bank is not None and expert.score(query).score == first.score and expert.search_bank_ is bank
+    expert.fit(references[:2])
+    assert expert.search_bank_ is None and expert.score(query).score != first.score
 
 
 def test_positional_search_with_a_wide_radius_is_the_free_search():
