@@ -433,9 +433,11 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
                 measured = copies(items, n_items)
             sampler, collector = CPUSampler(interval_s), GCClock()
             # With the progress bar, as `anomalyclaw run` draws it; what it draws is discarded.
+            usage0 = _usage()
             with sampler, collector, threads.clock_stages() as stages, contextlib.redirect_stderr(io.StringIO()):
                 row = _run(measured, _vlm(url, concurrency, client, transport), work / "measured", config, pool,
                            progress=True)
+            usage1 = _usage()
     summary = row.pop("summary")
     done = max(1, row["items"])
     cpu_ms = round(1000 * sampler.process_seconds / done, 1)  # the sampled window: the pass, start to end
@@ -453,9 +455,22 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
             "stages": {label: {"ms_per_item": round(1000 * sec / done, 2), "calls_per_item": round(stages.calls[label] / done, 2)}
                        for label, sec in sorted(stages.seconds.items(), key=lambda kv: -kv[1])},
             "loop_cpu_ms_per_item": row["loop_cpu_ms_per_item"], "items_per_s": row["items_per_s"],
+            # The kernel's share of the process CPU, and the fresh pages it had to fault in.
+            "system_ms_per_item": (round(1000 * (usage1[0] - usage0[0]) / done, 1) if usage0 else None),
+            "page_faults_per_item": (round((usage1[1] - usage0[1]) / done) if usage0 else None),
             "requests_per_item": row["requests_per_item"], "samples": sampler.samples, "by_category": by,
             "top_functions": top,
             "pool": summary.cache.get("experts", {})}
+
+
+def _usage() -> tuple[float, int] | None:
+    """(system CPU seconds, minor page faults) of this process so far; None without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_stime, ru.ru_minflt
 
 
 def format_profile(result: dict[str, Any]) -> str:
@@ -476,6 +491,9 @@ def format_profile(result: dict[str, Any]) -> str:
                      + "/".join(str(n) for n in result["gc_passes"]) + " passes)")
     lines.append(f"{'total (process CPU)':<24} {result['cpu_ms_per_item']:>8.1f}   (event-loop thread "
                  f"{result['loop_cpu_ms_per_item']:.1f} ms/item; {result['items_per_s']:.1f} items/s)")
+    if result.get("system_ms_per_item") is not None:
+        lines.append(f"{'of it in the kernel':<24} {result['system_ms_per_item']:>8.1f}   "
+                     f"({result['page_faults_per_item']} page faults per item: fresh pages the kernel zeroes)")
     if result.get("stages"):
         lines += ["", "compute-thread stages, exact CPU (each compute slot's own thread clock; ms/item, calls/item)"]
         lines += [f"{v['ms_per_item']:>8.2f}  {v['calls_per_item']:>5.2f}  {label}" for label, v in result["stages"].items()]

@@ -125,6 +125,9 @@ def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     # What no thread's clock accounts for is small, and never negative beyond rounding.
     assert -0.2 < parts["unattributed"] < 0.25 * result["cpu_ms_per_item"]
     assert "total (process CPU)" in format_profile(result)
+    # The kernel's part of that CPU, and the page faults behind most of it, are reported.
+    assert 0 <= result["system_ms_per_item"] < result["cpu_ms_per_item"] and result["page_faults_per_item"] > 0
+    assert f"({result['page_faults_per_item']} page faults per item" in format_profile(result)
     # The compute threads' stages, each by its own thread clock: the item's preparation, its
     # tool call, the experts and the maps, within the process's CPU.
     stages = result["stages"]
