@@ -1,6 +1,7 @@
 """The batch runner: every item of a manifest through the pipeline, one durable record each.
 
-Async, with one bound on concurrent VLM requests (held by the VLM object the whole run shares);
+Async, with one bound on concurrent VLM requests (held by the VLM object the whole run shares;
+a free slot goes to the waiting request of the item started earliest, :mod:`anomalyclaw.priority`);
 both branches of an item run at once; records are appended as each item finishes, so a run
 killed at any moment loses nothing finished, and ``resume`` skips what is recorded. A corrupt
 image, a failing tool or a flaky endpoint costs one item an error record, never the run; an
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import hashlib
 import json
 import logging
@@ -42,6 +44,7 @@ from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadE
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
 from anomalyclaw.paths import safe_file_name, writable_folder, write_atomic
+from anomalyclaw.priority import item_order
 from anomalyclaw.threads import frozen_heap, intra_op_threads, limit_compute_threads, to_compute_thread
 from anomalyclaw.version import __version__, library_versions
 from anomalyclaw.graph.context import make_context
@@ -487,6 +490,8 @@ class Runner:
                 raise
             counted(key, record)
 
+        started = itertools.count()
+
         async def worker() -> None:
             while self._stop_reason is None:
                 try:
@@ -495,7 +500,8 @@ class Runner:
                     return
                 key = id(job)
                 owed[key] = size(job)
-                await handle(job, functools.partial(emit, key))
+                with item_order(next(started)):  # its requests wait behind those of older jobs only
+                    await handle(job, functools.partial(emit, key))
                 del owed[key]
 
         workers = [asyncio.create_task(worker())

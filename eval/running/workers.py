@@ -31,6 +31,7 @@ import asyncio
 import collections
 import dataclasses
 import gc
+import itertools
 import logging
 import math
 import multiprocessing
@@ -46,6 +47,7 @@ from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, EndpointConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
 from anomalyclaw.items import Item
+from anomalyclaw.priority import item_order
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.threads import default_compute_slots, set_compute_slots
 
@@ -147,6 +149,7 @@ class _BatchJudge:
     def __init__(self, runner: Runner):
         self.runner = runner
         self._slots: asyncio.Semaphore | None = None
+        self._started = itertools.count()
 
     async def judge(self, items: Sequence[Item], send: Callable[[Record], None]) -> None:
         if self._slots is None:
@@ -154,7 +157,8 @@ class _BatchJudge:
 
         async def one(item: Item) -> None:
             async with self._slots:
-                send(await self.runner.judge(item))
+                with item_order(next(self._started)):  # as the runner orders its own items' requests
+                    send(await self.runner.judge(item))
 
         tasks = [asyncio.ensure_future(one(it)) for it in items]
         try:

@@ -46,6 +46,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from anomalyclaw.config import EndpointConfig, redact
 from anomalyclaw.errors import EndpointFatalError, EndpointUnreachableError
 from anomalyclaw.events import emit
+from anomalyclaw.priority import PrioritySlots
 from anomalyclaw.threads import to_compute_thread
 
 from .replicas import Replica, ReplicaSet, public_url
@@ -210,7 +211,8 @@ class _EndpointVLM(ABC):
     """Retries, the concurrency bound and the measurements shared by the real clients.
 
     ``max_concurrency`` is THE bound on requests in flight for everything that shares this
-    object (a whole run shares one); waiting for a retry does not hold a slot. With several
+    object (a whole run shares one); waiting for a retry does not hold a slot, and waiting
+    requests get a slot oldest item first (:mod:`anomalyclaw.priority`). With several
     ``base_urls`` (replicas of one endpoint) each attempt goes to the replica with the fewest
     requests in flight, a failing replica rests, and the run stops only when every replica is
     down (:mod:`~anomalyclaw.graph.vlm.replicas`).
@@ -228,7 +230,7 @@ class _EndpointVLM(ABC):
     """Replicas of the endpoint (empty: the one the client was built for)."""
     rest_after: int = 3
     down_after_s: float = 60.0
-    _bound: tuple[Any, asyncio.Semaphore, dict[int, Any], Any] | None = field(default=None, init=False, repr=False)
+    _bound: tuple[Any, PrioritySlots, dict[int, Any], Any] | None = field(default=None, init=False, repr=False)
     _replica_set: ReplicaSet | None = field(default=None, init=False, repr=False)
 
     @property
@@ -243,7 +245,7 @@ class _EndpointVLM(ABC):
         """Requests, errors and latency per replica (see :meth:`ReplicaSet.stats`)."""
         return self.replicas.stats()
 
-    def _loop_state(self) -> tuple[asyncio.Semaphore, dict[int, Any]]:
+    def _loop_state(self) -> tuple[PrioritySlots, dict[int, Any]]:
         """This event loop's semaphore and clients (one per replica, made on first use). Both
         belong to one loop (a pooled connection cannot be reused from another), so a new loop
         gets new ones: the same VLM serves one ``asyncio.run`` after another (a notebook,
@@ -251,7 +253,7 @@ class _EndpointVLM(ABC):
         loop = asyncio.get_running_loop()
         if self._bound is None or self._bound[0] is not loop:
             clients: dict[int, Any] = {}
-            self._bound = (loop, asyncio.Semaphore(max(1, self.max_concurrency)), clients, self._closer(clients))
+            self._bound = (loop, PrioritySlots(max(1, self.max_concurrency)), clients, self._closer(clients))
             try:  # run it to its yield: the loop now holds it, and finalises it when it shuts down
                 self._bound[3].__anext__().send(None)
             except StopIteration:
