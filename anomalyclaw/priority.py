@@ -45,35 +45,40 @@ class PrioritySlots:
 
     def __init__(self, n: int):
         self._free = max(1, int(n))
-        self._waiting: list[tuple[float, int, asyncio.Future]] = []
+        self._waiting: list[tuple[float, int, asyncio.Future]] = []  # a cancelled waiter's entry stays
+        self._live = 0  # waiters neither served nor cancelled
         self._arrival = itertools.count()
 
     @property
     def waiting(self) -> int:
         """Requests waiting for a slot."""
-        return sum(1 for _, _, f in self._waiting if not f.done())
+        return self._live
 
     @property
     def free(self) -> int:
         return self._free
 
     async def acquire(self) -> None:
-        if self._free > 0 and not self.waiting:
+        if self._free > 0 and not self._live:
             self._free -= 1
             return
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (current_item_order(), next(self._arrival), future))
+        self._live += 1
         try:
             await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():  # handed a slot as it was cancelled: pass it on
+            if future.cancelled():  # cancelled while waiting: its entry is skipped when reached
+                self._live -= 1
+            else:  # handed a slot as it was cancelled: pass it on
                 self.release()
             raise
 
     def release(self) -> None:
         while self._waiting:
             _, _, future = heapq.heappop(self._waiting)
-            if not future.done():  # a cancelled waiter's entry is skipped here
+            if not future.done():
+                self._live -= 1
                 future.set_result(None)
                 return
         self._free += 1
