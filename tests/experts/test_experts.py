@@ -540,3 +540,22 @@ def test_expert_benchmark_reports_per_domain_aurocs_and_times(tmp_path, capsys):
     assert saved["expert_params"] == {"anomaly_vfm": {"positional_radius": 1}}
     assert main(["bench", "experts", "--manifest", str(manifest), "--domains", "T9"]) == 2
     assert "no items" in capsys.readouterr().err
+
+
+def test_cell_histograms_are_the_direct_per_cell_counts():
+    from anomalyclaw.experts.backbones import _cell_histogram
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, size=(64, 64)).astype(np.uint8)
+    weights = rng.random((64, 64)).astype(np.float32)
+    for w in (None, weights):
+        got = _cell_histogram(labels, w, 8, 10)
+        expected = np.zeros((8, 8, 10))
+        for y in range(64):
+            for x in range(64):
+                expected[y // 8, x // 8, labels[y, x]] += 1.0 if w is None else w[y, x]
+        assert np.allclose(got, expected / 64, atol=1e-6)
+    # The cell index is built once per geometry and shared read-only.
+    from anomalyclaw.experts.backbones import _cell_index
+
+    assert _cell_index(64, 8, 10) is _cell_index(64, 8, 10) and not _cell_index(64, 8, 10).flags.writeable
