@@ -38,7 +38,7 @@ class Bank:
             bank_t = bank_t - self.centre
             bank_sq = (bank_t * bank_t).sum(dim=1)[None, :]
             self.tiles = [(bank_sq[:, c:c + tile], bank_t[c:c + tile].T) for c in range(0, self.rows, tile)]
-        self.device, self.tile = device, tile
+        self.device = device
 
 
 def nearest_distances(query: np.ndarray, bank: np.ndarray | Bank, k: int = 1, device: str = "cpu", *,

@@ -189,8 +189,9 @@ class ItemContext:
 
     def lab_box(self, box: tuple[int, int, int, int]) -> np.ndarray:
         """``lab()[y0:y1, x0:x1]`` of the query for a pixel ``box`` (exclusive ends): the same
-        numbers (the blur's vector and scalar loops may round a last bit apart), converted from the box and the blur's reach around it unless the whole image's
-        Lab is cached already (a tool that reads one box of the query need not convert it all)."""
+        numbers (the blur's vector and scalar loops may round a last bit apart), converted from
+        the box and the blur's reach around it unless the whole image's Lab is cached already (a
+        tool that reads one box of the query need not convert it all)."""
         return self._query_box("lab", box, LAB_BLUR_REACH, lambda crop: blur(to_lab(crop), 1.0, in_place=True))
 
     def gray_box(self, box: tuple[int, int, int, int]) -> np.ndarray:

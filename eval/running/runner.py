@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import hashlib
+import itertools
 import json
 import logging
 import os
