@@ -110,3 +110,30 @@ async def test_an_endpoint_serves_the_older_items_waiting_request_first(client):
         await vlm.aclose()
     texts = [b["messages"][0]["content"] for b in server.bodies]
     assert texts == ["holder", "item one", "item five"]
+
+
+async def test_the_runner_and_a_worker_give_each_item_its_start_order(small_items, tmp_path):
+    """The one-process runner and a worker's batch judge both put each item's requests under the
+    order in which the item got its slot (the worker's runner never drives items itself)."""
+    from anomalyclaw.eval.running.runner import Runner
+    from anomalyclaw.eval.running.workers import _BatchJudge
+    from anomalyclaw.graph.vlm import make_vlm
+
+    seen: dict[str, float] = {}
+
+    class Spy(Runner):
+        async def judge(self, item):
+            seen[item.item_id] = current_item_order()
+            return await super().judge(item)
+
+    items = small_items[:5]
+    runner = Spy(make_vlm("offline", max_concurrency=2), out_dir=tmp_path / "one", progress=False,
+                 item_concurrency=2)
+    await runner.run(items)
+    assert sorted(seen.values()) == [0, 1, 2, 3, 4] and seen[items[0].item_id] == 0
+    seen.clear()
+    judge = _BatchJudge(Spy(make_vlm("offline", max_concurrency=2), out_dir=tmp_path / "worker", progress=False,
+                            item_concurrency=2))
+    await judge.judge(items[:3], lambda record: None)
+    await judge.judge(items[3:], lambda record: None)
+    assert sorted(seen.values()) == [0, 1, 2, 3, 4] and seen[items[3].item_id] >= 3
