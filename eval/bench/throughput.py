@@ -213,6 +213,57 @@ def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentCon
             "sets_fitted": (summary.cache.get("experts") or {}).get("sets") if mode != "1 process" else 0}
 
 
+#: The bare client's request body in the scale rows' baseline: about the runner's mean request
+#: (686 KB per item over 3 requests with the default image policy, README "Request bytes per item").
+BARE_REQUEST_KB = 230
+BARE_CLIENT = "no agent"
+
+
+def bare_client_row(url: str, concurrency: int, n_items: int) -> dict[str, Any]:
+    """The scale rows' baseline: what the fake endpoint and the loopback allow with no agent in
+    the way. A bare aiohttp client sends ``n_items x 3`` chat requests of ~:data:`BARE_REQUEST_KB`
+    (one image data URL each) with ``concurrency`` in flight; figures per 3 requests, as an item
+    of the runner's rows makes them, so its ``ratio`` is the ceiling of theirs."""
+    import asyncio
+    import base64
+
+    import aiohttp
+
+    n = NOMINAL_REQUESTS_PER_ITEM * n_items
+    image = base64.b64encode(os.urandom(BARE_REQUEST_KB * 768)).decode()  # 4/3 of it: the KB asked
+    # One body for every request: the client does as little as a client can.
+    body = json.dumps({"model": "fake-vlm", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a bare request"},
+        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{image}"}}]}]}).encode()
+
+    async def main() -> tuple[int, int]:
+        slots, done, failed = asyncio.Semaphore(concurrency), 0, 0
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+            async def one() -> None:
+                nonlocal done, failed
+                async with slots:
+                    async with session.post(f"{url}/chat/completions", data=body,
+                                            headers={"Content-Type": "application/json"}) as reply:
+                        await reply.read()
+                        done, failed = done + (reply.status == 200), failed + (reply.status != 200)
+
+            await asyncio.gather(*(one() for _ in range(n)))
+        return done, failed
+
+    machine0, cpu, wall = _machine_cpu_s(), time.process_time(), time.perf_counter()
+    done, failed = asyncio.run(main())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    machine1 = _machine_cpu_s()
+    items = done / NOMINAL_REQUESTS_PER_ITEM
+    busy = ((machine1 - machine0) / (wall * (os.cpu_count() or 1))
+            if machine0 is not None and machine1 is not None and wall > 0 else None)
+    return {"mode": BARE_CLIENT, "items": round(items, 1), "errors": failed, "elapsed_s": round(wall, 3),
+            "items_per_s": round(items / wall, 3), "steady_items_per_s": None,
+            "requests_per_item": float(NOMINAL_REQUESTS_PER_ITEM),
+            "cpu_ms_per_item": round(cpu / max(items, 1e-9) * 1000, 1),
+            "machine_busy": round(busy, 3) if busy is not None else None, "respawns": 0, "sets_fitted": None}
+
+
 def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
     """Items per second while the run is in full swing: the least-squares slope of items
     finished against time, over the items between the ``low`` and ``high`` quantiles of the
@@ -265,8 +316,9 @@ def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Pa
 def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -> list[dict[str, Any]]:
     """The scale rows: at ``plan.scale_latency_s``, each concurrency with one process, worker
     processes and Ray actors (one local Ray for all its rows; its rows are left out, with the
-    reason, when Ray is not installed). Worker rows start cold: each worker fits its own
-    reference sets and fills its own caches (the one-process rows share the warm-up's)."""
+    reason, when Ray is not installed), after a :func:`bare_client_row` on the same endpoint, the
+    ceiling they are read against. Worker rows start cold: each worker fits its own reference
+    sets and fills its own caches (the one-process rows share the warm-up's)."""
     latency = plan.scale_latency_s
     rows: list[dict[str, Any]] = []
     session = None  # one local Ray for every Ray row, started as `anomalyclaw run --ray` starts it
@@ -283,6 +335,13 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
         with fake_endpoint_process(latency) as url:
             for concurrency in plan.scale_concurrencies:
                 n = plan.scale_items or max(plan.min_items, plan.scale_items_per_slot * concurrency)
+                # The same endpoint with no agent in the way: the ceiling of this concurrency's rows.
+                row = bare_client_row(url, concurrency, n)
+                ideal = concurrency / (NOMINAL_REQUESTS_PER_ITEM * latency)
+                rows.append({"latency_s": latency, "concurrency": concurrency, "transport": "aiohttp",
+                             "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
+                             "steady_ratio": None, **row})
+                log.info("scale %s", rows[-1])
                 for mode, transport in itertools.product(plan.scale_modes, plan.scale_transports):
                     if mode.startswith("ray") and session is None:
                         rows.append({"mode": mode, "concurrency": concurrency, "latency_s": latency,
@@ -317,12 +376,14 @@ def format_scale(rows: Sequence[dict[str, Any]]) -> str:
         steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
         busy = f"{r['machine_busy']:>12.2f}" if r.get("machine_busy") is not None else f"{'-':>12}"
         fits = f"{r['sets_fitted']:>8}" if r.get("sets_fitted") is not None else f"{'-':>8}"
-        lines.append(f"{where} {r['items']:>6} "
+        lines.append(f"{where} {r['items']:>6g} "
                      f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
                      f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {fits} {r['errors']:>6}")
     lines.append("cpu ms/item = this process + the workers after their start-up; machine busy = every "
                  "process's CPU (the fake endpoint's and Ray's own too) / (wall time x cores); sets fit = "
-                 "reference sets the workers' expert pools fitted (the one-process rows use the warm-up's)")
+                 "reference sets the workers' expert pools fitted (the one-process rows use the warm-up's); "
+                 f"{BARE_CLIENT} = the same endpoint driven by a bare aiohttp client, no agent (~{BARE_REQUEST_KB} KB "
+                 "requests, counted 3 to an item): the ceiling of the rows below it")
     return "\n".join(lines)
 
 

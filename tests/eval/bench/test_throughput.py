@@ -96,6 +96,13 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)
     rows = result["scale"]
+    # Each concurrency's rows follow a bare client on the same endpoint, as many requests, no agent.
+    bare = [r for r in rows if r["mode"] == "no agent"]
+    assert [(r["concurrency"], r["items"], r["errors"]) for r in bare] == [(2, 7.0, 0), (3, 7.0, 0)]
+    for row in bare:
+        assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and 0 < row["ratio"] <= 1.05
+    assert "no agent" in format_scale(rows) and "no agent = the same endpoint" in format_scale(rows)
+    rows = [r for r in rows if r["mode"] != "no agent"]
     assert [(r["mode"], r["concurrency"], r["transport"], r["items"]) for r in rows] == [
         (mode, conc, transport, 7) for conc in (2, 3) for mode in ("1 process", "workers 2")
         for transport in ("aiohttp", "httpx")]
@@ -108,6 +115,7 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
         assert (1 <= row["sets_fitted"] <= 8) if row["mode"] == "workers 2" else row["sets_fitted"] == 0
     assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
     assert [line.split()[-11] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
+    assert format_scale(result["scale"]).splitlines()[2].split()[2:4] == ["no", "agent"]
     args = build_parser().parse_args(["bench", "scale", "--json"])
     assert args.handler is cmd_bench and args.bench_command == "scale"
 
