@@ -96,6 +96,7 @@ def test_the_benchs_ray_row_runs_on_a_ray_it_did_not_start_and_leaves_it_up(loca
                      n_test_per_domain=2, image_size=64, domains=("S1",), scale_latency_s=0.02,
                      scale_concurrencies=(2,), scale_modes=("ray 2",), scale_items_per_slot=2)
     rows = run_bench(plan, work_dir=tmp_path)["scale"]
-    assert [(r["mode"], r["items"], r["errors"]) for r in rows] == [("ray 2", 4, 0)]
-    assert rows[0]["requests_per_item"] == 3.0 and rows[0]["ratio"] > 0
+    # The bare-client baseline on the same endpoint, then the Ray row.
+    assert [(r["mode"], r["items"], r["errors"]) for r in rows] == [("no agent", 4, 0), ("ray 2", 4, 0)]
+    assert rows[1]["requests_per_item"] == 3.0 and rows[1]["ratio"] > 0
     assert ray.is_initialized()
