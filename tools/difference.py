@@ -19,7 +19,7 @@ import numpy as np
 from anomalyclaw.imaging import resize_to
 
 from .item_context import ItemContext
-from .imageops import blur, match_illumination, register, to_lab, tolerant_delta_e
+from .imageops import blur, match_illumination, register, to_smooth_lab, tolerant_delta_e
 
 #: Difference maps are computed with the longer side capped at this many pixels (cost).
 DIFF_SIDE = 320
@@ -76,7 +76,7 @@ def _registered_delta_e(moving: np.ndarray, fixed: np.ndarray, fixed_lab: np.nda
     the shift-tolerant Delta E to ``fixed_lab``: (float32 (H, W) map, inf outside the warp;
     the :class:`~anomalyclaw.tools.imageops.Registration`)."""
     reg = register(moving, fixed, motion=motion, max_side=DIFF_REGISTRATION_SIDE)
-    moving_lab = blur(to_lab(reg.warped), 1.0, in_place=True)
+    moving_lab = to_smooth_lab(reg.warped)
     if illumination:
         moving_lab = match_illumination(moving_lab, fixed_lab, reg.valid, illumination)
         moving_lab = match_shading(moving_lab, fixed_lab, reg.valid, illumination)
@@ -138,7 +138,7 @@ def diff_view(ctx: ItemContext, index: int | None) -> tuple[np.ndarray, np.ndarr
 
     def compute() -> tuple[np.ndarray, np.ndarray]:
         rgb = resize_to(ctx.image(index), small)
-        return rgb, blur(to_lab(rgb), 1.0, in_place=True)
+        return rgb, to_smooth_lab(rgb)
 
     if index is None:
         return ctx.item_cached("diff_view", compute)

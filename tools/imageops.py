@@ -41,6 +41,12 @@ def to_lab(image: np.ndarray) -> np.ndarray:
     return cv2.LUT(cv2.cvtColor(image, cv2.COLOR_RGB2Lab), _LAB_OF_CODE)
 
 
+def to_smooth_lab(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> Lab float32, lightly blurred (sigma 1 px) against noise: the Lab the tools
+    compare images in."""
+    return blur(to_lab(image), 1.0, in_place=True)
+
+
 def to_gray(image: np.ndarray) -> np.ndarray:
     """RGB uint8 -> float32 grey in [0, 1]."""
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
@@ -299,7 +305,7 @@ def foreground_mask(image: np.ndarray, *, min_contrast: float = 12.0, lab: np.nd
     image has no foreground rather than half of its noise. ``lab``: the image's lightly blurred
     Lab when the caller has it (saves converting again).
     """
-    lab = blur(to_lab(image), 1.0, in_place=True) if lab is None else lab
+    lab = to_smooth_lab(image) if lab is None else lab
     border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
     first = _cut(delta_e(lab, np.median(border, axis=0).astype(np.float32)[None, None, :]), min_contrast)
     background = (~first).astype(np.float32)
@@ -331,7 +337,7 @@ def find_blobs(image: np.ndarray, min_area: int, lab: np.ndarray | None = None) 
     first. Kept: at least ``min_area`` px, 10% of the median blob's area and 40% of the median
     blob's contrast (fragments and faint lighting patches are not parts). ``lab``: the image's
     lightly blurred Lab when the caller has it."""
-    lab = blur(to_lab(image), 1.0, in_place=True) if lab is None else lab
+    lab = to_smooth_lab(image) if lab is None else lab
     fg = solid_objects(foreground_mask(image, lab=lab))
     h, w = fg.shape
     comps, labels = components(fg, min_area)

@@ -22,7 +22,7 @@ from anomalyclaw.domains import DomainCard
 from anomalyclaw.imaging import load_image, resize_longest, resize_to
 from anomalyclaw.items import Item
 
-from .imageops import blur, to_gray, to_lab
+from .imageops import to_gray, to_smooth_lab
 
 #: Pixels around a box that :meth:`ItemContext.lab_box` converts with it: more than the reach of
 #: the sigma-1 blur of :meth:`ItemContext.lab` (OpenCV's float kernel: 4 px each side).
@@ -177,9 +177,9 @@ class ItemContext:
         """:meth:`image` in Lab, lightly blurred (sigma 1 px) against noise: float32 H x W x 3,
         L in [0, 100]. Cached (per item for the query, per reference set for references)."""
         if index is None:
-            return self.item_cached("lab", lambda: blur(to_lab(self.query), 1.0, in_place=True))
+            return self.item_cached("lab", lambda: to_smooth_lab(self.query))
         return self.reference_file_cached(index, "lab",
-                                          lambda: blur(to_lab(self.reference_aligned(index)), 1.0, in_place=True))
+                                          lambda: to_smooth_lab(self.reference_aligned(index)))
 
     def gray(self, index: int | None = None) -> np.ndarray:
         """:meth:`image` as float32 grey in [0, 1]. Cached like :meth:`lab`."""
@@ -192,7 +192,7 @@ class ItemContext:
         numbers (the blur's vector and scalar loops may round a last bit apart), converted from
         the box and the blur's reach around it unless the whole image's Lab is cached already (a
         tool that reads one box of the query need not convert it all)."""
-        return self._query_box("lab", box, LAB_BLUR_REACH, lambda crop: blur(to_lab(crop), 1.0, in_place=True))
+        return self._query_box("lab", box, LAB_BLUR_REACH, to_smooth_lab)
 
     def gray_box(self, box: tuple[int, int, int, int]) -> np.ndarray:
         """``gray()[y0:y1, x0:x1]`` of the query, converted from the box alone unless cached."""

@@ -23,7 +23,7 @@ from .regions import BBOX_DESCRIPTION, px_to_norm, resolve_bbox
 from .statistics import (Z_EVIDENCE, compare_statistics, count_deviation, crop_statistics,
                          describe_statistic, region_distances)
 from .imageops import (CYAN, GREEN, RED, blur, captioned, delta_e, draw_box, excess_regions, find_blobs,
-                       foreground_mask, hstack, match_illumination, register, to_gray, to_lab,
+                       foreground_mask, hstack, match_illumination, register, to_gray, to_lab, to_smooth_lab,
                        warp_onto)
 
 FAMILY = "reference understanding"
@@ -383,7 +383,7 @@ def rotate_aligned_residual(moving: np.ndarray, fixed: np.ndarray, fixed_lab: np
     angle, the ECC correlation, the warped image and the mean residual."""
     init = rotation_candidates(moving_features, fixed_features)[0]
     reg = register(moving, fixed, motion="euclidean", init=init, max_side=128)
-    moving_lab = match_illumination(blur(to_lab(reg.warped), 1.0, in_place=True), fixed_lab, reg.valid)
+    moving_lab = match_illumination(to_smooth_lab(reg.warped), fixed_lab, reg.valid)
     residual = blur(delta_e(moving_lab, fixed_lab), max(1.0, max(fixed.shape[:2]) / 256))
     residual[~reg.valid] = 0.0
     mean = float(residual[reg.valid].mean()) if reg.valid.any() else float("inf")
