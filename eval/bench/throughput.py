@@ -179,6 +179,14 @@ def _machine_cpu_s() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def _busy_fraction(machine0: float | None, machine1: float | None, wall: float) -> float | None:
+    """The machine's busy CPU between two :func:`_machine_cpu_s` readings over ``wall`` seconds
+    and every core (None without both readings)."""
+    if machine0 is None or machine1 is None or wall <= 0:
+        return None
+    return (machine1 - machine0) / (wall * (os.cpu_count() or 1))
+
+
 def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any,
                 mode: str) -> dict[str, Any]:
     """One runner pass in one of the scale modes; CPU per item counts this process and, for the
@@ -200,8 +208,7 @@ def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentCon
     machine1 = _machine_cpu_s()
     workers_cpu = float(summary.workers.get("cpu_s") or 0.0)
     done = max(1, summary.n_done)
-    busy = ((machine1 - machine0) / (wall * (os.cpu_count() or 1))
-            if machine0 is not None and machine1 is not None and wall > 0 else None)
+    busy = _busy_fraction(machine0, machine1, wall)
     return {"mode": mode, "items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
             "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(out_dir),
             "requests_per_item": round(summary.requests / done, 3),
@@ -255,8 +262,7 @@ def bare_client_row(url: str, concurrency: int, n_items: int) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     machine1 = _machine_cpu_s()
     items = done / NOMINAL_REQUESTS_PER_ITEM
-    busy = ((machine1 - machine0) / (wall * (os.cpu_count() or 1))
-            if machine0 is not None and machine1 is not None and wall > 0 else None)
+    busy = _busy_fraction(machine0, machine1, wall)
     return {"mode": BARE_CLIENT, "items": round(items, 1), "errors": failed, "elapsed_s": round(wall, 3),
             "items_per_s": round(items / wall, 3), "steady_items_per_s": None,
             "requests_per_item": float(NOMINAL_REQUESTS_PER_ITEM),
@@ -289,6 +295,16 @@ def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: i
 
 
 # ------------------------------------------------------------------------------ sections
+def _rated(row: dict[str, Any], latency: float, concurrency: int, **where: Any) -> dict[str, Any]:
+    """``row`` with its place (``latency_s``, ``concurrency`` and ``where``) and its rates against
+    the ideal ``concurrency / (requests per item x latency)``: ``ratio`` and ``steady_ratio``."""
+    ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
+    steady = row["steady_items_per_s"]
+    return {"latency_s": latency, "concurrency": concurrency, **where,
+            "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
+            "steady_ratio": round(steady / ideal, 3) if steady else None, **row}
+
+
 def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -> list[dict[str, Any]]:
     """One row per (latency, concurrency) and client; see the module docstring."""
     rows = []
@@ -304,11 +320,7 @@ def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Pa
                 out = work / f"throughput_{latency:g}s_c{concurrency}_{client}"
                 row = _run(copies(items, n), _vlm(url, concurrency, client), out, config, pool)
                 row.pop("summary")
-                ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
-                steady = row["steady_items_per_s"]
-                rows.append({"latency_s": latency, "concurrency": concurrency, "client": client,
-                             "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
-                             "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
+                rows.append(_rated(row, latency, concurrency, client=client))
                 log.info("throughput %s", rows[-1])
     return rows
 
@@ -336,11 +348,7 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
             for concurrency in plan.scale_concurrencies:
                 n = plan.scale_items or max(plan.min_items, plan.scale_items_per_slot * concurrency)
                 # The same endpoint with no agent in the way: the ceiling of this concurrency's rows.
-                row = bare_client_row(url, concurrency, n)
-                ideal = concurrency / (NOMINAL_REQUESTS_PER_ITEM * latency)
-                rows.append({"latency_s": latency, "concurrency": concurrency, "transport": "aiohttp",
-                             "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
-                             "steady_ratio": None, **row})
+                rows.append(_rated(bare_client_row(url, concurrency, n), latency, concurrency, transport="aiohttp"))
                 log.info("scale %s", rows[-1])
                 for mode, transport in itertools.product(plan.scale_modes, plan.scale_transports):
                     if mode.startswith("ray") and session is None:
@@ -351,11 +359,7 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
                     out = work / f"scale_{latency:g}s_c{concurrency}_{mode.replace(' ', '')}_{transport}"
                     row = _run_scaled(copies(items, n), _vlm(url, concurrency, transport=transport), out,
                                       AgentConfig(), pool, mode)
-                    ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
-                    steady = row["steady_items_per_s"]
-                    rows.append({"latency_s": latency, "concurrency": concurrency, "transport": transport,
-                                 "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
-                                 "steady_ratio": round(steady / ideal, 3) if steady else None, **row})
+                    rows.append(_rated(row, latency, concurrency, transport=transport))
                     log.info("scale %s", rows[-1])
     finally:
         if session is not None:
