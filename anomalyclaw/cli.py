@@ -658,6 +658,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.task == "mcqa":
         return _run_mcqa(args)
+    if getattr(args, "workers", None) not in (None, 1) and getattr(args, "ray", None) is None:
+        from anomalyclaw.eval.running.forkserver import start_worker_server
+
+        # First of all: the workers' fork server then imports what they need (~3.8 s of CPU)
+        # while this process reads the manifest and imports the runner, not after.
+        start_worker_server()
 
     domains = [d.strip() for d in (args.domains or "").split(",") if d.strip()] or None
     contents = read_manifest(args.manifest, split=args.split, domains=domains)

@@ -330,9 +330,15 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
     processes and Ray actors (one local Ray for all its rows; its rows are left out, with the
     reason, when Ray is not installed), after a :func:`bare_client_row` on the same endpoint, the
     ceiling they are read against. Worker rows start cold: each worker fits its own reference
-    sets and fills its own caches (the one-process rows share the warm-up's)."""
+    sets and fills its own caches (the one-process rows share the warm-up's). Their processes fork
+    from one fork server, started before the rows as ``anomalyclaw run --workers`` starts it: first
+    thing, so that it imports what the workers need while the run sets itself up."""
     latency = plan.scale_latency_s
     rows: list[dict[str, Any]] = []
+    if any(m.startswith("workers") for m in plan.scale_modes):
+        from anomalyclaw.eval.running.forkserver import start_worker_server
+
+        start_worker_server(wait=True)  # its imports done before any row: they would disturb it
     session = None  # one local Ray for every Ray row, started as `anomalyclaw run --ray` starts it
     if any(m.startswith("ray") for m in plan.scale_modes):
         from anomalyclaw.eval.running.workers import RaySession

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, ContextManager, Sequence, TypeVar
 
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, redact, redact_value
@@ -407,8 +407,7 @@ class Runner:
             except RecordWriteError as exc:
                 summary.fatal = redact(str(exc), self.secrets)
             if summary.fatal is None:
-                # Parallelism is across items; one intra-op thread each avoids oversubscription.
-                with limit_compute_threads(intra_op_threads()), frozen_heap():
+                with self._compute_threads(), frozen_heap():
                     await self._run_queue(todo, writer, summary)
         summary.elapsed_s = round(time.perf_counter() - start, 3)
         summary.items_per_s = round(summary.n_done / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
@@ -418,6 +417,11 @@ class Runner:
         except OutputError as exc:  # the records are what matters, and they are already safe
             log.warning("the run summary was not written: %s", exc)
         return summary
+
+    def _compute_threads(self) -> ContextManager[None]:
+        """The libraries' intra-op threads while this process judges items: parallelism is across
+        items, and one intra-op thread each avoids oversubscription."""
+        return limit_compute_threads(intra_op_threads())
 
     def _collect_stats(self, summary: RunSummary) -> None:
         """The summary's cache, tool-calling and replica figures (a runner with worker

@@ -29,19 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import gc
 import itertools
 import logging
 import math
-import multiprocessing
 import os
 import queue as queue_mod
 import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, ContextManager, Sequence
 
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, EndpointConfig, redact
@@ -51,6 +51,7 @@ from anomalyclaw.priority import item_order
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.threads import default_compute_slots, set_compute_slots
 
+from anomalyclaw.eval.running.forkserver import worker_context
 from anomalyclaw.eval.running.records import Record, RecordWriter, error_record
 from anomalyclaw.eval.running.runner import RunSummary, Runner, default_item_concurrency
 
@@ -62,13 +63,6 @@ CLOSE_WAIT_S = 10.0
 SLOTS_PER_WORKER = 3
 #: Replacements for dead workers in one run before the run gives up (``workers x`` this).
 RESPAWNS_PER_WORKER = 4
-#: What the fork server imports once, so that each worker forks with it imported: the runner, and
-#: what its first item would import on its own (the project imports these lazily, for the
-#: commands that never need them): torch for the experts, and the endpoint clients with their
-#: HTTP stack. Without the last four, each worker spent ~2.6 s of CPU importing them after its
-#: fork, every worker at once on the same cores (``tests/eval/running/test_workers.py`` checks
-#: that a first item imports none of them).
-WORKER_PRELOAD = ("anomalyclaw.eval.running.workers", "torch", "langchain_openai", "openai", "aiohttp")
 
 
 class WorkerLost(Exception):
@@ -319,11 +313,8 @@ class ProcessPool(_SlotPool):
 
     def __init__(self, n: int, specs: Sequence[WorkerSpec]):
         super().__init__(n, specs)
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        self.ctx = multiprocessing.get_context(method)
-        if method == "forkserver":
-            # The fork server imports once what every worker needs; each worker forks from it warm.
-            self.ctx.set_forkserver_preload(list(WORKER_PRELOAD))
+        # The fork server imports once what every worker needs; each worker forks from it warm.
+        self.ctx = worker_context()
         self.procs: list[_Proc] = []
         self._bid = 0
         self._fatal: str | None = None
@@ -795,6 +786,11 @@ class ShardedRunner(Runner):
         if starting is not None:  # still starting the workers (a Ray cluster connecting): stop that
             loop, task = starting
             loop.call_soon_threadsafe(task.cancel)
+
+    def _compute_threads(self) -> ContextManager[None]:
+        """As the libraries have them: this process computes nothing (its workers set their own),
+        and setting torch's would import it here (1.6 s of CPU while the fork server imports)."""
+        return contextlib.nullcontext()
 
     def specs(self) -> list[WorkerSpec]:
         endpoint = getattr(self.vlm, "endpoint", None) if self.vlm.backend == "openai" else None

@@ -306,7 +306,7 @@ def test_openai_backend_with_two_workers_and_two_replicas(small_items, tmp_path,
 _FIRST_ITEM = """
 import importlib, json, sys
 from pathlib import Path
-from anomalyclaw.eval.running.workers import WORKER_PRELOAD
+from anomalyclaw.eval.running.forkserver import WORKER_PRELOAD
 for name in WORKER_PRELOAD:
     importlib.import_module(name)
 from anomalyclaw.eval.data.manifests import load_manifest
@@ -336,6 +336,76 @@ def test_a_worker_forks_with_what_its_first_item_would_import(small_synth, tmp_p
     heavy = {"torch", "langchain_openai", "langchain_core", "openai", "aiohttp", "httpx", "tiktoken", "transformers",
              "langgraph", "cv2", "numpy", "PIL", "scipy", "sklearn"}
     assert not new & heavy, sorted(new)
+
+
+_PARENT = """
+import json, sys
+from pathlib import Path
+from anomalyclaw.eval.data.manifests import load_manifest
+from anomalyclaw.eval.running.runner import run_sync
+from anomalyclaw.eval.running.workers import ShardedRunner
+from anomalyclaw.graph.vlm import make_vlm
+items = load_manifest(Path(sys.argv[1]), split="test")[:4]
+summary = run_sync(ShardedRunner(make_vlm("offline"), workers=2, out_dir=Path(sys.argv[2]), progress=False), items)
+assert summary.n_done == 4 and summary.n_errors == 0, summary
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_the_parent_of_a_workers_run_does_not_import_torch(small_synth, tmp_path):
+    # The parent only writes records. Setting torch's threads for the run imported it: 1.6 s of
+    # CPU on the cores the fork server was importing on, before the first worker could fork.
+    proc = subprocess.run([sys.executable, "-c", _PARENT, str(small_synth), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch" not in json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(load_records(tmp_path / "run" / RECORDS_FILE)) == 4
+
+
+def test_run_with_workers_starts_their_fork_server_before_reading_the_manifest(small_items, tmp_path, monkeypatch):
+    # `run --workers N` starts the fork server first, so that its imports (~3.8 s of CPU) go on
+    # while the parent reads the manifest and imports the runner instead of after.
+    import anomalyclaw.eval.data.manifests as manifests
+    import anomalyclaw.eval.running.forkserver as forkserver
+
+    calls: list[str] = []
+    started = forkserver.start_worker_server
+    read = manifests.read_manifest
+    monkeypatch.setattr(forkserver, "start_worker_server", lambda **kw: calls.append("fork server") or started(**kw))
+    monkeypatch.setattr(manifests, "read_manifest", lambda *a, **kw: calls.append("manifest") or read(*a, **kw))
+    manifest = write_manifest(small_items[:2], tmp_path / "manifest.json")
+    args = ["run", "--manifest", str(manifest), "--no-progress"]
+    assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert calls == ["manifest"]  # one process: no fork server
+    calls.clear()
+    assert cli_main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert calls == ["fork server", "manifest"]
+    assert len(load_records(tmp_path / "two" / RECORDS_FILE)) == 2
+
+
+def test_a_started_fork_server_forks_at_once_with_the_workers_imports_done():
+    import multiprocessing
+
+    from anomalyclaw.eval.running.forkserver import WORKER_PRELOAD, start_worker_server, worker_context
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        assert start_worker_server(wait=True) is False
+        return
+    assert start_worker_server(wait=True) is True
+    ctx = worker_context()
+    queue = ctx.SimpleQueue()
+    process = ctx.Process(target=_modules_loaded, args=(queue, list(WORKER_PRELOAD)))
+    process.start()
+    loaded = queue.get()
+    process.join(timeout=30)
+    assert process.exitcode == 0
+    # Imported by the server before it forked (without the preload, a child lacks torch and
+    # langchain_openai: unpickling its target imports only this module's imports).
+    assert loaded == list(WORKER_PRELOAD)
+
+
+def _modules_loaded(queue, names):
+    queue.put([name for name in names if name in sys.modules])
 
 
 def test_the_summary_says_when_the_workers_fell_back_to_json_actions(small_items, tmp_path, capsys):
