@@ -771,6 +771,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = {"requests": request_cpu(clients=args.client.split(","), transports=args.transport.split(","),
                                           requests=args.requests, concurrency=args.concurrency, rounds=args.rounds)}
         print(format_requests(result["requests"]))
+    elif args.bench_command == "start":
+        from anomalyclaw.eval.bench.start import bench_start, format_start
+
+        result = bench_start(args.items, rounds=args.rounds, workers=args.workers, concurrency=args.concurrency)
+        print(format_start(result))
     elif args.bench_command == "memory":
         from anomalyclaw.eval.bench.memory import format_memory, run_memory_bench
 
@@ -1090,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
     bsub = p.add_subparsers(dest="bench_command",
-                            metavar="experts|tools|tool-calling|fusion|memory|profile|requests|scale")
+                            metavar="experts|tools|tool-calling|fusion|memory|profile|requests|scale|start")
     bench_outputs: list[tuple[argparse.ArgumentParser, str]] = []
 
     def bench_command(name: str, *, out: str = "the results to this JSON file", **kw: Any) -> argparse.ArgumentParser:
@@ -1110,6 +1115,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "test split, whose start and tail weigh what they weigh in a real run")
     b.add_argument("--transport", type=_choices(TRANSPORTS), default="aiohttp",
                    help="comma-separated HTTP transports, a row each (default aiohttp; aiohttp,httpx compares)")
+
+    b = bench_command("start", help="seconds from launching `run --workers 2` to its first record, last record and "
+                                      "exit (fake endpoint, 1 s), its fork server started first as run does, against "
+                                      "started by the first worker (~4 min)")
+    b.add_argument("--items", type=POSITIVE_INT, default=1418, help="items per run (default 1418)")
+    b.add_argument("--rounds", type=POSITIVE_INT, default=2, help="runs of each, alternating (default 2)")
+    b.add_argument("--workers", type=_number(int, 2), default=2, help="--workers of the runs (default 2)")
+    b.add_argument("--concurrency", type=POSITIVE_INT, default=128, help="--concurrency of the runs (default 128)")
 
     b = bench_command("experts", out="the full report (with per-item scores) here",
                       help="image and pixel AUROC of the frozen experts per domain")
