@@ -14,12 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from anomalyclaw.eval.bench.throughput import copies, fake_endpoint_process
-from anomalyclaw.eval.running.records import RECORDS_FILE, iter_jsonl
+from anomalyclaw.eval.bench.throughput import copies, fake_endpoint_process, finish_times
 
 #: The two ways the fork server starts, and the child's prelude for each.
 VARIANTS = {
@@ -28,11 +26,6 @@ VARIANTS = {
                             "forkserver.start_worker_server = lambda **kw: False\n"),
 }
 _CHILD = "import sys\nfrom anomalyclaw.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def _finish_times(run_dir: Path) -> list[float]:
-    return sorted(datetime.fromisoformat(obj["finished_at"]).timestamp()
-                  for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE) if not problem and obj.get("finished_at"))
 
 
 def time_run(manifest: Path, url: str, out: Path, *, prelude: str = "", workers: int = 2,
@@ -49,7 +42,7 @@ def time_run(manifest: Path, url: str, out: Path, *, prelude: str = "", workers:
         exited = time.time() - launched
     if proc.returncode != 0:
         raise RuntimeError(f"anomalyclaw run exited {proc.returncode}: {err.read_text(errors='replace')[-1500:]}")
-    finished = _finish_times(out)
+    finished = finish_times(out)
     return {"items": len(finished), "first_record_s": round(finished[0] - launched, 2),
             "last_record_s": round(finished[-1] - launched, 2), "exit_s": round(exited, 2),
             "items_per_s": round(len(finished) / exited, 2)}

@@ -270,20 +270,26 @@ def bare_client_row(url: str, concurrency: int, n_items: int) -> dict[str, Any]:
             "machine_busy": round(busy, 3) if busy is not None else None, "respawns": 0, "sets_fitted": None}
 
 
+def finish_times(run_dir: Path) -> list[float]:
+    """The POSIX times at which the run's records were finished, in order (records without a
+    ``finished_at``, or unreadable, left out)."""
+    from datetime import datetime
+
+    from anomalyclaw.eval.running.records import RECORDS_FILE, iter_jsonl
+
+    return sorted(datetime.fromisoformat(obj["finished_at"]).timestamp()
+                  for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE) if not problem and obj.get("finished_at"))
+
+
 def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
     """Items per second while the run is in full swing: the least-squares slope of items
     finished against time, over the items between the ``low`` and ``high`` quantiles of the
     finish order. It leaves out the ramp-up of the first items and the tail of the last ones
     (a fixed-size batch has both; a 1,418-item run barely does); the fit, rather than two end
     points, averages over the bursts in which items finish. None below ``min_items`` items."""
-    from datetime import datetime
-
     import numpy as np
 
-    from anomalyclaw.eval.running.records import RECORDS_FILE, iter_jsonl
-
-    times = sorted(datetime.fromisoformat(obj["finished_at"]).timestamp()
-                   for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE) if not problem and obj.get("finished_at"))
+    times = finish_times(run_dir)
     if len(times) < min_items:
         return None
     i, j = int(low * (len(times) - 1)), int(high * (len(times) - 1))
