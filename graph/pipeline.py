@@ -30,6 +30,18 @@ from .refutation import add_refutation_nodes
 from .state import PipelineState
 
 
+def _expert_results(ctx: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Each expert's result for the item in ``ctx``, or the exception it raised: all of them in
+    one compute-thread hop (one per expert cost the event loop a wake-up each)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            out[name] = ctx.expert_result(name)
+        except Exception as exc:
+            out[name] = exc
+    return out
+
+
 async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     """The fused score: the paper's blend plus the expert term (``anomalyclaw.scores.fuse``).
 
@@ -44,11 +56,9 @@ async def fuse(state: PipelineState, runtime: Runtime[RunContext]) -> dict[str, 
     fallbacks: list[str] = []
     zs: dict[str, float] = {}
     if cfg.expert_score:
-        for name in FUSION_EXPERTS:
-            try:
-                result = await to_compute_thread(run.item_context.expert_result, name)
-            except Exception as exc:  # the expert is optional: its failure must not lose the item
-                fallbacks.append(f"expert {name} unavailable: {type(exc).__name__}: {exc}")
+        for name, result in (await to_compute_thread(_expert_results, run.item_context, FUSION_EXPERTS)).items():
+            if isinstance(result, Exception):  # the expert is optional: its failure must not lose the item
+                fallbacks.append(f"expert {name} unavailable: {type(result).__name__}: {result}")
                 continue
             z = result.z_score()
             if z is None:

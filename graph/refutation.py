@@ -23,7 +23,7 @@ from anomalyclaw.tools.guard import CheckedCall
 from anomalyclaw.tools.observation import Observation
 
 from .calls import TurnResult, ask
-from .context import RunContext, arun_context, run_context
+from .context import RunContext, arun_context
 from .messages import (NATIVE_OBSERVATION, first_refute_messages, observation_message, reply_message,
                        tool_result_messages, unanswered_tool_calls)
 from .replies import CommitReply, ProposeReply, RefuteReply, reply_format
@@ -103,11 +103,15 @@ async def propose(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str,
     return update
 
 
-def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
+async def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, Any]:
     """Route to ``observe`` or ``commit``; check the tool call with the registry's guard (name
     repair, applicability, arguments) without a VLM call. A call that cannot run still goes to
-    ``observe``, as an observation that tells the model why."""
-    run = run_context(runtime.context, state)
+    ``observe``, as an observation that tells the model why.
+
+    A coroutine, as is :func:`_route`, though neither awaits any work: LangGraph runs a plain
+    function node in a thread of the event loop's executor, two thread hops per turn for a few
+    dictionary lookups (``anomalyclaw bench profile``: each hop costs the loop a wake-up)."""
+    run = await arun_context(runtime.context, state)
     pending = state.get("pending") or {"commit": True}
     if pending.get("commit"):
         return {"route": "commit", "forced": False, "call": None}
@@ -234,7 +238,7 @@ async def commit(state: RefuteState, runtime: Runtime[RunContext]) -> dict[str, 
             "refute_rationale": reply.rationale}
 
 
-def _route(state: RefuteState) -> str:
+async def _route(state: RefuteState) -> str:
     return state.get("route", "commit")
 
 

@@ -269,10 +269,15 @@ class Runner:
         try:
             state = await asyncio.wait_for(self.graph.ainvoke(new_state(item.item_id), context=run),
                                            timeout=self.item_timeout_s)
-            if self.save_images:
-                await to_compute_thread(_save_observation_images, self.out_dir, item, state)
-            await to_compute_thread(_save_maps, self.out_dir, item, state, self.save_maps)
-            record = record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
+
+            # The files, then the record that names them, in one hop to a worker thread.
+            def finish() -> Record:
+                if self.save_images:
+                    _save_observation_images(self.out_dir, item, state)
+                _save_maps(self.out_dir, item, state, self.save_maps)
+                return record_from_state(item, state, elapsed_s=time.perf_counter() - start, **kw)
+
+            record = await to_compute_thread(finish)
             if self.threshold is not None:
                 record.threshold = self.threshold
                 if record.anomaly_score is not None:

@@ -1,6 +1,10 @@
 """The graphs on the offline backend: node order, state, streaming, records."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
+
 import pytest
 
 from anomalyclaw.config import AgentConfig
@@ -93,3 +97,48 @@ async def test_dropped_tool_is_not_offered_and_custom_prompt_is_used(small_items
     assert direct_messages(ctx)[1].content[0]["text"].startswith("Custom task:")
     state = await build_pipeline().ainvoke(new_state(item.item_id), context=ctx)
     assert "side_by_side_compare" not in state.get("tools_used", [])
+
+
+def _target_name(fn) -> str:
+    """The name of the function a hand-off to a thread finally calls, through partials
+    (``Context.run``, the compute slot's ``_in_slot``) and LangChain's ``run_in_executor``
+    wrapper (a closure over the function)."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.args[0] if fn.func.__name__ in ("run", "_in_slot") and fn.args else fn.func
+            continue
+        inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+        if getattr(fn, "__name__", "") == "wrapper" and inner:
+            fn = inner[0]
+            continue
+        return getattr(fn, "__name__", repr(fn))
+
+
+class _CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The event loop's default executor, naming every function handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.names: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.names.append(_target_name(fn))
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_the_graph_sends_its_own_nodes_and_the_experts_to_threads_only_for_cpu_work(small_items):
+    """Each hand-off to a thread costs the event loop a wake-up: the routing node and edge run
+    on the loop, and the fusion's two experts go to one compute thread together."""
+    item = _anomalous(small_items)
+    loop = asyncio.get_running_loop()
+    executor = _CountingExecutor()
+    loop.set_default_executor(executor)
+    try:
+        state = await build_pipeline().ainvoke(new_state(item.item_id),
+                                               context=make_context(item, make_vlm("offline")))
+    finally:
+        executor.shutdown(wait=True)
+    assert set(state["expert_z"]) == set(FUSION_EXPERTS)
+    names = executor.names
+    assert "select_tool" not in names and "_route" not in names, names
+    assert names.count("_expert_results") == 1 and "expert_result" not in names, names
