@@ -16,7 +16,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from anomalyclaw.experts import (ClassicBackbone, ExpertPool, PatchKNNExpert, SubspaceExpert, normalize_map,
                                  overlay_heatmap, suggest_bbox, top_regions)
-from anomalyclaw.experts.patchknn import Bank, nearest_distances, positional_distances
+from anomalyclaw.experts.patchknn import Bank, nearest_distances, pair_nearest, positional_distances
 
 EXPERT_CLASSES = (PatchKNNExpert, SubspaceExpert)
 
@@ -185,6 +185,32 @@ def test_nearest_distances_match_scikit_learn():
         for tile in (None, 128):
             prepared = Bank(bank, bank_tile=tile, k=k)
             assert np.array_equal(nearest_distances(query, prepared, k), nearest_distances(query, bank, k, bank_tile=tile))
+
+
+def test_distance_blocks_reuse_one_buffer_per_thread_and_give_the_same_numbers(monkeypatch):
+    """Each thread computes its distance blocks into one buffer of its own (a fresh 2 MB block
+    per product cost ~460 page faults); the numbers are those of freshly allocated blocks."""
+    from anomalyclaw.experts import patchknn
+
+    rng = np.random.default_rng(1)
+    query, bank = rng.normal(size=(600, 16)).astype(np.float32), rng.normal(size=(900, 16)).astype(np.float32)
+    a, b = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(200, 16)).astype(np.float32)
+
+    def run() -> tuple[np.ndarray, ...]:
+        return (nearest_distances(query, bank, 1, bank_tile=256), nearest_distances(query, bank, 3, bank_tile=None),
+                *pair_nearest(a, b, 2))
+
+    reused = run()
+    storage = patchknn._BLOCKS.buf.data_ptr()
+    assert all(np.array_equal(x, y) for x, y in zip(run(), reused)) and patchknn._BLOCKS.buf.data_ptr() == storage
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(results=run(), storage=patchknn._BLOCKS.buf.data_ptr()))
+    worker.start()
+    worker.join()
+    assert seen["storage"] != storage  # its own buffer
+    assert all(np.array_equal(x, y) for x, y in zip(seen["results"], reused))
+    monkeypatch.setattr(patchknn, "_block_out", lambda rows, cols, device: None)  # fresh blocks, as before
+    assert all(np.array_equal(x, y) for x, y in zip(run(), reused))
 
 
 def test_a_fitted_patch_knn_builds_its_search_bank_once_and_a_refit_replaces_it():
