@@ -234,6 +234,10 @@ def _decode(p: Path, source: Path | io.BytesIO, max_side: int | None) -> np.ndar
                         f"{limit / 1e6:.0f} MP decompression-bomb limit; downscale it or "
                         "raise ANOMALYCLAW_MAX_IMAGE_PIXELS")
                 with DECODE_BUDGET.reserve(_decoded_bytes(opened)):
+                    if opened.format == "PNG" and isinstance(source, Path) and _reduced(opened, max_side) is opened:
+                        plain = _plain_png_rgb(source)
+                        if plain is not None:
+                            return plain
                     opened.load()  # the first frame of an animation or page of a TIFF
                     mode = opened.mode
                     im = _reduced(opened, max_side)
@@ -251,6 +255,39 @@ def _decode(p: Path, source: Path | io.BytesIO, max_side: int | None) -> np.ndar
         raise ImageLoadError(str(p), "not an image file (content is not a known image format)") from None
     except (OSError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
         raise ImageLoadError(str(p), f"truncated or corrupt image data ({exc})") from None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _plain_png_rgb(path: Path) -> np.ndarray | None:
+    """An 8-bit RGB PNG without transparency or EXIF chunks decoded by OpenCV, or None for any
+    other PNG (and for one OpenCV cannot decode: Pillow then decodes it, or says what is wrong).
+
+    For these files, the common case of inspection data, OpenCV's decoder gives Pillow's pixels
+    for ~3/4 of the CPU (in a worker thread on the 512 px synthetic images: 4.7 against 6.2 ms);
+    the chunk walk that decides it reads only the chunks' 8-byte headers. Transparency (tRNS)
+    would be composited on black and an EXIF orientation (eXIf) applied by the Pillow path,
+    and other bit depths and colour types are converted by it, so those go there. A file whose
+    chunks are intact but whose pixels are not makes libpng print one line on stderr before
+    Pillow raises the error that names it."""
+    data = path.read_bytes()
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 29 or data[24] != 8 or data[25] != 2:
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        kind = data[pos + 4:pos + 8]
+        if kind in (b"tRNS", b"eXIf"):
+            return None
+        if kind == b"IEND":
+            break
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    else:
+        return None  # no IEND: truncated, which Pillow reports
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+        return None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _reduced(im: Image.Image, max_side: int | None) -> Image.Image:
