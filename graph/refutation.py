@@ -108,9 +108,9 @@ async def select_tool(state: RefuteState, runtime: Runtime[RunContext]) -> dict[
     repair, applicability, arguments) without a VLM call. A call that cannot run still goes to
     ``observe``, as an observation that tells the model why.
 
-    A coroutine, as is :func:`_route`, though neither awaits any work: LangGraph runs a plain
-    function node in a thread of the event loop's executor, two thread hops per turn for a few
-    dictionary lookups (``anomalyclaw bench profile``: each hop costs the loop a wake-up)."""
+    A coroutine, as is :func:`_route`, though neither does CPU work worth a thread: LangGraph
+    runs a plain-function node or edge in a thread of the event loop's executor, which cost two
+    thread hops per turn for a few dictionary lookups (each hop wakes the loop)."""
     run = await arun_context(runtime.context, state)
     pending = state.get("pending") or {"commit": True}
     if pending.get("commit"):
