@@ -131,9 +131,10 @@ def test_a_profiled_run_adds_up(tmp_path, monkeypatch, capsys):
     # The compute threads' stages, each by its own thread clock: the item's preparation, its
     # tool call, the experts and the maps, within the process's CPU.
     stages = result["stages"]
-    assert {"Runner.judge.prepare", "tool side_by_side_compare", "ItemContext.expert_result",
-            "localize_state"} <= set(stages)
-    assert stages["Runner.judge.prepare"]["calls_per_item"] == 1.0
+    assert {"Runner.judge.prepare", "tool side_by_side_compare", "_expert_results", "localize_state",
+            "Runner.judge.finish"} <= set(stages)
+    # One hop each: the fusion's two experts go to one compute thread together.
+    assert stages["Runner.judge.prepare"]["calls_per_item"] == stages["_expert_results"]["calls_per_item"] == 1.0
     assert 0 < sum(v["ms_per_item"] for v in stages.values()) < result["cpu_ms_per_item"]
     assert "compute-thread stages" in format_profile(result)
     # The measured pass draws the bar a command-line run draws (6 items), and none of it shows.
