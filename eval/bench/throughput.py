@@ -202,15 +202,19 @@ def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentCon
         kind, n = mode.split()
         runner = ShardedRunner(vlm, workers=int(n), ray="" if kind == "ray" else False, out_dir=out_dir,
                                config=config, progress=False)
-    machine0, cpu, wall = _machine_cpu_s(), time.process_time(), time.perf_counter()
+    machine0, cpu, wall, began = _machine_cpu_s(), time.process_time(), time.perf_counter(), time.time()
     summary = run_sync(runner, items)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     machine1 = _machine_cpu_s()
+    finished = finish_times(out_dir)
     workers_cpu = float(summary.workers.get("cpu_s") or 0.0)
     done = max(1, summary.n_done)
     busy = _busy_fraction(machine0, machine1, wall)
     return {"mode": mode, "items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
             "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(out_dir),
+            # The row's start as an item pays it: the workers' start, the first wave's cold work,
+            # then the item's own requests one after another (3 x the latency at the least).
+            "first_record_s": round(finished[0] - began, 2) if finished else None,
             "requests_per_item": round(summary.requests / done, 3),
             "cpu_ms_per_item": round((cpu + workers_cpu) / done * 1000, 1),
             "machine_busy": round(busy, 3) if busy is not None else None,
@@ -264,7 +268,7 @@ def bare_client_row(url: str, concurrency: int, n_items: int) -> dict[str, Any]:
     items = done / NOMINAL_REQUESTS_PER_ITEM
     busy = _busy_fraction(machine0, machine1, wall)
     return {"mode": BARE_CLIENT, "items": round(items, 1), "errors": failed, "elapsed_s": round(wall, 3),
-            "items_per_s": round(items / wall, 3), "steady_items_per_s": None,
+            "items_per_s": round(items / wall, 3), "steady_items_per_s": None, "first_record_s": None,
             "requests_per_item": float(NOMINAL_REQUESTS_PER_ITEM),
             "cpu_ms_per_item": round(cpu / max(items, 1e-9) * 1000, 1),
             "machine_busy": round(busy, 3) if busy is not None else None, "respawns": 0, "sets_fitted": None}
@@ -301,14 +305,31 @@ def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: i
 
 
 # ------------------------------------------------------------------------------ sections
+def slot_ceiling(n_items: float, concurrency: int, requests_per_item: float = NOMINAL_REQUESTS_PER_ITEM, *,
+                 one_deep: bool = False) -> float:
+    """The best ``ratio`` a client can reach on ``n_items`` with ``concurrency`` slots when every
+    request takes the same time: a slot holds an item for its requests one after another, so the
+    run lasts ``ceil(n / concurrency)`` items' worth of requests, not ``n / concurrency`` (1,418
+    items at 128: 12 rounds for 11.08 of work, 0.923). ``one_deep``: a slot holds one request,
+    not an item (the bare client's ``n x requests`` requests)."""
+    import math
+
+    work = n_items * requests_per_item if one_deep else n_items
+    if work <= 0 or concurrency <= 0:
+        return 1.0
+    return work / (concurrency * math.ceil(work / concurrency - 1e-9))
+
+
 def _rated(row: dict[str, Any], latency: float, concurrency: int, **where: Any) -> dict[str, Any]:
     """``row`` with its place (``latency_s``, ``concurrency`` and ``where``) and its rates against
-    the ideal ``concurrency / (requests per item x latency)``: ``ratio`` and ``steady_ratio``."""
+    the ideal ``concurrency / (requests per item x latency)``: ``ratio`` and ``steady_ratio``, and
+    ``ceiling``, the best ratio the row's items allow (:func:`slot_ceiling`)."""
     ideal = concurrency / (max(row["requests_per_item"], 1e-9) * latency)
     steady = row["steady_items_per_s"]
+    ceiling = slot_ceiling(row["items"], concurrency, row["requests_per_item"], one_deep=row.get("mode") == BARE_CLIENT)
     return {"latency_s": latency, "concurrency": concurrency, **where,
             "ideal_items_per_s": round(ideal, 3), "ratio": round(row["items_per_s"] / ideal, 3),
-            "steady_ratio": round(steady / ideal, 3) if steady else None, **row}
+            "steady_ratio": round(steady / ideal, 3) if steady else None, "ceiling": round(ceiling, 3), **row}
 
 
 def bench_throughput(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -> list[dict[str, Any]]:
@@ -382,8 +403,8 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
 def format_scale(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["Past one process (openai backend, langchain client, default AgentConfig; worker rows start cold)",
              f"{'latency':>8} {'conc':>5} {'mode':>10} {'http':>8} {'items':>6} {'items/s':>8} {'ideal':>8} "
-             f"{'ratio':>6} {'steady':>7} {'req/item':>8} {'cpu ms/item':>11} {'machine busy':>12} {'sets fit':>8} "
-             f"{'errors':>6}"]
+             f"{'ratio':>6} {'steady':>7} {'ceiling':>7} {'first s':>7} {'req/item':>8} {'cpu ms/item':>11} "
+             f"{'machine busy':>12} {'sets fit':>8} {'errors':>6}"]
     for r in rows:
         where = f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r.get('transport', 'aiohttp'):>8}"
         if r.get("skipped"):
@@ -392,10 +413,15 @@ def format_scale(rows: Sequence[dict[str, Any]]) -> str:
         steady = f"{r['steady_ratio']:>7.3f}" if r.get("steady_ratio") is not None else f"{'-':>7}"
         busy = f"{r['machine_busy']:>12.2f}" if r.get("machine_busy") is not None else f"{'-':>12}"
         fits = f"{r['sets_fitted']:>8}" if r.get("sets_fitted") is not None else f"{'-':>8}"
+        first = f"{r['first_record_s']:>7.2f}" if r.get("first_record_s") is not None else f"{'-':>7}"
+        ceiling = f"{r['ceiling']:>7.3f}" if r.get("ceiling") is not None else f"{'-':>7}"
         lines.append(f"{where} {r['items']:>6g} "
-                     f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} "
-                     f"{r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {fits} {r['errors']:>6}")
-    lines.append("cpu ms/item = this process + the workers after their start-up; machine busy = every "
+                     f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} {ceiling} "
+                     f"{first} {r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {fits} {r['errors']:>6}")
+    lines.append("ceiling = the best ratio these items allow at this concurrency, every request taking the "
+                 "latency (a slot holds an item's requests one after another: ceil(items / concurrency) rounds); "
+                 "first s = seconds from the row's start to its first record; "
+                 "cpu ms/item = this process + the workers after their start-up; machine busy = every "
                  "process's CPU (the fake endpoint's and Ray's own too) / (wall time x cores); sets fit = "
                  "reference sets the workers' expert pools fitted (the one-process rows use the warm-up's); "
                  f"{BARE_CLIENT} = the same endpoint driven by a bare aiohttp client, no agent (~{BARE_REQUEST_KB} KB "

@@ -101,6 +101,8 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
     assert [(r["concurrency"], r["items"], r["errors"]) for r in bare] == [(2, 7.0, 0), (3, 7.0, 0)]
     for row in bare:
         assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and 0 < row["ratio"] <= 1.05
+        # One request deep: 21 requests over 2 slots, 11 rounds for 10.5; over 3, exactly 7.
+        assert row["ceiling"] == {2: 0.955, 3: 1.0}[row["concurrency"]] and row["first_record_s"] is None
     assert "no agent" in format_scale(rows) and "no agent = the same endpoint" in format_scale(rows)
     rows = [r for r in rows if r["mode"] != "no agent"]
     assert [(r["mode"], r["concurrency"], r["transport"], r["items"]) for r in rows] == [
@@ -110,11 +112,15 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0
         assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and row["ratio"] > 0
         assert row["cpu_ms_per_item"] > 0
+        # Its first record came after the item's three requests, and within the row's time; 7
+        # items over 2 slots take 4 rounds for 3.5 of work, over 3 slots 3 for 2.33.
+        assert 3 * 0.02 <= row["first_record_s"] <= row["elapsed_s"]
+        assert row["ceiling"] == {2: 0.875, 3: 0.778}[row["concurrency"]]
         # The workers fit the sets they meet (S1 and S3, 2 test items each: 4 sets); one process
         # uses the warm-up's pool.
         assert (1 <= row["sets_fitted"] <= 8) if row["mode"] == "workers 2" else row["sets_fitted"] == 0
     assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
-    assert [line.split()[-11] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
+    assert [line.split()[-13] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
     assert format_scale(result["scale"]).splitlines()[2].split()[2:4] == ["no", "agent"]
     args = build_parser().parse_args(["bench", "scale", "--json"])
     assert args.handler is cmd_bench and args.bench_command == "scale"
@@ -140,3 +146,14 @@ def test_bench_scale_flags_choose_the_rows():
         scale_plan(modes=["threads"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "scale", "--items", "0"])
+
+
+def test_slot_ceiling_counts_the_rounds_a_slot_holds_items_for():
+    from anomalyclaw.eval.bench.throughput import slot_ceiling
+
+    # A whole CrossDomainVAD-12 test split: 1,418 = 11 x 128 + 10, so 12 rounds of one item's
+    # requests at 128; 45 rounds for 44.3 at 32; one request deep, 4,254 requests in 34 rounds.
+    assert round(slot_ceiling(1418, 128), 3) == 0.923
+    assert round(slot_ceiling(1418, 32), 3) == 0.985
+    assert round(slot_ceiling(1418, 128, 3, one_deep=True), 3) == 0.977
+    assert slot_ceiling(512, 128) == 1.0 and slot_ceiling(100, 200) == 0.5
