@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -159,7 +160,7 @@ def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, po
     wall, cpu, loop_cpu = (time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - loop_cpu)
     done = max(1, summary.n_done)
     return {"items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
-            "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(out_dir),
+            "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(finish_times(out_dir)),
             "requests_per_item": round(summary.requests / done, 3),
             "request_kb_per_item": round(summary.request_bytes / done / 1024, 1),
             "cpu_ms_per_item": round(cpu / done * 1000, 1), "loop_cpu_ms_per_item": round(loop_cpu / done * 1000, 1),
@@ -211,7 +212,7 @@ def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentCon
     done = max(1, summary.n_done)
     busy = _busy_fraction(machine0, machine1, wall)
     return {"mode": mode, "items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
-            "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(out_dir),
+            "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(finished),
             # The row's start as an item pays it: the workers' start, the first wave's cold work,
             # then the item's own requests one after another (3 x the latency at the least).
             "first_record_s": round(finished[0] - began, 2) if finished else None,
@@ -285,15 +286,14 @@ def finish_times(run_dir: Path) -> list[float]:
                   for _, obj, problem in iter_jsonl(run_dir / RECORDS_FILE) if not problem and obj.get("finished_at"))
 
 
-def steady_rate(run_dir: Path, low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
+def steady_rate(times: Sequence[float], low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
     """Items per second while the run is in full swing: the least-squares slope of items
-    finished against time, over the items between the ``low`` and ``high`` quantiles of the
+    finished against their finish ``times`` (sorted, as :func:`finish_times` gives them), over the items between the ``low`` and ``high`` quantiles of the
     finish order. It leaves out the ramp-up of the first items and the tail of the last ones
     (a fixed-size batch has both; a 1,418-item run barely does); the fit, rather than two end
     points, averages over the bursts in which items finish. None below ``min_items`` items."""
     import numpy as np
 
-    times = finish_times(run_dir)
     if len(times) < min_items:
         return None
     i, j = int(low * (len(times) - 1)), int(high * (len(times) - 1))
@@ -312,8 +312,6 @@ def slot_ceiling(n_items: float, concurrency: int, requests_per_item: float = NO
     run lasts ``ceil(n / concurrency)`` items' worth of requests, not ``n / concurrency`` (1,418
     items at 128: 12 rounds for 11.08 of work, 0.923). ``one_deep``: a slot holds one request,
     not an item (the bare client's ``n x requests`` requests)."""
-    import math
-
     work = n_items * requests_per_item if one_deep else n_items
     if work <= 0 or concurrency <= 0:
         return 1.0
@@ -414,9 +412,8 @@ def format_scale(rows: Sequence[dict[str, Any]]) -> str:
         busy = f"{r['machine_busy']:>12.2f}" if r.get("machine_busy") is not None else f"{'-':>12}"
         fits = f"{r['sets_fitted']:>8}" if r.get("sets_fitted") is not None else f"{'-':>8}"
         first = f"{r['first_record_s']:>7.2f}" if r.get("first_record_s") is not None else f"{'-':>7}"
-        ceiling = f"{r['ceiling']:>7.3f}" if r.get("ceiling") is not None else f"{'-':>7}"
         lines.append(f"{where} {r['items']:>6g} "
-                     f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} {ceiling} "
+                     f"{r['items_per_s']:>8.2f} {r['ideal_items_per_s']:>8.2f} {r['ratio']:>6.3f} {steady} {r['ceiling']:>7.3f} "
                      f"{first} {r['requests_per_item']:>8.2f} {r['cpu_ms_per_item']:>11.1f} {busy} {fits} {r['errors']:>6}")
     lines.append("ceiling = the best ratio these items allow at this concurrency, every request taking the "
                  "latency (a slot holds an item's requests one after another: ceil(items / concurrency) rounds); "
