@@ -288,8 +288,8 @@ def finish_times(run_dir: Path) -> list[float]:
 
 def steady_rate(times: Sequence[float], low: float = 0.2, high: float = 0.8, min_items: int = 20) -> float | None:
     """Items per second while the run is in full swing: the least-squares slope of items
-    finished against their finish ``times`` (sorted, as :func:`finish_times` gives them), over the items between the ``low`` and ``high`` quantiles of the
-    finish order. It leaves out the ramp-up of the first items and the tail of the last ones
+    finished against their finish ``times`` (sorted, as :func:`finish_times` gives them), over
+    the items between the ``low`` and ``high`` quantiles of the finish order. It leaves out the ramp-up of the first items and the tail of the last ones
     (a fixed-size batch has both; a 1,418-item run barely does); the fit, rather than two end
     points, averages over the bursts in which items finish. None below ``min_items`` items."""
     import numpy as np
