@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from anomalyclaw.imaging import finite_or_zero
+
 
 def normalize_map(anomaly_map: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
     """float32 ``[H, W]`` in [0, 1]: ``(map - low) / (high - low)``, clipped.
@@ -22,7 +24,7 @@ def normalize_map(anomaly_map: np.ndarray, low: float | None = None, high: float
     values = np.asarray(anomaly_map, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"anomaly_map must be a 2-D [H, W] array, got shape {values.shape}")
-    finite = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    finite = finite_or_zero(values)
     lo = float(finite.min()) if low is None else float(low)
     hi = float(finite.max()) if high is None else float(high)
     if not hi > lo:

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from anomalyclaw.imaging import finite_or_zero
 from anomalyclaw.tools.regions import norm_to_px
 
 #: The whole image as a normalized box.
@@ -148,7 +149,7 @@ def _logit(p: float) -> float:
 
 def expert_log_odds(expert_excess: np.ndarray, rule: LocalizationRule = DEFAULT_RULE) -> np.ndarray:
     """The first term alone: the expert's map as log-odds (0 at its threshold)."""
-    excess = np.nan_to_num(np.asarray(expert_excess, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    excess = finite_or_zero(expert_excess)
     excess -= 1.0
     excess *= np.float32(rule.slope)
     return excess
@@ -204,6 +205,6 @@ def expert_map(anomaly_map: np.ndarray) -> np.ndarray:
     ``anomaly_map`` (patch scores, >= 0) through the fixed monotone ``v / (1 + v)`` into [0, 1).
     The transform is the same for every item, so pooled pixel AUROC and AUPRO are those of the
     raw map itself (not of the per-item rescaled E the agent starts from)."""
-    values = np.nan_to_num(np.asarray(anomaly_map, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    values = finite_or_zero(anomaly_map)
     np.maximum(values, 0.0, out=values)
     return values / (1.0 + values)
