@@ -284,10 +284,11 @@ def _plain_png_rgb(path: Path) -> np.ndarray | None:
         pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
     else:
         return None  # no IEND: truncated, which Pillow reports
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+    # libpng hands the rows over in RGB order (no channel swap after, nor one inside libpng).
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    if rgb is None or rgb.ndim != 3 or rgb.shape[2] != 3:
         return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def _reduced(im: Image.Image, max_side: int | None) -> Image.Image:
