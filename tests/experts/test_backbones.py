@@ -75,6 +75,23 @@ def test_lbp_labels_are_rotation_invariant_and_flat_means_uniform():
     assert (_lbp_riu2(np.zeros((8, 8), np.float32)) == 8).all()
 
 
+def test_lbp_labels_match_a_plain_numpy_reading_of_the_ring():
+    """OpenCV's comparisons and lookup give what the definition says, ties (>=) and edges
+    (replicated) included: each neighbour at least the centre sets its bit, the code's label
+    comes from the riu2 table."""
+    from anomalyclaw.experts.backbones import _LBP_OFFSETS, _RIU2
+
+    rng = np.random.default_rng(3)
+    smooth = rng.random((37, 53)).astype(np.float32) * 100
+    for lightness in (smooth, np.round(smooth / 25) * 25, np.zeros((5, 7), np.float32)):
+        h, w = lightness.shape
+        padded = np.pad(lightness, 1, mode="edge")
+        code = np.zeros((h, w), np.int64)
+        for bit, (dy, dx) in enumerate(_LBP_OFFSETS):
+            code += (padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] >= lightness).astype(np.int64) << bit
+        assert np.array_equal(_lbp_riu2(np.ascontiguousarray(lightness)), _RIU2[code])
+
+
 def test_classic_embed_is_l2_normalised_and_separates_images():
     backbone = ClassicBackbone()
     smooth = np.full((100, 100, 3), 90, np.uint8)
