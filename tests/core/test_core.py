@@ -148,3 +148,16 @@ def test_view_longest_shrinks_the_longer_side_and_never_upscales():
     assert view_longest(wide, 768).shape == (307, 768, 3)
     small = np.zeros((100, 50, 3), np.uint8)
     assert view_longest(small, 768) is small
+
+
+def test_finite_or_zero_is_nan_to_num_with_zeros_and_leaves_its_input_alone():
+    from anomalyclaw.imaging import finite_or_zero
+
+    values = np.array([[0.5, np.nan, np.inf], [-np.inf, -2.0, 3.0]], np.float64)
+    out = finite_or_zero(values)
+    assert out.dtype == np.float32
+    assert np.array_equal(out, np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32))
+    assert np.isnan(values[0, 1])  # a copy, also where every value is finite:
+    finite = np.ones((2, 2), np.float32)
+    finite_or_zero(finite)[0, 0] = 7.0
+    assert finite[0, 0] == 1.0
