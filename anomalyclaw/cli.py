@@ -804,6 +804,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\n\n".join(format_profile(r) for r in result["profiles"]))
         if len(result["profiles"]) > len(clients):
             print("\n" + format_passes(result["profiles"]))
+    elif args.bench_command == "slots":
+        from anomalyclaw.eval.bench.slots import bench_slots, format_slots
+
+        result = bench_slots(args.compute_slots, rounds=args.rounds, n_items=args.items,
+                             concurrency=args.concurrency, latency_s=args.latency)
+        print(format_slots(result))
     elif args.bench_command == "tools":
         from anomalyclaw.eval.bench.tools import evaluate_tools, format_latency, format_quality, run_tool_benchmark
 
@@ -1095,7 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(handler=cmd_bench, bench_command=None)
     bsub = p.add_subparsers(dest="bench_command",
-                            metavar="experts|tools|tool-calling|fusion|memory|profile|requests|scale|start")
+                            metavar="experts|tools|tool-calling|fusion|memory|profile|requests|scale|slots|start")
     bench_outputs: list[tuple[argparse.ArgumentParser, str]] = []
 
     def bench_command(name: str, *, out: str = "the results to this JSON file", **kw: Any) -> argparse.ArgumentParser:
@@ -1166,13 +1172,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-sets", action="store_true",
                    help="items bring new 10-reference sets (else the reference sets are warm)")
     b.add_argument("--compute-slots", type=_positive_list, metavar="N[,N...]",
-                   help="threads that may compute at once, one pass each (default: the cores plus one); "
-                        "e.g. 3,64 compares the default on 2 cores with no limit")
+                   help="threads that may compute at once, one pass each (default: one per core); "
+                        "e.g. 2,64 compares the default on 2 cores with no limit")
     b.add_argument("--intra-op-threads", type=_thread_counts, default=[1], metavar="N|libs[,...]",
                    help="BLAS, torch and OpenCV threads inside the run, one pass each (default 1, as a run "
                         "sets them; libs: the libraries' own, e.g. 1,libs compares)")
     b.add_argument("--rounds", type=POSITIVE_INT, default=1,
                    help="repeat the passes, alternating, this many times (A/B on a noisy machine)")
+
+    b = bench_command("slots", help="CPU per item, items/s and context switches per item of runs (no profiler) "
+                                      "at each compute-slot setting, alternating (~4 min)")
+    b.add_argument("--compute-slots", type=_positive_list, default=[3, 2], metavar="N[,N...]",
+                   help="threads that may compute at once, a pass each per round (default 3,2: the cores "
+                        "plus one and the cores, on 2 cores)")
+    b.add_argument("--rounds", type=POSITIVE_INT, default=3, help="rounds of the passes, alternating (default 3)")
+    b.add_argument("--items", type=POSITIVE_INT, default=384, help="items per pass (default 384)")
+    b.add_argument("--concurrency", type=POSITIVE_INT, default=32, help="VLM requests in flight (default 32)")
+    b.add_argument("--latency", type=_number(float, 0.0), default=0.1, help="the fake endpoint's seconds per request "
+                                                                             "(default 0.1)")
 
     b = bench_command("tools", help="tool latency on synthetic items, or (--manifest) evidence AUROC and "
                                       "localization per tool and domain")

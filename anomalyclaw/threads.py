@@ -8,9 +8,11 @@ its workers wait for the next call by spinning on ``sched_yield``, which ``perf`
 5% of a run's CPU samples on two cores (its thread alone), for no speed-up. Compute slots: the CPU work of items (tools, experts, maps, image decoding and
 encoding) runs in worker threads, and the event loop's default pool has ``cpu_count + 4`` of
 them; more threads computing at once than there are cores only contend for the GIL and the
-caches. :func:`compute_slot` lets at most :func:`compute_slots` threads in (by default the
-cores plus one, so that one thread's I/O leaves no core idle); ``anomalyclaw bench profile``
-measures both settings.
+caches. :func:`compute_slot` lets at most :func:`compute_slots` threads in, by default one per
+core. Each thread beyond that adds GIL convoys: a thread that drops the GIL around an OpenCV,
+NumPy or torch call sleeps on the GIL's condition variable to get it back whenever another
+thread took it meanwhile (``perf record -e sched:sched_switch`` of a run: most of its context
+switches are in ``take_gil``). ``anomalyclaw bench slots`` measures the settings side by side.
 """
 from __future__ import annotations
 
@@ -109,8 +111,8 @@ def limit_intra_op_threads(n: int | None) -> Iterator[None]:
 
 
 def default_compute_slots(cores: int | None = None) -> int:
-    """The cores a process may use (default: the machine's), plus one."""
-    return max(1, int(cores if cores is not None else os.cpu_count() or 1)) + 1
+    """The cores a process may use (default: the machine's), at least one."""
+    return max(1, int(cores if cores is not None else os.cpu_count() or 1))
 
 
 _slots = default_compute_slots()

@@ -148,16 +148,30 @@ def copies(items: Sequence[Item], n: int) -> list[Item]:
             for i in range(n)]
 
 
+def process_usage() -> dict[str, float] | None:
+    """This process's kernel CPU seconds, minor page faults and context switches (voluntary and
+    involuntary, all threads) so far; None without ``resource`` (not on POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"system_s": ru.ru_stime, "faults": ru.ru_minflt, "switches": ru.ru_nvcsw + ru.ru_nivcsw}
+
+
 def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any, *,
          progress: bool = False) -> dict[str, Any]:
-    """One runner pass; the summary plus the CPU it took (process and event-loop thread).
-    ``progress``: with the progress bar a command-line run shows (drawn to standard error)."""
+    """One runner pass; the summary plus the CPU it took (process and event-loop thread) and
+    the context switches per item. ``progress``: with the progress bar a command-line run shows
+    (drawn to standard error)."""
     from anomalyclaw.eval.running.runner import Runner, run_sync
 
     runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=progress)
+    usage0 = process_usage()
     cpu, loop_cpu, wall = time.process_time(), time.thread_time(), time.perf_counter()
     summary = run_sync(runner, items)  # asyncio.run's loop runs on this thread
     wall, cpu, loop_cpu = (time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - loop_cpu)
+    usage1 = process_usage()
     done = max(1, summary.n_done)
     return {"items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
             "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(finish_times(out_dir)),
@@ -165,6 +179,7 @@ def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, po
             "request_kb_per_item": round(summary.request_bytes / done / 1024, 1),
             "cpu_ms_per_item": round(cpu / done * 1000, 1), "loop_cpu_ms_per_item": round(loop_cpu / done * 1000, 1),
             "loop_busy": round(loop_cpu / wall, 3) if wall > 0 else None,
+            "switches_per_item": round((usage1["switches"] - usage0["switches"]) / done) if usage0 else None,
             "summary": summary}
 
 

@@ -58,12 +58,12 @@ def test_a_coroutine_runs_cpu_work_in_a_slot_off_the_loop(slots):
     assert all(ident != loop_thread and depth == 1 for ident, depth in seen)
 
 
-def test_slot_counts_are_checked_and_the_default_is_the_cores_plus_one(slots, monkeypatch):
+def test_slot_counts_are_checked_and_the_default_is_one_per_core(slots, monkeypatch):
     with pytest.raises(ValueError, match="compute slots must be >= 1, got 0"):
         slots(0)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
-    assert threads.default_compute_slots() == 3 and threads.default_compute_slots(1) == 2
-    assert threads.default_compute_slots(0) == 2  # a worker's share of a small machine: still one core
+    assert threads.default_compute_slots() == 2 and threads.default_compute_slots(1) == 1
+    assert threads.default_compute_slots(0) == 1  # a worker's share of a small machine: still one core
 
 
 def test_workers_get_their_share_of_the_cores_and_ray_actors_their_one_cpu(monkeypatch, tmp_path):
@@ -72,9 +72,9 @@ def test_workers_get_their_share_of_the_cores_and_ray_actors_their_one_cpu(monke
 
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 8)
     processes = ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path, progress=False)
-    assert [s.compute_slots for s in processes.specs()] == [5, 5]
+    assert [s.compute_slots for s in processes.specs()] == [4, 4]
     actors = ShardedRunner(make_vlm("offline"), workers=2, ray="", out_dir=tmp_path, progress=False)
-    assert [s.compute_slots for s in actors.specs()] == [2, 2]
+    assert [s.compute_slots for s in actors.specs()] == [1, 1]
 
 
 def test_frozen_heap_keeps_what_was_alive_out_of_full_collections_then_puts_it_back():
