@@ -1182,9 +1182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bench_command("slots", help="CPU per item, items/s and context switches per item of runs (no profiler) "
                                       "at each compute-slot setting, alternating (~4 min)")
-    b.add_argument("--compute-slots", type=_positive_list, default=[3, 2], metavar="N[,N...]",
-                   help="threads that may compute at once, a pass each per round (default 3,2: the cores "
-                        "plus one and the cores, on 2 cores)")
+    b.add_argument("--compute-slots", type=_positive_list, metavar="N[,N...]",
+                   help="threads that may compute at once, a pass each per round (default: the cores plus "
+                        "one, then one per core, the default; 3,2 on 2 cores)")
     b.add_argument("--rounds", type=POSITIVE_INT, default=3, help="rounds of the passes, alternating (default 3)")
     b.add_argument("--items", type=POSITIVE_INT, default=384, help="items per pass (default 384)")
     b.add_argument("--concurrency", type=POSITIVE_INT, default=32, help="VLM requests in flight (default 32)")

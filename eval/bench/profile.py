@@ -411,7 +411,7 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
     1; None: as the libraries set them)."""
     from anomalyclaw import threads
     from anomalyclaw.eval.bench.reference_sets import new_set_items
-    from anomalyclaw.eval.bench.throughput import _run, _vlm, copies, fake_endpoint_process, process_usage
+    from anomalyclaw.eval.bench.throughput import _run, _vlm, copies, fake_endpoint_process
     from anomalyclaw.eval.data.manifests import load_manifest
     from anomalyclaw.eval.data.synth import generate_benchmark
     from anomalyclaw.experts.pool import ExpertPool
@@ -433,11 +433,9 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
                 measured = copies(items, n_items)
             sampler, collector = CPUSampler(interval_s), GCClock()
             # With the progress bar, as `anomalyclaw run` draws it; what it draws is discarded.
-            usage0 = process_usage()
             with sampler, collector, threads.clock_stages() as stages, contextlib.redirect_stderr(io.StringIO()):
                 row = _run(measured, _vlm(url, concurrency, client, transport), work / "measured", config, pool,
                            progress=True)
-            usage1 = process_usage()
     summary = row.pop("summary")
     done = max(1, row["items"])
     cpu_ms = round(1000 * sampler.process_seconds / done, 1)  # the sampled window: the pass, start to end
@@ -456,8 +454,7 @@ def profile_run(*, n_items: int = 96, concurrency: int = 32, latency_s: float = 
                        for label, sec in sorted(stages.seconds.items(), key=lambda kv: -kv[1])},
             "loop_cpu_ms_per_item": row["loop_cpu_ms_per_item"], "items_per_s": row["items_per_s"],
             # The kernel's share of the process CPU, and the fresh pages it had to fault in.
-            "system_ms_per_item": (round(1000 * (usage1["system_s"] - usage0["system_s"]) / done, 1) if usage0 else None),
-            "page_faults_per_item": (round((usage1["faults"] - usage0["faults"]) / done) if usage0 else None),
+            "system_ms_per_item": row["system_ms_per_item"], "page_faults_per_item": row["page_faults_per_item"],
             "requests_per_item": row["requests_per_item"], "samples": sampler.samples, "by_category": by,
             "top_functions": top,
             "pool": summary.cache.get("experts", {})}

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 from anomalyclaw.config import AgentConfig
 
 
-def bench_slots(slots: Sequence[int] = (3, 2), *, rounds: int = 3, n_items: int = 384, concurrency: int = 32,
+def bench_slots(slots: Sequence[int] | None = None, *, rounds: int = 3, n_items: int = 384, concurrency: int = 32,
                 latency_s: float = 0.1, image_size: int = 512, work_dir: str | Path | None = None) -> dict[str, Any]:
-    """One pass of ``n_items`` per setting in ``slots``, alternating, ``rounds`` times. Returns
+    """One pass of ``n_items`` per setting in ``slots`` (None: the cores plus one, then the
+    default, one per core), alternating, ``rounds`` times. Returns
     ``{"passes": [{"slots", "round", "items", "errors", "cpu_ms_per_item", "items_per_s",
     "loop_cpu_ms_per_item", "switches_per_item"}], "medians": {slots: {...}}, ...}``."""
     from anomalyclaw import threads
@@ -29,6 +30,8 @@ def bench_slots(slots: Sequence[int] = (3, 2), *, rounds: int = 3, n_items: int 
     from anomalyclaw.eval.data.synth import generate_benchmark
     from anomalyclaw.experts.pool import ExpertPool
 
+    if slots is None:
+        slots = (threads.default_compute_slots() + 1, threads.default_compute_slots())
     config, passes = AgentConfig(), []
     with tempfile.TemporaryDirectory(prefix="anomalyclaw-slots-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)

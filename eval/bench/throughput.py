@@ -161,9 +161,10 @@ def process_usage() -> dict[str, float] | None:
 
 def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any, *,
          progress: bool = False) -> dict[str, Any]:
-    """One runner pass; the summary plus the CPU it took (process and event-loop thread) and
-    the context switches per item. ``progress``: with the progress bar a command-line run shows
-    (drawn to standard error)."""
+    """One runner pass; the summary plus the CPU it took (process and event-loop thread), and
+    per item the kernel's share of that CPU, the fresh pages it faulted in and the context
+    switches (None without ``resource``). ``progress``: with the progress bar a command-line
+    run shows (drawn to standard error)."""
     from anomalyclaw.eval.running.runner import Runner, run_sync
 
     runner = Runner(vlm, out_dir=out_dir, config=config, expert_pool=pool, progress=progress)
@@ -179,6 +180,8 @@ def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, po
             "request_kb_per_item": round(summary.request_bytes / done / 1024, 1),
             "cpu_ms_per_item": round(cpu / done * 1000, 1), "loop_cpu_ms_per_item": round(loop_cpu / done * 1000, 1),
             "loop_busy": round(loop_cpu / wall, 3) if wall > 0 else None,
+            "system_ms_per_item": round(1000 * (usage1["system_s"] - usage0["system_s"]) / done, 1) if usage0 else None,
+            "page_faults_per_item": round((usage1["faults"] - usage0["faults"]) / done) if usage0 else None,
             "switches_per_item": round((usage1["switches"] - usage0["switches"]) / done) if usage0 else None,
             "summary": summary}
 
