@@ -8,6 +8,8 @@ path. A tool never raises: bad arguments, unreadable images and bugs all become 
 """
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from typing import Any, Callable
 
@@ -28,6 +30,18 @@ from .observation import Observation, clip_text, jsonable
 CHECKED_KEY = "checked_call"
 
 ToolImpl = Callable[[ItemContext, Any], Observation]
+
+
+@functools.lru_cache(maxsize=256)
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    # Built once per process: every registry (one per runner, worker, Ray actor) makes all 13
+    # tools again, and pydantic rebuilds a schema each time it is asked.
+    return model.model_json_schema()
+
+
+def args_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """An arguments model's JSON schema, the caller's own copy of the one built per process."""
+    return copy.deepcopy(_model_schema(model))
 
 
 def context_from_config(config: RunnableConfig | None) -> ItemContext:
@@ -96,7 +110,7 @@ def make_tool(name: str, description: str, schema: type[BaseModel], impl: ToolIm
             obs = run_checked(impl, ctx, checked)
         return obs.text, obs
 
-    json_schema = schema.model_json_schema()
+    json_schema = args_json_schema(schema)
     json_schema["title"] = name
     json_schema["description"] = description
     tool = StructuredTool(name=name, description=description, args_schema=json_schema, func=call,

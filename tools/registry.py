@@ -11,9 +11,7 @@ they return is the only one a call produces. Inside a LangGraph run each call is
 from __future__ import annotations
 
 import asyncio
-import copy
 import difflib
-import functools
 import json
 import logging
 import re
@@ -31,7 +29,7 @@ from anomalyclaw.items import Item
 
 from .applicability import Applicability
 from .item_context import CONTEXT_KEY, ItemContext
-from .factory import CHECKED_KEY, finish
+from .factory import CHECKED_KEY, args_json_schema, finish
 from .guard import CheckedCall, check_arguments
 from .observation import Observation
 from .regions import BBOX_DESCRIPTION
@@ -78,13 +76,6 @@ def _canonical(name: str) -> str:
         if text.startswith(prefix):
             text = text[len(prefix):]
     return text
-
-
-@functools.lru_cache(maxsize=256)
-def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """An arguments model's JSON schema, built once per process (pydantic takes ~7 ms a schema,
-    and every registry, one per runner, would build all 13 again); callers keep a copy."""
-    return model.model_json_schema()
 
 
 class ToolRegistry:
@@ -194,7 +185,7 @@ class ToolRegistry:
         if name not in self._schemas:
             model = self.args_model(name)
             if model is not None:
-                schema = copy.deepcopy(_model_schema(model))  # this registry's own, as before
+                schema = args_json_schema(model)  # this registry's own copy
             else:
                 schema = self._entries[name].tool.args_schema
                 schema = schema if isinstance(schema, dict) else schema.model_json_schema()

@@ -22,7 +22,7 @@ from anomalyclaw.paths import writable_folder
 from anomalyclaw.threads import frozen_heap, limit_compute_threads, to_compute_thread
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.messages import warm_images
-from anomalyclaw.graph.pipeline import build_pipeline
+from anomalyclaw.graph.pipeline import shared_pipeline
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.tools.item_context import ItemContext
 
@@ -64,7 +64,7 @@ class McqRunner(Runner):
 
     def __init__(self, *args: Any, mmad_info: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.graph = build_pipeline(task="mcqa")
+        self.graph = shared_pipeline("mcqa")
         self.task = "mcqa"
         self.extra_info = {"mmad": dict(mmad_info or {})}
 

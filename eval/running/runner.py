@@ -50,7 +50,7 @@ from anomalyclaw.version import __version__, library_versions
 from anomalyclaw.graph.context import make_context
 from anomalyclaw.graph.images import ImageEncoder
 from anomalyclaw.graph.messages import warm_images
-from anomalyclaw.graph.pipeline import build_pipeline
+from anomalyclaw.graph.pipeline import shared_pipeline
 from anomalyclaw.graph.state import new_state
 from anomalyclaw.graph.toolcalling import ToolCalling
 from anomalyclaw.graph.vlm.seam import VLM
@@ -207,7 +207,7 @@ class Runner:
         self.encoder = ImageEncoder()
         self.tool_calling = ToolCalling(self.config.tool_calling)
         """Shared by the run's items: under ``auto``, the first refusal of tools switches them all."""
-        self.graph = build_pipeline()
+        self.graph = shared_pipeline()
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.started_at = now()
         self.task = "score"

@@ -251,3 +251,43 @@ def test_langchain_block_types_are_remembered_not_recomputed():
     assert fn() == fn.__wrapped__() and "image" in fn()
     assert lc_content.is_data_content_block({"type": "image", "url": "https://x/y.png"})
     assert not lc_content.is_data_content_block({"type": "image_url", "image_url": {"url": "data:,"}})
+
+
+def test_every_client_shares_one_tls_context_until_the_ca_variables_change(monkeypatch, tmp_path):
+    """Reading the CA store is paid once per process, not per client (one per replica per event
+    loop); SSL_CERT_FILE set later still takes effect, as it would for a fresh httpx client."""
+    import os
+    import shutil
+    import ssl
+
+    from anomalyclaw.graph.vlm.endpoint import _http_client, _tls_context, make_openai_client
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    first = _tls_context()
+    assert isinstance(first, ssl.SSLContext) and first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    for kw in ({}, {"transport": "httpx"}, {"client": "sdk"}):
+        endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", **kw)
+        transport = _http_client(endpoint)._transport
+        context = getattr(transport, "ssl_context", None) or transport._pool._ssl_context
+        assert context is first
+    assert make_openai_client(EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"))._client._transport.ssl_context \
+        is first
+    bundle = ssl.get_default_verify_paths().openssl_cafile
+    if not bundle or not os.path.isfile(bundle):
+        pytest.skip("no system CA bundle to point SSL_CERT_FILE at")
+    monkeypatch.setenv("SSL_CERT_FILE", str(shutil.copy(bundle, tmp_path / "ca.pem")))
+    assert _tls_context() is not first and _tls_context() is _tls_context()
+
+
+def test_runners_share_one_compiled_pipeline(tmp_path):
+    from anomalyclaw.eval.running.mcqa import McqRunner
+    from anomalyclaw.eval.running.runner import Runner
+    from anomalyclaw.graph.pipeline import shared_pipeline
+
+    vlm = make_vlm("offline")
+    one, two = Runner(vlm, out_dir=tmp_path / "a"), Runner(vlm, out_dir=tmp_path / "b")
+    assert one.graph is two.graph is shared_pipeline() and one.graph.checkpointer is None
+    assert McqRunner(vlm, out_dir=tmp_path / "c").graph is shared_pipeline("mcqa") is not shared_pipeline()
+    assert build_pipeline() is not shared_pipeline()  # build_pipeline stays the fresh one to change
+
