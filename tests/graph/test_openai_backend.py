@@ -291,3 +291,22 @@ def test_runners_share_one_compiled_pipeline(tmp_path):
     assert McqRunner(vlm, out_dir=tmp_path / "c").graph is shared_pipeline("mcqa") is not shared_pipeline()
     assert build_pipeline() is not shared_pipeline()  # build_pipeline stays the fresh one to change
 
+
+async def test_chatopenai_reads_the_reply_as_a_plain_dict(item):
+    """PreparedCompletions hands ChatOpenAI the reply's JSON object, not a typed ChatCompletion;
+    the text, token counts, message id and log-probs come through all the same."""
+    from langchain_core.messages import HumanMessage
+
+    from anomalyclaw.graph.vlm.endpoint import PreparedCompletions
+
+    with FakeVLMServer(api_key=KEY, script=["hello", "hello"]) as server:
+        vlm = _vlm(server, "langchain")
+        completions = vlm.chat_model.async_client
+        assert isinstance(completions, PreparedCompletions)
+        raw = await completions.with_raw_response.create(model="fake-vlm", messages=[{"role": "user", "content": "hi"}])
+        body = raw.parse()
+        assert type(body) is dict and body["choices"][0]["message"]["content"] == "hello"
+        reply = await vlm.acall([HumanMessage("hi")], stage="direct", logprobs=True)
+        await vlm.aclose()
+    assert reply.text == "hello" and reply.prompt_tokens > 0 and reply.completion_tokens > 0
+    assert reply.message_id and reply.top_logprobs
