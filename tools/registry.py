@@ -86,6 +86,7 @@ class ToolRegistry:
         # JSON schemas are static per tool and pydantic takes ~7 ms to build one: keep them.
         self._schemas: dict[str, dict[str, Any]] = {}
         self._functions: dict[str, dict[str, Any]] = {}
+        self._compact: dict[str, dict[str, str]] = {}  # compact_args, read by every item's prompt
 
     @classmethod
     def default(cls) -> "ToolRegistry":
@@ -112,15 +113,18 @@ class ToolRegistry:
         meta.update(family=family, specialty=specialty, applicability=applicability)
         tool.metadata = meta
         self._entries[tool.name] = ToolEntry(tool, family, specialty, applicability)
-        self._schemas.pop(tool.name, None)
-        self._functions.pop(tool.name, None)
+        self._forget(tool.name)
 
     def drop(self, name: str) -> None:
         if name not in self._entries:
             raise KeyError(f"no tool {name!r} in the registry; registered: {self.names()}")
         del self._entries[name]
-        self._schemas.pop(name, None)
-        self._functions.pop(name, None)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop what was derived from the tool ``name`` (it was replaced or dropped)."""
+        for derived in (self._schemas, self._functions, self._compact):
+            derived.pop(name, None)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -195,6 +199,11 @@ class ToolRegistry:
     def compact_args(self, name: str) -> dict[str, str]:
         """``{"arg": "type (default ...): description"}`` for the prompt; a bbox is written as
         ``[x0,y0,x1,y1] in 0-1`` plus what it means for this tool."""
+        if name not in self._compact:
+            self._compact[name] = self._compact_args(name)
+        return dict(self._compact[name])
+
+    def _compact_args(self, name: str) -> dict[str, str]:
         out = {}
         schema = self.args_schema(name)
         required = set(schema.get("required", ()))

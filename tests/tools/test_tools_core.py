@@ -367,6 +367,16 @@ def test_custom_tools_can_be_added_dropped_and_run(tmp_path, registry):
     assert "echo" not in registry.render(make_item(tmp_path, "plate"))
     blocked = registry.run("echo", {}, ItemContext(make_item(tmp_path, "plate")))
     assert not blocked.ok and not blocked.applicable and "texture" in blocked.text
+    # What the prompt shows of a tool's arguments follows the tool registered under its name now.
+    registry.compact_args("echo")["word"] = "scribbled on"  # a copy: the registry's stays
+    assert registry.compact_args("echo")["word"].endswith("a word to echo")
+
+    class _LoudArgs(BaseModel):
+        word: str = Field("HI", description="a word to shout")
+
+    registry.add(make_tool("echo", "Shout a word.", _LoudArgs, _echo, family="custom", specialty="shout"),
+                 family="custom", specialty="shout")
+    assert registry.compact_args("echo")["word"].endswith("a word to shout")
     registry.drop("echo")
     assert "echo" not in registry
     with pytest.raises(KeyError, match="no tool 'echo'"):
