@@ -186,6 +186,41 @@ def _run(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, po
             "summary": summary}
 
 
+def _forget_shared_setup() -> None:
+    """Drop what runs in one process share once made (the HTTP clients' TLS context, the
+    compiled pipeline, the tools' JSON schemas), so that the next run makes them again, as
+    every run did before they were shared."""
+    from anomalyclaw.graph.pipeline import shared_pipeline
+    from anomalyclaw.graph.vlm.endpoint import _tls_context_for
+    from anomalyclaw.tools.factory import _model_schema
+
+    for cached in (_tls_context_for, shared_pipeline, _model_schema):
+        cached.cache_clear()
+
+
+def bench_run_start(url: str, pool: Any, work: Path, *, rounds: int = 5) -> dict[str, Any]:
+    """CPU of a run's start and end around no items: the VLM client, the Runner (its pipeline,
+    tools, prompts) and an empty pass, ``rounds`` times with nothing shared yet (each run made
+    its own, as before) alternating with the process's shared setup; the medians."""
+    import statistics
+
+    from anomalyclaw.eval.running.runner import Runner, run_sync
+
+    ms: dict[str, list[float]] = {"made anew": [], "shared": []}
+    for r in range(rounds):
+        for variant in ms:
+            if variant == "made anew":
+                _forget_shared_setup()
+            cpu = time.process_time()
+            runner = Runner(_vlm(url, 8), out_dir=work / f"start-{variant.replace(' ', '-')}-{r}", expert_pool=pool,
+                            progress=False)
+            run_sync(runner, [])
+            ms[variant].append(1000 * (time.process_time() - cpu))
+    medians = {variant: round(statistics.median(values), 1) for variant, values in ms.items()}
+    return {"rounds": rounds, "cpu_ms": {v: [round(x, 1) for x in values] for v, values in ms.items()},
+            "median_ms": medians, "ratio": round(medians["made anew"] / max(medians["shared"], 1e-9), 2)}
+
+
 def _machine_cpu_s() -> float | None:
     """CPU seconds the whole machine has spent busy (every process, every core; /proc/stat),
     None where there is no /proc."""
@@ -615,6 +650,7 @@ def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | No
         pool = ExpertPool("classic")
         with fake_endpoint_process(0.0) as url:
             warm = _run(items, _vlm(url, 8), work / "warmup", AgentConfig(), pool)
+            result["run_start"] = bench_run_start(url, pool, work)
         summary = warm.pop("summary")
         result["warmup"] = {**warm, "pool": dict(summary.cache.get("experts", {})),
                             "encoder": dict(summary.cache.get("images", {}))}
@@ -674,6 +710,12 @@ def format_bench(result: dict[str, Any]) -> str:
     lines += [f"cold pass (warm-up, {w['items']} items, concurrency 8, no latency): {w['items_per_s']:.2f} items/s, "
               f"{w['cpu_ms_per_item']:.0f} ms CPU per item; expert pool {w['pool']}; "
               f"image encoder {w['encoder']}"]
+    if result.get("run_start"):
+        st = result["run_start"]
+        lines.append(f"a run's start and end around no items (VLM client, Runner, empty pass), CPU ms, "
+                     f"{st['rounds']} rounds alternating: made anew {st['median_ms']['made anew']:.1f} (as every run "
+                     f"before), with the process's shared TLS context, pipeline and tool schemas "
+                     f"{st['median_ms']['shared']:.1f} ({st['ratio']:.2f}x)")
     if not result.get("request_bytes"):  # the scale plan measures nothing else
         return "\n".join(lines)
     lines += ["", "Request size per item (same items, no latency)",

@@ -46,6 +46,9 @@ def test_smallest_bench_measures_every_section(tmp_path):
     assert knn["bank_patches"] % knn["query_patches"] == 0 and knn["bank_patches"] > knn["query_patches"]
     warm = result["warmup"]
     assert warm["items"] == 4 and warm["pool"]["misses"] >= 1
+    start = result["run_start"]  # a run's start around no items: made anew, then with the shared setup
+    assert start["rounds"] == 5 and all(len(v) == 5 for v in start["cpu_ms"].values())
+    assert 0 < start["median_ms"]["shared"] < start["median_ms"]["made anew"] and start["ratio"] > 1
     assert {r["tool"] for r in result["tools"]} >= {"side_by_side_compare", "region_zoom"}
 
     new = result["new_sets"]
@@ -58,7 +61,7 @@ def test_smallest_bench_measures_every_section(tmp_path):
 
     text = format_bench(result)
     for heading in ("Runner throughput", "Request size per item", "Expert anomaly_vfm", "Tool latency",
-                    "New reference sets", "Nearest-neighbour search"):
+                    "New reference sets", "Nearest-neighbour search", "a run's start and end around no items"):
         assert heading in text
 
 
