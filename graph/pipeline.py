@@ -133,4 +133,3 @@ def shared_pipeline(task: str = "score"):
     which each run, worker and Ray actor paid again. Build your own with :func:`build_pipeline`
     to change it (a checkpointer, other nodes)."""
     return build_pipeline(task=task)
-
