@@ -650,7 +650,8 @@ def run_bench(plan: BenchPlan | None = None, *, work_dir: str | os.PathLike | No
         pool = ExpertPool("classic")
         with fake_endpoint_process(0.0) as url:
             warm = _run(items, _vlm(url, 8), work / "warmup", AgentConfig(), pool)
-            result["run_start"] = bench_run_start(url, pool, work)
+            if plan.latencies_s:  # (the scale plan measures nothing else)
+                result["run_start"] = bench_run_start(url, pool, work)
         summary = warm.pop("summary")
         result["warmup"] = {**warm, "pool": dict(summary.cache.get("experts", {})),
                             "encoder": dict(summary.cache.get("images", {}))}

@@ -98,6 +98,7 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
                      scale_items=7, scale_transports=("aiohttp", "httpx"))
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)
+    assert "run_start" not in result  # the scale plan measures its rows alone
     rows = result["scale"]
     # Each concurrency's rows follow a bare client on the same endpoint, as many requests, no agent.
     bare = [r for r in rows if r["mode"] == "no agent"]
