@@ -491,7 +491,7 @@ def _run(args: argparse.Namespace, items, rejected, out_dir: Path, *, where: str
     vlm = runner.vlm
     summary = run_sync(runner, items, rejected=rejected, resume=args.resume, retry_errors=args.retry_errors,
                        force=args.force, handle_signals=True, lock=lock,
-                       duplicates=duplicates)
+                       duplicates=duplicates, loop=getattr(args, "loop", None))
     ids = {it.item_id for it in items} | set(rejected)
     try:
         records = [r for r in load_records(out_dir / RECORDS_FILE) if r.item_id in ids]
@@ -622,7 +622,8 @@ def _run_mcqa(args: argparse.Namespace) -> int:
                        mmad_info={"data_root": str(contents.data_root), "refs": contents.refs,
                                   "n_refs": contents.n_refs, "domain_knowledge": args.domain_knowledge})
     summary = run_sync(runner, contents.images, rejected=contents.rejected, resume=args.resume,
-                       retry_errors=args.retry_errors, force=args.force, handle_signals=True)
+                       retry_errors=args.retry_errors, force=args.force, handle_signals=True,
+                       loop=getattr(args, "loop", None))
     records = load_records(out_dir / RECORDS_FILE)
     per_q = summary.requests / summary.n_done if summary.n_done else 0.0
     stand_in = " (the rule-based stand-in, not a VLM)" if vlm.backend == "offline" else ""
@@ -655,7 +656,9 @@ def _run_threshold(args: argparse.Namespace) -> float | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from anomalyclaw.eval.data.manifests import read_manifest, resolve_manifest_path
+    from anomalyclaw.loops import resolve_loop
 
+    resolve_loop(args.loop)  # an unknown ANOMALYCLAW_LOOP, or uvloop asked for and missing: before any work
     if args.task == "mcqa":
         return _run_mcqa(args)
     if getattr(args, "workers", None) not in (None, 1) and getattr(args, "ray", None) is None:
@@ -824,7 +827,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from anomalyclaw.eval.bench.throughput import format_bench, full_plan, quick_plan, run_bench, scale_plan
 
         if args.bench_command == "scale":
-            plan = scale_plan(args.concurrency, _names(args.modes), args.items, _names(args.transport))
+            plan = scale_plan(args.concurrency, _names(args.modes), args.items, _names(args.transport),
+                              _names(args.loop))
         else:
             plan = quick_plan() if args.quick else full_plan()
         result = run_bench(plan)
@@ -912,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyclaw", description="AnomalyClaw: training-free visual anomaly detection by tool-grounded refutation.")
     from .config import CLIENTS, TRANSPORTS
+    from .loops import LOOPS
     from .version import __version__
 
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -1065,6 +1070,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="judge the items on Ray actors: the cluster at ADDRESS (e.g. ray://head:10001 or auto), "
                         "or a local one when none is given (pip install anomalyclaw[ray])")
+    w.add_argument("--loop", choices=LOOPS,
+                   help="the event loop: auto (uvloop where installed, else asyncio), uvloop (less of the loop's "
+                        "CPU per request) or asyncio; default ANOMALYCLAW_LOOP, else auto; worker processes take "
+                        "the parent's")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("demo", help="synthetic benchmark + full pipeline on the offline backend + AUROC")
@@ -1121,6 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "test split, whose start and tail weigh what they weigh in a real run")
     b.add_argument("--transport", type=_choices(TRANSPORTS), default="aiohttp",
                    help="comma-separated HTTP transports, a row each (default aiohttp; aiohttp,httpx compares)")
+    b.add_argument("--loop", type=_choices(LOOPS), default="auto",
+                   help="comma-separated event loops, a row each, side by side (default auto: uvloop where "
+                        "installed; asyncio,uvloop compares)")
 
     b = bench_command("start", help="seconds from launching `run --workers 2` to its first record, last record and "
                                       "exit (fake endpoint, 1 s), its fork server started first as run does, against "

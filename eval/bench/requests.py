@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from anomalyclaw.config import CLIENTS, TRANSPORTS
+from anomalyclaw.loops import run_loop
 from anomalyclaw.eval.bench.profile import median_series
 
 __all__ = ["format_requests", "request_cpu"]
@@ -57,7 +58,7 @@ def request_cpu(*, clients: Sequence[str] = CLIENTS, transports: Sequence[str] =
         for round_, (client, transport) in itertools.product(range(rounds), itertools.product(clients, transports)):
             endpoint = EndpointConfig(base_url=url, model="fake-vlm", client=client, transport=transport)
             vlm = make_vlm("openai", endpoint, max_concurrency=concurrency)
-            loop_cpu, process_cpu = asyncio.run(_timed(vlm, messages, requests, concurrency))
+            loop_cpu, process_cpu = run_loop(_timed(vlm, messages, requests, concurrency))
             rows.append({"client": client, "transport": transport, "round": round_, "requests": requests,
                          "concurrency": concurrency, "loop_ms_per_request": round(1000 * loop_cpu / requests, 3),
                          "process_ms_per_request": round(1000 * process_cpu / requests, 3)})

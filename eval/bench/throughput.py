@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 from anomalyclaw.config import AgentConfig, EndpointConfig
 from anomalyclaw.errors import AnomalyClawError
 from anomalyclaw.items import Item
+from anomalyclaw.loops import resolve_loop, run_loop
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,13 @@ class BenchPlan:
     scale_modes: tuple[str, ...] = tuple(SCALE_MODES.values())
     scale_items_per_slot: int = 4
     scale_items: int | None = None
+    """Items per scale row (None: ``scale_items_per_slot x concurrency``): e.g. 1,418, a whole
+    CrossDomainVAD-12 test split, where the start and the tail weigh what they weigh in a real run."""
     scale_transports: tuple[str, ...] = ("aiohttp",)
     """The endpoint clients' HTTP stacks of the scale rows (:attr:`EndpointConfig.transport`), a
     row each."""
-    """Items per scale row (None: ``scale_items_per_slot x concurrency``): e.g. 1,418, a whole
-    CrossDomainVAD-12 test split, where the start and the tail weigh what they weigh in a real run."""
+    scale_loops: tuple[str, ...] = ("auto",)
+    """The event loops of the scale rows (:mod:`anomalyclaw.loops`), a row each."""
 
 
 def quick_plan() -> BenchPlan:
@@ -92,19 +95,24 @@ def quick_plan() -> BenchPlan:
 
 
 def scale_plan(concurrencies: Sequence[int] | None = None, modes: Sequence[str] | None = None,
-               items: int | None = None, transports: Sequence[str] | None = None) -> BenchPlan:
+               items: int | None = None, transports: Sequence[str] | None = None,
+               loops: Sequence[str] | None = None) -> BenchPlan:
     """Only the scale rows (``anomalyclaw bench scale``): 1 s latency, by default concurrency
     32, 128 and 256, with one process, ``--workers 2`` and Ray with 2 workers (about eight
     minutes on a 2-core machine). ``modes``: names of :data:`SCALE_MODES`; ``items``: items per
     row instead of 4 per slot of concurrency; ``transports``: HTTP stacks, each mode's row once
-    per stack (default aiohttp alone)."""
+    per stack (default aiohttp alone); ``loops``: event loops, each row once per loop, next to
+    each other (default ``auto``; ``asyncio,uvloop`` compares)."""
     unknown = sorted(set(modes or ()) - set(SCALE_MODES))
     if unknown:
         raise ValueError(f"bench scale --modes: unknown {', '.join(unknown)} (choose from {', '.join(SCALE_MODES)})")
+    for name in loops or ():
+        resolve_loop(name)  # unknown, or uvloop where it is not installed: before any row
     return BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
                      scale_concurrencies=tuple(concurrencies or BenchPlan.scale_concurrencies),
                      scale_modes=tuple(SCALE_MODES[m] for m in modes or SCALE_MODES), scale_items=items,
-                     scale_transports=tuple(transports or BenchPlan.scale_transports))
+                     scale_transports=tuple(transports or BenchPlan.scale_transports),
+                     scale_loops=tuple(loops or BenchPlan.scale_loops))
 
 
 def full_plan() -> BenchPlan:
@@ -242,7 +250,7 @@ def _busy_fraction(machine0: float | None, machine1: float | None, wall: float) 
 
 
 def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentConfig, pool: Any,
-                mode: str) -> dict[str, Any]:
+                mode: str, loop: str | None = None) -> dict[str, Any]:
     """One runner pass in one of the scale modes; CPU per item counts this process and, for the
     workers, what each reports having spent after its start-up; ``machine_busy`` is the whole
     machine's (the fake endpoint and Ray's own processes included)."""
@@ -257,14 +265,15 @@ def _run_scaled(items: Sequence[Item], vlm: Any, out_dir: Path, config: AgentCon
         runner = ShardedRunner(vlm, workers=int(n), ray="" if kind == "ray" else False, out_dir=out_dir,
                                config=config, progress=False)
     machine0, cpu, wall, began = _machine_cpu_s(), time.process_time(), time.perf_counter(), time.time()
-    summary = run_sync(runner, items)
+    summary = run_sync(runner, items, loop=loop)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     machine1 = _machine_cpu_s()
     finished = finish_times(out_dir)
     workers_cpu = float(summary.workers.get("cpu_s") or 0.0)
     done = max(1, summary.n_done)
     busy = _busy_fraction(machine0, machine1, wall)
-    return {"mode": mode, "items": summary.n_done, "errors": summary.n_errors, "elapsed_s": round(wall, 3),
+    return {"mode": mode, "loop": resolve_loop(loop), "items": summary.n_done, "errors": summary.n_errors,
+            "elapsed_s": round(wall, 3),
             "items_per_s": round(summary.n_done / wall, 3), "steady_items_per_s": steady_rate(finished),
             # The row's start as an item pays it: the workers' start, the first wave's cold work,
             # then the item's own requests one after another (3 x the latency at the least).
@@ -316,12 +325,13 @@ def bare_client_row(url: str, concurrency: int, n_items: int) -> dict[str, Any]:
         return done, failed
 
     machine0, cpu, wall = _machine_cpu_s(), time.process_time(), time.perf_counter()
-    done, failed = asyncio.run(main())
+    done, failed = run_loop(main())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     machine1 = _machine_cpu_s()
     items = done / NOMINAL_REQUESTS_PER_ITEM
     busy = _busy_fraction(machine0, machine1, wall)
-    return {"mode": BARE_CLIENT, "items": round(items, 1), "errors": failed, "elapsed_s": round(wall, 3),
+    return {"mode": BARE_CLIENT, "loop": resolve_loop(None), "items": round(items, 1), "errors": failed,
+            "elapsed_s": round(wall, 3),
             "items_per_s": round(items / wall, 3), "steady_items_per_s": None, "first_record_s": None,
             "requests_per_item": float(NOMINAL_REQUESTS_PER_ITEM),
             "cpu_ms_per_item": round(cpu / max(items, 1e-9) * 1000, 1),
@@ -434,15 +444,16 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
                 # The same endpoint with no agent in the way: the ceiling of this concurrency's rows.
                 rows.append(_rated(bare_client_row(url, concurrency, n), latency, concurrency, transport="aiohttp"))
                 log.info("scale %s", rows[-1])
-                for mode, transport in itertools.product(plan.scale_modes, plan.scale_transports):
+                for mode, transport, loop in itertools.product(plan.scale_modes, plan.scale_transports,
+                                                               plan.scale_loops):
                     if mode.startswith("ray") and session is None:
                         rows.append({"mode": mode, "concurrency": concurrency, "latency_s": latency,
-                                     "transport": transport,
+                                     "transport": transport, "loop": resolve_loop(loop),
                                      "skipped": "Ray is not installed (pip install anomalyclaw[ray])"})
                         continue
-                    out = work / f"scale_{latency:g}s_c{concurrency}_{mode.replace(' ', '')}_{transport}"
+                    out = work / f"scale_{latency:g}s_c{concurrency}_{mode.replace(' ', '')}_{transport}_{loop}"
                     row = _run_scaled(copies(items, n), _vlm(url, concurrency, transport=transport), out,
-                                      AgentConfig(), pool, mode)
+                                      AgentConfig(), pool, mode, loop=loop)
                     rows.append(_rated(row, latency, concurrency, transport=transport))
                     log.info("scale %s", rows[-1])
     finally:
@@ -453,11 +464,12 @@ def bench_scale(items: Sequence[Item], plan: BenchPlan, pool: Any, work: Path) -
 
 def format_scale(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["Past one process (openai backend, langchain client, default AgentConfig; worker rows start cold)",
-             f"{'latency':>8} {'conc':>5} {'mode':>10} {'http':>8} {'items':>6} {'items/s':>8} {'ideal':>8} "
+             f"{'latency':>8} {'conc':>5} {'mode':>10} {'http':>8} {'loop':>7} {'items':>6} {'items/s':>8} {'ideal':>8} "
              f"{'ratio':>6} {'steady':>7} {'ceiling':>7} {'first s':>7} {'req/item':>8} {'cpu ms/item':>11} "
              f"{'machine busy':>12} {'sets fit':>8} {'errors':>6}"]
     for r in rows:
-        where = f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r.get('transport', 'aiohttp'):>8}"
+        where = (f"{r['latency_s']:>7g}s {r['concurrency']:>5} {r['mode']:>10} {r.get('transport', 'aiohttp'):>8} "
+                 f"{r.get('loop', 'asyncio'):>7}")
         if r.get("skipped"):
             lines.append(f"{where}  skipped: {r['skipped']}")
             continue

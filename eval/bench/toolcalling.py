@@ -13,7 +13,6 @@ names and specialties, and results come back as tool messages. Bytes are counted
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 
 from anomalyclaw.config import AgentConfig, EndpointConfig
 from anomalyclaw.items import Item
+from anomalyclaw.loops import run_loop
 
 __all__ = ["SCRIPT_TOOLS", "format_tool_calling", "run_tool_calling_bench"]
 
@@ -89,7 +89,7 @@ def run_tool_calling_bench(items: Sequence[Item] | None = None, *, modes: Sequen
             manifest = generate_benchmark(Path(tmp) / "synth", seed=0, n_test_per_domain=2, n_calibration=0,
                                           n_dev=0)
             items = load_manifest(manifest, split="test")
-        results = [asyncio.run(_run_mode(items, mode, client, config)) for mode in modes]
+        results = [run_loop(_run_mode(items, mode, client, config)) for mode in modes]
     base = results[0]["request_bytes_per_item"]
     for r in results:
         r["bytes_vs_first"] = r["request_bytes_per_item"] / base if base else None

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, ContextManager, Sequence, TypeVar
 
+from anomalyclaw.loops import run_loop, running_loop_kind
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, redact, redact_value
 from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadError, OutputError,
@@ -561,7 +562,7 @@ class Runner:
                 "backend": self.vlm.backend,
                 "model": self.vlm.model, "config": asdict(self.config), "prompts": self.prompts.source,
                 "tools": self.registry.names(), "task": self.task, "fingerprint": self.fingerprint(),
-                "save_maps": self.save_maps, "threshold": self.threshold,
+                "save_maps": self.save_maps, "threshold": self.threshold, "event_loop": running_loop_kind(),
                 **self.extra_info}
         if summary is not None:
             info.update(finished_at=now(), summary=summary.to_json())
@@ -573,9 +574,12 @@ class Runner:
         return path
 
 
-def run_sync(runner: Runner, items: Sequence[Item], *, handle_signals: bool = False, **run_kw: Any) -> RunSummary:
+def run_sync(runner: Runner, items: Sequence[Item], *, handle_signals: bool = False, loop: str | None = None,
+             **run_kw: Any) -> RunSummary:
     """``runner.run(items, **run_kw)`` in a new event loop, closing the VLM's connections of
-    that loop at the end (they cannot serve another loop).
+    that loop at the end (they cannot serve another loop). ``loop``: its kind, ``auto``
+    (uvloop where installed), ``uvloop`` or ``asyncio`` (:mod:`anomalyclaw.loops`; None:
+    ``ANOMALYCLAW_LOOP``, else ``auto``).
 
     ``handle_signals`` (the command line's choice; main thread only): SIGINT and SIGTERM call
     :meth:`Runner.request_stop`, so the run ends with its summary (``interrupted`` names the
@@ -606,7 +610,7 @@ def run_sync(runner: Runner, items: Sequence[Item], *, handle_signals: bool = Fa
                 await close()
 
     try:
-        return asyncio.run(run_and_close())
+        return run_loop(run_and_close(), loop=loop)
     finally:
         for sig, handler in previous.items():
             if handler is not None:

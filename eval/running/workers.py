@@ -47,6 +47,7 @@ from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, EndpointConfig, redact
 from anomalyclaw.errors import AnomalyClawError, EndpointFatalError
 from anomalyclaw.items import Item
+from anomalyclaw.loops import run_loop, running_loop_kind
 from anomalyclaw.priority import item_order
 from anomalyclaw.prompts import PromptSet
 from anomalyclaw.threads import default_compute_slots, set_compute_slots
@@ -95,6 +96,9 @@ class WorkerSpec:
     compute_slots: int | None = None
     """Threads that may compute at once in the worker (:func:`~anomalyclaw.threads.set_compute_slots`;
     None: the default for a whole machine)."""
+    event_loop: str | None = None
+    """The kind of event loop a worker process runs on (:mod:`anomalyclaw.loops`: the parent's;
+    None: the default). A Ray actor runs on the loop Ray makes for it (uvloop where installed)."""
 
     def build(self) -> Runner:
         """The worker's runner (in the worker: it also sets the process's compute slots)."""
@@ -134,7 +138,7 @@ def worker_snapshot(runner: Runner) -> dict[str, Any]:
     return {"pid": os.getpid(), "cpu_s": time.process_time() - getattr(runner, "_built_cpu_s", 0.0),
             "replicas": stats() if callable(stats) else [],
             "cache": {"experts": dict(getattr(runner.expert_pool, "stats", {}) or {}), **cache_stats()},
-            "tool_calling_fallback": runner.tool_calling.fallback}
+            "tool_calling_fallback": runner.tool_calling.fallback, "event_loop": running_loop_kind()}
 
 
 class _BatchJudge:
@@ -193,7 +197,7 @@ def _process_main(conn: Any, spec: WorkerSpec) -> None:
         time.sleep(1.0)
         return
     with limit_compute_threads(1), frozen_heap():
-        asyncio.run(_serve(conn, runner, out))
+        run_loop(_serve(conn, runner, out), loop=spec.event_loop)
     out.put(None)
     time.sleep(0.2)
 
@@ -800,7 +804,7 @@ class ShardedRunner(Runner):
                            tools=self.registry.names(), prompts=self.prompts, out_dir=str(self.out_dir),
                            run_id=self.run_id, save_images=self.save_images, save_maps=self.save_maps,
                            threshold=self.threshold, item_timeout_s=self.item_timeout_s, secrets=self.secrets,
-                           compute_slots=slots)
+                           compute_slots=slots, event_loop=running_loop_kind())
                 for share in self.shares]
 
     @property
@@ -908,4 +912,5 @@ class ShardedRunner(Runner):
         summary.workers = {"kind": self.pool.kind if self.pool is not None else None, "n": self.workers,
                            "concurrency": self.shares, "respawns": getattr(self.pool, "respawns", 0),
                            "steals": self.shards.steals if self.shards is not None else 0,
-                           "cpu_s": round(self.worker_cpu_s, 3)}
+                           "cpu_s": round(self.worker_cpu_s, 3),
+                           "event_loops": sorted({s["event_loop"] for s in snaps if s.get("event_loop")})}

@@ -106,3 +106,18 @@ def test_demo_and_predict_output_folders_are_ignored_by_git():
     for command in ("demo", "predict"):
         default = parser.parse_args([command] + (["q.png", "--refs", "r"] if command == "predict" else [])).out
         assert f"/{default}/" in ignored, default
+
+
+def test_run_loop_flag_chooses_the_loop_and_a_bad_environment_value_stops_before_any_work(small_synth, tmp_path,
+                                                                                          capsys, monkeypatch):
+    pytest.importorskip("uvloop")
+    manifest = str(small_synth)
+    out = tmp_path / "run"
+    assert main(["run", "--manifest", manifest, "--split", "test", "--limit", "2", "--out", str(out),
+                 "--no-progress", "--loop", "asyncio"]) == EXIT_OK
+    assert json.loads(next(out.glob("run_*.json")).read_text())["event_loop"] == "asyncio"
+    monkeypatch.setenv("ANOMALYCLAW_LOOP", "fast")
+    bad = tmp_path / "bad"
+    assert main(["run", "--manifest", manifest, "--split", "test", "--out", str(bad), "--no-progress"]) == EXIT_USAGE
+    assert "unknown event loop 'fast' (ANOMALYCLAW_LOOP): choose one of auto, uvloop, asyncio" in capsys.readouterr().err
+    assert not bad.exists()

@@ -95,7 +95,7 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
     plan = BenchPlan(latencies_s=(), concurrencies=(), compare_sdk=(), tool_repeats=0, new_sets=0, demo=False,
                      n_test_per_domain=2, image_size=64, domains=("S1", "S3"), scale_latency_s=0.02,
                      scale_concurrencies=(2, 3), scale_modes=("1 process", "workers 2"), scale_items_per_slot=3,
-                     scale_items=7, scale_transports=("aiohttp", "httpx"))
+                     scale_items=7, scale_transports=("aiohttp", "httpx"), scale_loops=("asyncio", "uvloop"))
     result = run_bench(plan, work_dir=tmp_path)
     json.dumps(result)
     assert "run_start" not in result  # the scale plan measures its rows alone
@@ -109,9 +109,10 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
         assert row["ceiling"] == {2: 0.955, 3: 1.0}[row["concurrency"]] and row["first_record_s"] is None
     assert "no agent" in format_scale(rows) and "no agent = the same endpoint" in format_scale(rows)
     rows = [r for r in rows if r["mode"] != "no agent"]
-    assert [(r["mode"], r["concurrency"], r["transport"], r["items"]) for r in rows] == [
-        (mode, conc, transport, 7) for conc in (2, 3) for mode in ("1 process", "workers 2")
-        for transport in ("aiohttp", "httpx")]
+    # Each mode's row once per transport and loop, a loop's row next to the other's.
+    assert [(r["mode"], r["concurrency"], r["transport"], r["loop"], r["items"]) for r in rows] == [
+        (mode, conc, transport, loop, 7) for conc in (2, 3) for mode in ("1 process", "workers 2")
+        for transport in ("aiohttp", "httpx") for loop in ("asyncio", "uvloop")]
     for row in rows:
         assert row["errors"] == 0 and row["requests_per_item"] == 3.0
         assert row["ideal_items_per_s"] == round(row["concurrency"] / (3 * 0.02), 3) and row["ratio"] > 0
@@ -124,7 +125,8 @@ def test_scale_rows_measure_one_process_and_workers(tmp_path):
         # uses the warm-up's pool.
         assert (1 <= row["sets_fitted"] <= 8) if row["mode"] == "workers 2" else row["sets_fitted"] == 0
     assert "Past one process" in format_bench(result) and "workers 2" in format_scale(rows)
-    assert [line.split()[-13] for line in format_scale(rows).splitlines()[2:6]] == ["aiohttp", "httpx"] * 2
+    assert [line.split()[-14:-12] for line in format_scale(rows).splitlines()[2:6]] == [
+        ["aiohttp", "asyncio"], ["aiohttp", "uvloop"], ["httpx", "asyncio"], ["httpx", "uvloop"]]
     assert format_scale(result["scale"]).splitlines()[2].split()[2:4] == ["no", "agent"]
     args = build_parser().parse_args(["bench", "scale", "--json"])
     assert args.handler is cmd_bench and args.bench_command == "scale"
@@ -142,6 +144,11 @@ def test_bench_scale_flags_choose_the_rows():
     assert scale_plan(transports=args.transport.split(",")).scale_transports == ("aiohttp", "httpx")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "scale", "--transport", "h2"])
+    args = build_parser().parse_args(["bench", "scale", "--loop", "asyncio,uvloop"])
+    assert scale_plan(loops=args.loop.split(",")).scale_loops == ("asyncio", "uvloop")
+    assert scale_plan().scale_loops == ("auto",)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "scale", "--loop", "trio"])
     default = scale_plan()
     assert (default.scale_concurrencies, default.scale_modes, default.scale_items) == (
         (32, 128, 256), ("1 process", "workers 2", "ray 2"), None)

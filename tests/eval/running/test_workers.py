@@ -53,6 +53,15 @@ def test_two_workers_judge_every_item_once_as_one_process_does(small_items, tmp_
     assert {r.run_id for r in records} == {runner.run_id}
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_worker_processes_run_on_the_parents_kind_of_event_loop(small_items, tmp_path, loop):
+    pytest.importorskip("uvloop")
+    runner = ShardedRunner(make_vlm("offline"), workers=2, out_dir=tmp_path, progress=False, batch_size=1)
+    summary = run_sync(runner, small_items[:4], loop=loop)
+    assert summary.n_done == 4 and summary.workers["event_loops"] == [loop]
+    assert json.loads(next(tmp_path.glob("run_*.json")).read_text())["event_loop"] == loop
+
+
 def test_each_worker_warms_about_its_own_share_of_the_reference_sets(small_items, tmp_path):
     # 14 items, each with its own reference set, 4 copies each in manifest order (as bench scale
     # runs them): handing every batch to whichever worker was free, both workers fitted all 14
