@@ -37,13 +37,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, ContextManager, Sequence, TypeVar
 
-from anomalyclaw.loops import run_loop, running_loop_kind
 from anomalyclaw.cache import cache_stats
 from anomalyclaw.config import AgentConfig, redact, redact_value
 from anomalyclaw.errors import (AnomalyClawError, EndpointFatalError, ImageLoadError, OutputError,
                                 RunMismatchError)
 from anomalyclaw.experts.pool import default_pool
 from anomalyclaw.items import Item
+from anomalyclaw.loops import run_loop, running_loop_kind
 from anomalyclaw.paths import safe_file_name, writable_folder, write_atomic
 from anomalyclaw.priority import item_order
 from anomalyclaw.threads import frozen_heap, intra_op_threads, limit_compute_threads, to_compute_thread

@@ -20,16 +20,16 @@ async def _kind() -> str | None:
     return loops.running_loop_kind()
 
 
+async def _get_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
 @pytest.mark.parametrize("name, kind", [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio"),
                                         (" AsyncIO ", "asyncio")])
 def test_each_choice_runs_the_coroutine_on_its_loop(name, kind):
     assert loops.resolve_loop(name) == kind
     assert loops.run_loop(_kind(), loop=name) == kind
     assert isinstance(loops.run_loop(_get_loop(), loop=name), uvloop.Loop) == (kind == "uvloop")
-
-
-async def _get_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
 
 
 def test_the_environment_chooses_when_no_name_is_given(monkeypatch):
